@@ -1,0 +1,41 @@
+"""Every magic number of the wire formats, named once (see WIRE_FORMATS.md)."""
+
+from __future__ import annotations
+
+#: Largest finite magnitude of e4m3 (``float8_e4m3fn``).
+E4M3_MAX = 448.0
+#: Byte of an e4m3 NaN as written on the wire (positive quiet NaN).
+E4M3_NAN_BYTE = 0x7F
+
+#: Largest magnitude of e2m1 (FP4).
+E2M1_MAX = 6.0
+#: Magnitudes of the eight e2m1 codes 0..7 (bit 3 is the sign).
+E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+
+#: e8m0 exponent bias: byte ``b`` means ``2**(b - 127)``.
+E8M0_BIAS = 127
+#: e8m0 byte meaning NaN.
+E8M0_NAN_BYTE = 0xFF
+#: Largest finite e8m0 byte a quantizer writes.
+E8M0_MAX_BYTE = 254
+
+#: fp32(1/6), bit pattern 0x3E2AAAAB: step 2 of the nvfp4 scale.
+RCP6_BITS = 0x3E2AAAAB
+
+#: Floor of the per-token / per-block amax of the DeepSeek-style fp8 formats.
+FP8_AMAX_FLOOR = 1e-4
+
+#: Block sizes.
+NVFP4_BLOCK = 16
+MX_BLOCK = 32
+FP8_BLOCK128 = 128
+
+#: Every section of a row starts at a multiple of this many bytes; rows are padded to it too.
+ROW_ALIGN = 16
+
+#: nvfp4 global scale from a calibrated amax: ``g = NVFP4_GLOBAL_NUMERATOR / amax``.
+NVFP4_GLOBAL_NUMERATOR = E4M3_MAX * E2M1_MAX  # 2688
+
+#: Swizzled scale tile of the NVFP4 GEMM kernels: 128 rows x 4 scale columns.
+SWIZZLE_ROWS = 128
+SWIZZLE_COLS = 4

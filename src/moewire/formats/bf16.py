@@ -1,0 +1,34 @@
+"""``bf16``: the unquantized baseline.
+
+Bit layout: payload = ``H`` bf16 values (``2H`` bytes, little-endian), no scales.
+fp32 input is rounded to bf16 to nearest even; bf16 input travels bit for bit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from moewire.formats.base import WireFormat, register
+
+
+@register
+@dataclass(frozen=True)
+class BF16Format(WireFormat):
+    name = "bf16"
+    block = 1
+    payload_dtype = torch.bfloat16
+    scale_dtype = torch.uint8
+
+    def scale_numel(self, hidden: int) -> int:
+        return 0
+
+    def quantize(self, x_TH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        payload = x_TH.to(torch.bfloat16)
+        return payload, payload.new_empty((x_TH.shape[0], 0), dtype=torch.uint8)
+
+    def dequantize(
+        self, payload: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype
+    ) -> torch.Tensor:
+        return payload.to(dtype)
