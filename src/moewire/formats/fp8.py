@@ -23,7 +23,7 @@ from moewire.formats.elements import decode_e4m3, div_rn, encode_e4m3
 def _quantize_blocks(x_TH: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
     t, h = x_TH.shape
     x = x_TH.reshape(t, h // block, block)
-    amax = x.abs().amax(dim=-1, keepdim=True) if t else x.new_zeros(t, h // block, 1)
+    amax = x.abs().amax(dim=-1, keepdim=True)
     a = torch.maximum(amax, torch.tensor(FP8_AMAX_FLOOR, dtype=torch.float32, device=x.device))
     k = div_rn(E4M3_MAX, a, like=a)
     q = encode_e4m3(x * k).reshape(t, h).view(torch.float8_e4m3fn)

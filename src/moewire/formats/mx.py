@@ -34,10 +34,7 @@ from moewire.formats.elements import (
 def _mx_quantize(x_TH: torch.Tensor, elem_max: float, fp4: bool):
     t, h = x_TH.shape
     x = x_TH.reshape(t, h // MX_BLOCK, MX_BLOCK)
-    if t:
-        amax = x.abs().amax(dim=-1, keepdim=True)
-    else:
-        amax = x.new_zeros(t, h // MX_BLOCK, 1)
+    amax = x.abs().amax(dim=-1, keepdim=True)
     bad = ~torch.isfinite(amax)  # a NaN or an Inf anywhere in the block
     b = mx_scale_byte(torch.where(bad, 0.0, amax), elem_max)
     v = x * exp2i(E8M0_BIAS - b.to(torch.int32))

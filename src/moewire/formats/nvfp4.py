@@ -105,10 +105,7 @@ class NVFP4Format(WireFormat):
     def quantize(self, x_TH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         t, h = x_TH.shape
         x = x_TH.reshape(t, h // NVFP4_BLOCK, NVFP4_BLOCK)
-        if t:
-            vmax = x.abs().amax(dim=-1, keepdim=True)
-        else:
-            vmax = x.new_zeros(t, h // NVFP4_BLOCK, 1)
+        vmax = x.abs().amax(dim=-1, keepdim=True)
         bad = ~torch.isfinite(vmax)
         g = torch.tensor(self.global_scale, dtype=torch.float32, device=x.device)
         inv_g = torch.tensor(self.inv_global_scale, dtype=torch.float32, device=x.device)
@@ -146,8 +143,8 @@ def _as_scale_bytes(scales: torch.Tensor, name: str) -> torch.Tensor:
 def swizzle_128x4(scales_TB: torch.Tensor) -> torch.Tensor:
     """Linear nvfp4 block scales ``[T, B]`` -> the 128x4 swizzled layout of the NVFP4 GEMMs.
 
-    ``scales_TB``: uint8 or float8_e4m3fn ``[T, B]`` (``B = H/16``), e.g. ``spec.unpack(rows).scales``
-    of gathered rows. Returns a contiguous ``[Mp, Kp]`` tensor of the same dtype with
+    ``scales_TB``: uint8 or float8_e4m3fn ``[T, B]`` (``B = H/16``), e.g.
+    ``spec.unpack(rows).scales`` of gathered rows. Returns a contiguous ``[Mp, Kp]`` tensor of the same dtype with
     ``Mp = ceil(T/128)*128``, ``Kp = ceil(B/4)*4``, zero-padded, whose flat memory holds
     ``(m, b)`` at ``(m//128)*(Kp/4)*512 + (b//4)*512 + (m%32)*16 + ((m//32)%4)*4 + (b%4)``.
     """

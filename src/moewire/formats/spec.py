@@ -68,7 +68,9 @@ def _check_extras_decl(extras: object) -> dict[str, tuple[torch.dtype, int]]:
     if extras is None:
         return {}
     if not isinstance(extras, Mapping):
-        raise TypeError(f"extras must be a dict name -> (dtype, width), got {type(extras).__name__}")
+        raise TypeError(
+            f"extras must be a dict name -> (dtype, width), got {type(extras).__name__}"
+        )
     out: dict[str, tuple[torch.dtype, int]] = {}
     for name, decl in extras.items():
         if not isinstance(name, str) or not name.isidentifier() or keyword.iskeyword(name):
@@ -175,7 +177,10 @@ class WireSpec:
     def __repr__(self) -> str:
         g = f", global_scale={self.global_scale!r}" if self.global_scale is not None else ""
         ex = f", extras={dict(self._extras)!r}" if self._extras else ""
-        return f"WireSpec({self.format!r}, hidden={self._hidden}{g}{ex}, row_bytes={self._row_bytes})"
+        return (
+            f"WireSpec({self.format!r}, hidden={self._hidden}{g}{ex}, "
+            f"row_bytes={self._row_bytes})"
+        )
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, WireSpec):
@@ -301,7 +306,8 @@ class WireSpec:
         for start in range(0, x.shape[0], step):
             stop = min(start + step, x.shape[0])
             payload, scales = self._format.quantize(as_fp32(x[start:stop]))
-            self._write(rows[start:stop], payload, scales, {k: v[start:stop] for k, v in extras.items()})
+            chunk_extras = {k: v[start:stop] for k, v in extras.items()}
+            self._write(rows[start:stop], payload, scales, chunk_extras)
         return rows
 
     def pack_quantized(
@@ -364,7 +370,8 @@ class WireSpec:
         stride along the row (any contiguous tensor); otherwise ``rows`` is copied first.
         """
         self.check_rows(rows)
-        if rows.shape[1] and (rows.stride(1) != 1 or rows.stride(0) % ROW_ALIGN or rows.storage_offset() % ROW_ALIGN):
+        aligned = rows.stride(1) == 1 and rows.stride(0) % ROW_ALIGN == 0
+        if not aligned or rows.storage_offset() % ROW_ALIGN:
             rows = rows.contiguous()
         views = {name: _typed(rows, s) for name, s in self._sections.items()}
         payload, scales = views.pop("payload"), views.pop("scales")
