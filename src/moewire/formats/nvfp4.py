@@ -144,7 +144,8 @@ def swizzle_128x4(scales_TB: torch.Tensor) -> torch.Tensor:
     """Linear nvfp4 block scales ``[T, B]`` -> the 128x4 swizzled layout of the NVFP4 GEMMs.
 
     ``scales_TB``: uint8 or float8_e4m3fn ``[T, B]`` (``B = H/16``), e.g.
-    ``spec.unpack(rows).scales`` of gathered rows. Returns a contiguous ``[Mp, Kp]`` tensor of the same dtype with
+    ``spec.unpack(rows).scales`` of gathered rows. Returns a contiguous ``[Mp, Kp]`` tensor
+    of the same dtype with
     ``Mp = ceil(T/128)*128``, ``Kp = ceil(B/4)*4``, zero-padded, whose flat memory holds
     ``(m, b)`` at ``(m//128)*(Kp/4)*512 + (b//4)*512 + (m%32)*16 + ((m//32)%4)*4 + (b%4)``.
     """
