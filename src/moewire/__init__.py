@@ -15,11 +15,32 @@ from moewire.formats import (
 
 __version__ = "0.1.0"
 
-__all__ = [
+# Communication and the MoE layer import torch.distributed; load them on first use.
+_LAZY = {
+    "make_comm": "moewire.comm",
+    "COMMS": "moewire.comm",
+    "MoEConfig": "moewire.moe",
+    "EPMoE": "moewire.moe",
+}
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'moewire' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)
+
+__all__ = [  # noqa: RUF022
+    "COMMS",
+    "EPMoE",
     "FORMATS",
+    "MoEConfig",
     "RowView",
     "WireSpec",
     "__version__",
+    "make_comm",
     "nvfp4_global_scale",
     "swizzle_128x4",
     "unswizzle_128x4",
