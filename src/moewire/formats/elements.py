@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from moewire.constants import (
@@ -26,18 +27,16 @@ from moewire.constants import (
     E8M0_NAN_BYTE,
 )
 
+
 # A value lands in code i+1 when it is above (or, for the ties that go up to an even code,
 # at) E2M1_BOUNDS[i]. Those ties (.75 -> 1, 1.75 -> 2, 3.5 -> 4) are written as "strictly above
 # the next float below", so one strict bucketize implements round-half-to-even.
-_E2M1_BOUNDS = (
-    0.25,
-    math.nextafter(0.75, 0.0),
-    1.25,
-    math.nextafter(1.75, 0.0),
-    2.5,
-    math.nextafter(3.5, 0.0),
-    5.0,
-)
+def _f32_below(v: float) -> float:
+    """The largest fp32 value below ``v``."""
+    return float(np.nextafter(np.float32(v), np.float32(0)))
+
+
+_E2M1_BOUNDS = (0.25, _f32_below(0.75), 1.25, _f32_below(1.75), 2.5, _f32_below(3.5), 5.0)
 _E2M1_DECODE = tuple(E2M1_VALUES) + tuple(-v for v in E2M1_VALUES)
 
 _tables: dict[tuple[str, torch.device], torch.Tensor] = {}
