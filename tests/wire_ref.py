@@ -46,7 +46,7 @@ def pack_nibbles(codes: np.ndarray) -> np.ndarray:
 
 
 def unpack_nibbles(b: np.ndarray) -> np.ndarray:
-    out = np.empty(b.shape[:-1] + (b.shape[-1] * 2,), dtype=np.uint8)
+    out = np.empty((*b.shape[:-1], b.shape[-1] * 2), dtype=np.uint8)
     out[..., 0::2] = b & 0xF
     out[..., 1::2] = b >> 4
     return out
