@@ -32,6 +32,7 @@ def __getattr__(name: str):
 
     return getattr(importlib.import_module(module), name)
 
+
 __all__ = [  # noqa: RUF022
     "COMMS",
     "EPMoE",

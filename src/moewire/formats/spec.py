@@ -178,8 +178,7 @@ class WireSpec:
         g = f", global_scale={self.global_scale!r}" if self.global_scale is not None else ""
         ex = f", extras={dict(self._extras)!r}" if self._extras else ""
         return (
-            f"WireSpec({self.format!r}, hidden={self._hidden}{g}{ex}, "
-            f"row_bytes={self._row_bytes})"
+            f"WireSpec({self.format!r}, hidden={self._hidden}{g}{ex}, row_bytes={self._row_bytes})"
         )
 
     def __eq__(self, other: object) -> bool:
@@ -204,17 +203,14 @@ class WireSpec:
                 f"(format {self.format!r})"
             )
         if x.dim() != 2 or x.shape[1] != self._hidden:
-            raise ValueError(
-                f"x must be [T, hidden={self._hidden}], got shape {tuple(x.shape)}"
-            )
+            raise ValueError(f"x must be [T, hidden={self._hidden}], got shape {tuple(x.shape)}")
 
     def _check_extras(self, num_tokens: int, device: torch.device, extras: dict) -> None:
         missing = [n for n in self._extras if n not in extras]
         unknown = [n for n in extras if n not in self._extras]
         if missing or unknown:
             raise ValueError(
-                f"extras: declared {sorted(self._extras)}, missing {missing}, "
-                f"undeclared {unknown}"
+                f"extras: declared {sorted(self._extras)}, missing {missing}, undeclared {unknown}"
             )
         for name, (dtype, width) in self._extras.items():
             t = extras[name]
