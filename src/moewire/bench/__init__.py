@@ -1,0 +1,1 @@
+"""Measurement: the routines behind ``moewire bench`` and the data they run on."""
