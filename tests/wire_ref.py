@@ -71,9 +71,10 @@ def quantize(fmt: str, x: np.ndarray, g: float | None = None):
     x = x.astype(np.float32)
     t, h = x.shape
     if fmt == "bf16":
-        return x.astype(ml_dtypes.bfloat16).view(np.uint8).reshape(t, 2 * h), np.zeros(
-            (t, 0), np.uint8
-        )
+        # NaN bits are not fixed by the page; moewire writes the canonical quiet NaN 0x7FC0.
+        b = x.astype(ml_dtypes.bfloat16).view(np.uint16)
+        b = np.where(np.isnan(x), np.uint16(0x7FC0), b).astype(np.uint16)
+        return b.view(np.uint8).reshape(t, 2 * h), np.zeros((t, 0), np.uint8)
     if fmt in ("fp8", "fp8_block128"):
         blk = h if fmt == "fp8" else 128
         xb = x.reshape(t, h // blk, blk)
@@ -84,6 +85,8 @@ def quantize(fmt: str, x: np.ndarray, g: float | None = None):
             k = (F32(448) / a).astype(np.float32)
             q = e4m3_byte((xb * k).astype(np.float32))
             s = (a / F32(448)).astype(np.float32)
+            # a NaN scale is written as the canonical quiet NaN 0x7FC00000 (moewire's choice)
+            s = np.where(np.isnan(s), np.uint32(0x7FC00000).view(np.float32), s)
         return q.reshape(t, h), s.reshape(t, h // blk).view(np.uint8).reshape(t, -1)
     if fmt in ("mxfp8", "mxfp4"):
         m = 448.0 if fmt == "mxfp8" else 6.0

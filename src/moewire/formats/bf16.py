@@ -1,7 +1,9 @@
 """``bf16``: the unquantized baseline.
 
 Bit layout: payload = ``H`` bf16 values (``2H`` bytes, little-endian), no scales.
-fp32 input is rounded to bf16 to nearest even; bf16 input travels bit for bit.
+fp32 input is rounded to bf16 to nearest even; bf16 input travels bit for bit, except that
+every NaN is written as the canonical quiet NaN ``0x7FC0`` (rows stay byte-deterministic
+across devices, whose conversions produce different NaN bit patterns).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from moewire.formats.base import WireFormat, register
+from moewire.formats.elements import canonical_nan
 
 
 @register
@@ -25,7 +28,7 @@ class BF16Format(WireFormat):
         return 0
 
     def quantize(self, x_TH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        payload = x_TH.to(torch.bfloat16)
+        payload = canonical_nan(x_TH.to(torch.bfloat16))
         return payload, payload.new_empty((x_TH.shape[0], 0), dtype=torch.uint8)
 
     def dequantize(

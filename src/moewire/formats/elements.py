@@ -135,6 +135,15 @@ def div_rn(a: torch.Tensor | float, b: torch.Tensor | float, like: torch.Tensor)
     return torch.div(a, b)
 
 
+def canonical_nan(v: torch.Tensor) -> torch.Tensor:
+    """Replace every NaN of an fp32 or bf16 tensor by the positive quiet NaN
+    (``0x7FC00000`` / ``0x7FC0``), so rows are byte-deterministic: torch's kernels produce
+    NaNs with different bit patterns on different code paths and devices."""
+    bits = {torch.float32: (torch.int32, 0x7FC00000), torch.bfloat16: (torch.int16, 0x7FC0)}
+    int_dtype, nan_bits = bits[v.dtype]
+    return torch.where(torch.isnan(v), nan_bits, v.view(int_dtype)).view(v.dtype)
+
+
 def as_fp32(x: torch.Tensor) -> torch.Tensor:
     """Upcast an activation tensor to fp32 (a no-op for fp32 input)."""
     return x if x.dtype == torch.float32 else x.to(torch.float32)

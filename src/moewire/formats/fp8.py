@@ -6,7 +6,8 @@ or per 128 consecutive values (``fp8_block128``, ``H/128`` of them).
 Per token / block: ``a = max(amax(x), 1e-4)``, ``k = 448 / a`` (correctly rounded),
 ``q_i = e4m3(clamp(x_i * k, -448, 448))``, stored scale ``s = a / 448``.
 Dequantized value: ``e4m3(q_i) * s``. A NaN makes ``a`` NaN, so the whole token/block
-dequantizes to NaN; an Inf makes ``s`` Inf and every value NaN.
+dequantizes to NaN (its scale is written as the canonical quiet NaN ``0x7FC00000``);
+an Inf makes ``s`` Inf and every value NaN.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 
 from moewire.constants import E4M3_MAX, FP8_AMAX_FLOOR, FP8_BLOCK128
 from moewire.formats.base import WireFormat, register
-from moewire.formats.elements import decode_e4m3, div_rn, encode_e4m3
+from moewire.formats.elements import canonical_nan, decode_e4m3, div_rn, encode_e4m3
 
 
 def _quantize_blocks(x_TH: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -27,7 +28,7 @@ def _quantize_blocks(x_TH: torch.Tensor, block: int) -> tuple[torch.Tensor, torc
     a = torch.maximum(amax, torch.tensor(FP8_AMAX_FLOOR, dtype=torch.float32, device=x.device))
     k = div_rn(E4M3_MAX, a, like=a)
     q = encode_e4m3(x * k).reshape(t, h).view(torch.float8_e4m3fn)
-    return q, div_rn(a, E4M3_MAX, like=a).reshape(t, h // block)
+    return q, canonical_nan(div_rn(a, E4M3_MAX, like=a)).reshape(t, h // block)
 
 
 def _dequantize_blocks(
