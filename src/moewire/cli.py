@@ -1,0 +1,206 @@
+"""The ``moewire`` command (also ``python -m moewire``).
+
+Subcommands: ``formats`` (bytes per token and accuracy of every wire format),
+``bench`` (measurement routines), ``check`` (correctness self-test on this machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+import torch
+
+from moewire.formats import FORMATS, WireSpec, format_class, nvfp4_global_scale
+
+ROUTING_MODES = ("logits", "topk")
+
+
+def routing_extras(mode: str, num_experts: int, top_k: int) -> dict[str, tuple[torch.dtype, int]]:
+    """The extras that travel with each token in a routing mode: fp32 router logits
+    (``logits``), or int32 top-k ids and fp32 top-k weights (``topk``)."""
+    if mode == "logits":
+        return {"router_logits": (torch.float32, num_experts)}
+    if mode == "topk":
+        return {"topk_ids": (torch.int32, top_k), "topk_weights": (torch.float32, top_k)}
+    raise ValueError(f"routing must be one of {ROUTING_MODES}, got {mode!r}")
+
+
+def baseline_row_bytes(hidden: int, num_experts: int) -> int:
+    """Bytes per token of the seed's baseline: bf16 activations plus fp32 router logits."""
+    return WireSpec("bf16", hidden, extras=routing_extras("logits", num_experts, 1)).row_bytes
+
+
+def formats_table(
+    hidden: int, num_experts: int, top_k: int, tokens: int = 256, seed: int | None = None
+) -> list[dict]:
+    """One record per (format, routing mode): row bytes, ratio vs the baseline, and SQNR (dB)
+    of the format on Gaussian and heavy-tailed activations (``tokens`` x ``hidden``)."""
+    from moewire.bench.data import gaussian, heavy_tailed, sqnr_db
+
+    gen = torch.Generator()
+    if seed is not None:
+        gen.manual_seed(seed)
+    else:
+        gen.seed()
+    data = {
+        "gaussian": gaussian(tokens, hidden, generator=gen),
+        "heavy_tailed": heavy_tailed(tokens, hidden, generator=gen),
+    }
+    base = baseline_row_bytes(hidden, num_experts)
+    records = []
+    for fmt in FORMATS:
+        block = format_class(fmt).block
+        if hidden % block:
+            records.extend(
+                {
+                    "format": fmt,
+                    "routing": mode,
+                    "error": f"hidden {hidden} is not a multiple of the format's block {block}",
+                }
+                for mode in ROUTING_MODES
+            )
+            continue
+        sqnr = {}
+        for name, x in data.items():
+            g = nvfp4_global_scale(x) if fmt == "nvfp4" else None
+            spec = WireSpec(fmt, hidden, global_scale=g)
+            sqnr[name] = sqnr_db(x, spec.dequantize(spec.pack(x), torch.float32))
+        for mode in ROUTING_MODES:
+            spec = WireSpec(
+                fmt,
+                hidden,
+                global_scale=1.0 if fmt == "nvfp4" else None,
+                extras=routing_extras(mode, num_experts, top_k),
+            )
+            sec = spec.sections
+            extras_bytes = sum(sec[n].nbytes for n in spec.extras)
+            records.append(
+                {
+                    "format": fmt,
+                    "routing": mode,
+                    "payload_bytes": sec["payload"].nbytes,
+                    "scale_bytes": sec["scales"].nbytes,
+                    "extras_bytes": extras_bytes,
+                    "row_bytes": spec.row_bytes,
+                    "baseline_row_bytes": base,
+                    "ratio_vs_baseline": base / spec.row_bytes,
+                    "sqnr_gaussian_db": sqnr["gaussian"],
+                    "sqnr_heavy_tailed_db": sqnr["heavy_tailed"],
+                }
+            )
+    return records
+
+
+def render_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """Plain-text table with right-aligned columns (the first left-aligned)."""
+    cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+
+    def line(r: Sequence[str]) -> str:
+        first = r[0].ljust(widths[0])
+        rest = [c.rjust(w) for c, w in zip(r[1:], widths[1:], strict=True)]
+        return "  ".join([first, *rest])
+
+    sep = "  ".join("-" * w for w in widths)
+    return "\n".join([line(cells[0]), sep, *(line(r) for r in cells[1:])])
+
+
+def _cmd_formats(args: argparse.Namespace) -> int:
+    records = formats_table(args.hidden, args.experts, args.topk, args.tokens, args.seed)
+    if args.json:
+        json.dump(
+            {
+                "hidden": args.hidden,
+                "experts": args.experts,
+                "topk": args.topk,
+                "tokens": args.tokens,
+                "formats": records,
+            },
+            sys.stdout,
+            indent=2,
+        )
+        print()
+        return 0
+    base = baseline_row_bytes(args.hidden, args.experts)
+    print(
+        f"wire rows for hidden={args.hidden}, experts={args.experts}, top-k={args.topk}; "
+        f"baseline (the seed's path before the change): bf16 + fp32 router logits = "
+        f"{base} bytes/token"
+    )
+    print(
+        f"SQNR measured now on {args.tokens} random tokens "
+        "(nvfp4 global scale calibrated on the same data)\n"
+    )
+    rows = [
+        [
+            r["format"],
+            r["routing"],
+            r["payload_bytes"],
+            r["scale_bytes"],
+            r["extras_bytes"],
+            r["row_bytes"],
+            f"{r['baseline_row_bytes']} -> {r['row_bytes']}",
+            f"{r['ratio_vs_baseline']:.2f}x",
+            f"{r['sqnr_gaussian_db']:.2f}",
+            f"{r['sqnr_heavy_tailed_db']:.2f}",
+        ]
+        if "error" not in r
+        else [r["format"], r["routing"], "-", "-", "-", "-", "-", "-", "-", "-"]
+        for r in records
+    ]
+    notes = {f"{r['format']}: {r['error']}" for r in records if "error" in r}
+    headers = [
+        "format",
+        "routing",
+        "payload B",
+        "scales B",
+        "extras B",
+        "row B",
+        "vs baseline",
+        "smaller",
+        "SQNR gauss dB",
+        "SQNR heavy dB",
+    ]
+    print(render_table(headers, rows))
+    for note in sorted(notes):
+        print(f"- {note}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="moewire",
+        description="Quantize MoE token activations before they cross ranks.",
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+
+    f = sub.add_parser("formats", help="bytes per token and measured accuracy of every wire format")
+    f.add_argument("--hidden", type=int, default=7168, help="hidden size H (default 7168)")
+    f.add_argument("--experts", type=int, default=256, help="number of experts E (default 256)")
+    f.add_argument("--topk", type=int, default=8, help="experts per token K (default 8)")
+    f.add_argument("--tokens", type=int, default=256, help="random tokens for SQNR (default 256)")
+    f.add_argument("--seed", type=int, default=None, help="random seed (default: fresh)")
+    f.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    f.set_defaults(func=_cmd_formats)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    for name in ("hidden", "experts", "topk", "tokens"):
+        value = getattr(args, name, None)
+        if value is not None and value <= 0:
+            print(f"moewire: error: --{name} must be positive, got {value}", file=sys.stderr)
+            return 2
+    try:
+        return args.func(args)
+    except (ValueError, TypeError) as e:
+        print(f"moewire: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
