@@ -1,0 +1,324 @@
+"""Triton launchers of the wire formats: validate, allocate, pick the grid.
+
+``WireSpec.pack`` / ``WireSpec.dequantize`` call :func:`pack` / :func:`dequantize` for CUDA
+tensors when Triton is importable (or when ``backend="triton"``); this module imports
+``triton`` at the top, and ``moewire.formats.spec`` imports it only on that path, so a
+CPU-only install never touches Triton. The ``@triton.jit`` code is in ``_kernels/``.
+
+The kernels are bit-exact to the torch reference (``moewire.formats.*``): same fp32
+operations in the same order, correctly rounded division (``tl.math.div_rn``), element
+codes by integer bit manipulation (exact on the GPU and under ``TRITON_INTERPRET=1``),
+explicit clamps before every fp8 encode, NaN written as the canonical quiet NaN. On a
+CUDA device the e4m3 encode/decode use the hardware ``cvt`` (round to nearest even, after
+the same explicit clamp); the tests check both paths on the GPU.
+
+Shape legend: ``T`` tokens, ``N`` rows (e.g. gathered from every rank), ``H`` hidden,
+``R`` row bytes, ``B`` nvfp4 scale blocks per token (``H/16``), ``Mp``/``Kp`` the swizzled
+scale layout's padded sizes.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+
+from moewire.constants import (
+    E2M1_MAX,
+    E4M3_MAX,
+    FP8_BLOCK128,
+    MX_BLOCK,
+    NVFP4_BLOCK,
+    ROW_ALIGN,
+    SWIZZLE_COLS,
+    SWIZZLE_ROWS,
+)
+from moewire.formats._kernels.dequant import dequant_kernel
+from moewire.formats._kernels.pack import MAX_EXTRAS, extras_kernel, pack_kernel
+from moewire.formats._kernels.swizzle import swizzle_kernel
+
+__all__ = ["dequantize", "gather_swizzled_scales", "pack"]
+
+_KIND = {"bf16": 0, "fp8": 1, "fp8_block128": 1, "mxfp8": 2, "nvfp4": 3, "mxfp4": 4}
+_BLOCK = {"fp8_block128": FP8_BLOCK128, "mxfp8": MX_BLOCK, "nvfp4": NVFP4_BLOCK, "mxfp4": MX_BLOCK}
+_OUT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+#: Activation values one program quantizes / dequantizes (tuned on an H200, see BENCHMARKS.md).
+_CHUNK_VALUES = 2048
+#: Values per thread that set ``num_warps`` (``values / (32 * this)``, clamped to 1..16).
+_VALUES_PER_THREAD = 16
+#: Use the GPU's fp8 ``cvt`` instructions on CUDA (False: the integer path everywhere).
+_HW_E4M3 = True
+#: 512-byte swizzled tiles written by one program of the swizzle kernel.
+_SWIZZLE_TILES = 8
+
+# The MX scale rule needs frexp of the element's largest value: 448 = 0.875 * 2**9 and
+# 6 = 0.75 * 2**3. The kernels hard-code (9, 0x600000) and (3, 0x400000); check them here.
+assert math.frexp(E4M3_MAX) == (0.875, 9) and math.frexp(E2M1_MAX) == (0.75, 3)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+
+
+def _check_device(t: torch.Tensor, name: str) -> None:
+    if t.device.type == "cuda" or (_interpreting() and t.device.type == "cpu"):
+        return
+    raise ValueError(
+        f"the triton backend needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors); "
+        f"{name} is on {t.device}"
+    )
+
+
+def _aligned(t: torch.Tensor) -> bool:
+    return t.data_ptr() % ROW_ALIGN == 0 and (t.shape[0] <= 1 or t.stride(0) % ROW_ALIGN == 0)
+
+
+def _warps(values: int) -> int:
+    return max(1, min(16, values // (32 * _VALUES_PER_THREAD)))
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """How the kernels tile one format's row (derived from a WireSpec once, cached)."""
+
+    kind: int
+    nb: int  # scale blocks per token (bf16: chunks)
+    blk_len: int  # values per scale block
+    nblk: int  # blocks per program
+    blkp: int  # values per block, padded to a power of two
+    full: bool  # blkp == blk_len (no column mask)
+    n_chunks: int  # programs per token that quantize
+    scale_off: int
+    pad0: tuple[int, int]  # zero bytes between payload and scales
+    pad1: tuple[int, int]  # zero bytes after the scales (up to the first extra or R)
+    extras: tuple[tuple[str, int, int, int], ...]  # (name, offset, nbytes, span incl. padding)
+    eblock: int  # bytes per extra-copy step
+    eiter: int  # steps per extra (compile-time)
+    num_warps: int
+
+
+@functools.lru_cache(maxsize=256)
+def _layout(spec) -> _Layout:
+    fmt, h = spec.format, spec.hidden
+    if fmt == "bf16":
+        blkp = min(_CHUNK_VALUES, _next_pow2(h))
+        nb = nblk = -(-h // blkp)
+        blk_len, n_chunks, values = blkp, nb, blkp
+    elif fmt == "fp8":  # one block: the whole token
+        blkp, blk_len, nb, nblk, n_chunks = _next_pow2(h), h, 1, 1, 1
+        values = blkp
+    else:
+        blk_len = blkp = _BLOCK[fmt]
+        nb = h // blk_len
+        nblk = min(_next_pow2(nb), max(1, _CHUNK_VALUES // blk_len))
+        n_chunks = -(-nb // nblk)
+        values = nblk * blkp
+    sec = spec.sections
+    order = list(sec.values())
+    nxt = [s.offset for s in order[1:]] + [spec.row_bytes]
+    span = {s.name: n - s.offset for s, n in zip(order, nxt, strict=True)}
+    p, s = sec["payload"], sec["scales"]
+    extras = tuple((n, sec[n].offset, sec[n].nbytes, span[n]) for n in spec.extras)
+    max_span = max((e[3] for e in extras), default=16)
+    eblock = min(1024, max(16, _next_pow2(max_span)))
+    return _Layout(
+        kind=_KIND[fmt],
+        nb=nb,
+        blk_len=blk_len,
+        nblk=nblk,
+        blkp=blkp,
+        full=blkp == blk_len,
+        n_chunks=n_chunks,
+        scale_off=s.offset,
+        pad0=(p.end, s.offset),
+        pad1=(s.end, s.offset + span["scales"]),
+        extras=extras,
+        eblock=eblock,
+        eiter=-(-max_span // eblock),
+        num_warps=_warps(values),
+    )
+
+
+def _extra_args(group, tensors, rows: torch.Tensor) -> list:
+    args: list = []
+    for i in range(MAX_EXTRAS):
+        if i < len(group):
+            name, off, nbytes, span = group[i]
+            e = tensors[name]
+            if e.shape[1] and e.stride(1) != 1:
+                e = e.contiguous()
+            eb = e if e.dtype == torch.uint8 else e.view(torch.uint8)
+            args += [eb, eb.stride(0), off, nbytes, span]
+        else:
+            args += [rows, 0, 0, 0, 0]
+    return args
+
+
+def pack(
+    spec, x: torch.Tensor, rows: torch.Tensor, extras: dict, *, hw: bool | None = None
+) -> torch.Tensor:
+    """Quantize ``x`` and write complete rows into ``rows``; returns ``rows``.
+
+    Called by :meth:`moewire.WireSpec.pack` after validation.
+
+    Args:
+        spec: the :class:`moewire.WireSpec`.
+        x: ``[T, H]`` bfloat16, float16 or float32, any strides, on CUDA (or CPU under
+            ``TRITON_INTERPRET=1``).
+        rows: uint8 ``[T, R]`` with ``stride(1) == 1``, possibly a slice of a larger buffer;
+            every byte is written. Rows that are not 16-byte aligned (data pointer or row
+            stride) are packed into a temporary and copied.
+        extras: name -> ``[T, width]`` tensor of the declared dtype (bytes copied verbatim).
+        hw: private, for tests: force (True) or avoid (False) the hardware fp8 ``cvt``.
+    """
+    _check_device(x, "x")
+    t = x.shape[0]
+    if t == 0:
+        return rows
+    lay = _layout(spec)
+    target = (
+        rows if _aligned(rows) else torch.empty_like(rows, memory_format=torch.contiguous_format)
+    )
+    hw = (x.device.type == "cuda" and _HW_E4M3) if hw is None else hw
+    fmt = spec.wire_format
+    g = float(getattr(fmt, "global_scale", 1.0))
+    inv_g = float(fmt.inv_global_scale) if spec.format == "nvfp4" else 1.0
+    from moewire.formats.nvfp4 import RCP6
+
+    groups = [lay.extras[i : i + MAX_EXTRAS] for i in range(0, len(lay.extras), MAX_EXTRAS)]
+    first = groups[0] if groups else ()
+    has_tail = bool(lay.extras) or lay.pad0[1] > lay.pad0[0] or lay.pad1[1] > lay.pad1[0]
+    pack_kernel[(t, lay.n_chunks + int(has_tail))](
+        x,
+        x.stride(0),
+        x.stride(1),
+        target,
+        target.stride(0),
+        spec.hidden,
+        lay.nb,
+        lay.blk_len,
+        lay.scale_off,
+        lay.n_chunks,
+        g,
+        inv_g,
+        RCP6,
+        *lay.pad0,
+        *lay.pad1,
+        *_extra_args(first, extras, target),
+        KIND=lay.kind,
+        NBLK=lay.nblk,
+        BLKP=lay.blkp,
+        FULL=lay.full,
+        HAS_TAIL=has_tail,
+        NUM_EXTRAS=len(first),
+        EBLOCK=lay.eblock,
+        EITER=lay.eiter,
+        HW=hw,
+        num_warps=lay.num_warps,
+    )
+    # More than MAX_EXTRAS extras (unusual): one more small launch per group.
+    for group in groups[1:]:
+        extras_kernel[(t,)](
+            target,
+            target.stride(0),
+            *_extra_args(group, extras, target),
+            NUM_EXTRAS=len(group),
+            EBLOCK=lay.eblock,
+            EITER=lay.eiter,
+            num_warps=4,
+        )
+    if target is not rows:
+        rows.copy_(target)
+    return rows
+
+
+def dequantize(
+    spec, rows: torch.Tensor, dtype: torch.dtype, *, hw: bool | None = None
+) -> torch.Tensor:
+    """Rows ``[N, R]`` (uint8, validated by the caller) -> ``[N, H]`` of ``dtype``
+    (float32, bfloat16 or float16), a new contiguous tensor on ``rows``' device.
+
+    Called by :meth:`moewire.WireSpec.dequantize`. ``hw``: private, as in :func:`pack`.
+    """
+    _check_device(rows, "rows")
+    if dtype not in _OUT:
+        raise TypeError(f"dtype must be bfloat16, float16 or float32, got {dtype}")
+    n, h = rows.shape[0], spec.hidden
+    out = torch.empty((n, h), dtype=dtype, device=rows.device)
+    if n == 0:
+        return out
+    if not (_aligned(rows) and rows.stride(1) == 1):
+        rows = rows.clone(memory_format=torch.contiguous_format)
+    lay = _layout(spec)
+    hw = (rows.device.type == "cuda" and _HW_E4M3) if hw is None else hw
+    inv_g = float(spec.wire_format.inv_global_scale) if spec.format == "nvfp4" else 1.0
+    dequant_kernel[(n, lay.n_chunks)](
+        rows,
+        rows.stride(0),
+        out,
+        out.stride(0),
+        h,
+        lay.nb,
+        lay.blk_len,
+        lay.scale_off,
+        inv_g,
+        KIND=lay.kind,
+        NBLK=lay.nblk,
+        BLKP=lay.blkp,
+        FULL=lay.full,
+        OUT=_OUT[dtype],
+        HW=hw,
+        num_warps=lay.num_warps,
+    )
+    return out
+
+
+def gather_swizzled_scales(spec, rows: torch.Tensor) -> torch.Tensor:
+    """nvfp4 block scales of rows ``[N, R]`` -> the 128x4 swizzled layout, in one kernel.
+
+    Equals ``moewire.swizzle_128x4(spec.unpack(rows).scales)`` bit for bit, without the
+    intermediate ``[N, B]`` copy: use it on the rows a dispatch gathered, to feed an NVFP4
+    GEMM that wants swizzled scales.
+
+    Args:
+        spec: an nvfp4 :class:`moewire.WireSpec`.
+        rows: uint8 ``[N, R]`` rows of ``spec`` with ``stride(1) == 1`` (any row stride), on
+            CUDA (or CPU under ``TRITON_INTERPRET=1``).
+
+    Returns:
+        float8_e4m3fn ``[Mp, Kp]``, contiguous, ``Mp = ceil(N/128)*128``,
+        ``Kp = ceil(B/4)*4`` (``B = H/16``), zero-padded.
+    """
+    if spec.format != "nvfp4":
+        raise ValueError(f"gather_swizzled_scales needs an nvfp4 spec, got format {spec.format!r}")
+    spec.check_rows(rows)
+    _check_device(rows, "rows")
+    if rows.shape[1] and rows.stride(1) != 1:
+        rows = rows.contiguous()
+    n = rows.shape[0]
+    b = spec.sections["scales"].numel
+    mp = -(-n // SWIZZLE_ROWS) * SWIZZLE_ROWS
+    kp = -(-b // SWIZZLE_COLS) * SWIZZLE_COLS
+    out = torch.empty((mp, kp), dtype=torch.uint8, device=rows.device)
+    if mp:
+        kg = kp // SWIZZLE_COLS
+        tiles = min(_SWIZZLE_TILES, _next_pow2(kg))
+        swizzle_kernel[(mp // SWIZZLE_ROWS, -(-kg // tiles))](
+            rows,
+            rows.stride(0),
+            spec.sections["scales"].offset,
+            out,
+            n,
+            b,
+            kg,
+            KGB=tiles,
+            num_warps=4,
+        )
+    return out.view(torch.float8_e4m3fn)
