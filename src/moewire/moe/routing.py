@@ -1,10 +1,22 @@
 """Routing: router logits -> top-k expert ids and weights, in fp32, deterministically.
 
 Every rank that routes the same logits row picks the same experts with bitwise the same
-weights: the math is row-local fp32 and top-k is a stable descending sort, so ties go to
-the lower expert id on every device and batch size (``torch.topk`` leaves tie order
-unspecified). This is what lets ``routing="logits"`` route after the dispatch (the seed's
-way) and still agree with the sender.
+weights, whatever else is in its batch and on any device. That is what lets
+``routing="logits"`` route after the dispatch (the seed's way) and agree with the sender
+(``alltoall`` sends by the sender's routing; the receiver routes again). torch's own
+kernels do not promise it: on CPU, ``torch.exp``/``sigmoid`` take a vectorized or a scalar
+path depending on where an element falls in the tensor (the tail of a chunk), and the two
+differ in the last bit; reductions pick their order by layout. So:
+
+- ``exp`` is Cody-Waite range reduction plus the Cephes ``expf`` polynomial (about 1 ulp),
+  written with IEEE ``+ - * /`` and exact power-of-two scaling only: every element is
+  computed by the same correctly rounded operations, on any device, in any batch.
+- sums over experts are a fixed pairwise tree of elementwise adds.
+- top-k is a stable descending sort: ties go to the lower expert id
+  (``torch.topk`` leaves tie order unspecified).
+
+Softmax and sigmoid therefore differ from ``torch.softmax``/``torch.sigmoid`` by an ulp or
+two, well inside the fp32 rounding that the transformers routers are compared at.
 
 Shape legend: ``T`` tokens, ``E`` experts, ``K`` top-k, ``G`` expert groups.
 """
@@ -17,6 +29,68 @@ from moewire.moe.config import MoEConfig
 
 #: Added to the denominator of the DeepSeek-V3 renormalization (as in its reference code).
 DSV3_RENORM_EPS = 1e-20
+
+
+# Cephes expf: exp(x) = 2^n * exp(r), r = x - n*ln2 (ln2 split in two: n*_LN2_HI is exact),
+# exp(r) = 1 + r + r^2 * P(r) on |r| <= ln2/2.
+_LOG2E = 1.44269504088896341
+_LN2_HI = 0.693359375
+_LN2_LO = -2.12194440e-4
+_EXP_P = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1)
+_EXP_P_LAST = 5.0000001201e-1
+#: exp overflows above this (fp32) and is flushed to 0 below ``_EXP_MIN`` (no subnormals).
+_EXP_MAX = 88.72283905206835
+_EXP_MIN = -87.33654475055310898657
+_F32_EXP_BIAS = 127
+_F32_MANT_BITS = 23
+
+
+def _pow2(n: torch.Tensor) -> torch.Tensor:
+    """``2.0**n`` (fp32, exact) for integer-valued fp32 ``n`` in ``[-126, 127]``."""
+    return ((n.to(torch.int32) + _F32_EXP_BIAS) << _F32_MANT_BITS).view(torch.float32)
+
+
+def exp_f32(x: torch.Tensor) -> torch.Tensor:
+    """``exp`` of fp32 ``x`` (about 1 ulp), bitwise the same on every device and batch size.
+
+    ``+inf`` above 88.72, ``0`` below -87.34, NaN stays NaN."""
+    xc = x.clamp(_EXP_MIN, _EXP_MAX)
+    n = torch.floor(xc * _LOG2E + 0.5)
+    r = xc - n * _LN2_HI
+    r = r - n * _LN2_LO
+    p = torch.full_like(r, _EXP_P[0])
+    for c in _EXP_P[1:]:
+        p = p * r + c
+    p = p * r + _EXP_P_LAST
+    y = (p * (r * r) + r) + 1.0
+    half = torch.floor(n * 0.5)
+    y = y * _pow2(half) * _pow2(n - half)
+    y = torch.where(x > _EXP_MAX, float("inf"), y)
+    return torch.where(x < _EXP_MIN, 0.0, y)
+
+
+def tree_sum(v: torch.Tensor) -> torch.Tensor:
+    """Sum over the last dim in a fixed pairwise order (``[.., n] -> [..]``), the same on
+    every device and batch size."""
+    n = v.shape[-1]
+    width = 1 << max(0, (n - 1).bit_length())
+    if width != n:
+        v = torch.nn.functional.pad(v, (0, width - n))
+    while v.shape[-1] > 1:
+        h = v.shape[-1] // 2
+        v = v[..., :h] + v[..., h:]
+    return v[..., 0]
+
+
+def softmax_f32(logits: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dim of fp32 logits, batch- and device-invariant."""
+    e = exp_f32(logits - logits.amax(dim=-1, keepdim=True))
+    return e / tree_sum(e).unsqueeze(-1)
+
+
+def sigmoid_f32(logits: torch.Tensor) -> torch.Tensor:
+    """``1 / (1 + exp(-x))`` of fp32 logits, batch- and device-invariant."""
+    return 1.0 / (1.0 + exp_f32(-logits))
 
 
 def _topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,13 +149,16 @@ def route(
         )
     check_router_bias(config, router_bias_E)
     logits = router_logits_TE.float()
+    if logits.shape[0] == 0:
+        empty = logits.new_empty((0, k))
+        return empty.long(), empty
 
     if config.router == "softmax":
-        weights, ids = _topk(torch.softmax(logits, dim=-1), k)
+        weights, ids = _topk(softmax_f32(logits), k)
         if config.renormalize:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
+            weights = weights / tree_sum(weights).unsqueeze(-1)
     else:
-        scores = logits.sigmoid()
+        scores = sigmoid_f32(logits)
         choice = scores
         if router_bias_E is not None:
             choice = scores + router_bias_E.to(device=scores.device, dtype=torch.float32)
@@ -89,7 +166,8 @@ def route(
         if config.topk_group < g:
             t = choice.shape[0]
             per_group = choice.view(t, g, config.group_size)
-            group_scores = _topk(per_group, 2)[0].sum(dim=-1)
+            top2 = _topk(per_group, 2)[0]
+            group_scores = top2[..., 0] + top2[..., 1]
             group_idx = _topk(group_scores, config.topk_group)[1]
             keep = torch.zeros((t, g), dtype=torch.bool, device=choice.device)
             keep.scatter_(1, group_idx, True)
@@ -98,7 +176,7 @@ def route(
         ids = _topk(choice, k)[1]
         weights = scores.gather(1, ids)
         if config.renormalize:
-            weights = weights / (weights.sum(dim=-1, keepdim=True) + DSV3_RENORM_EPS)
+            weights = weights / (tree_sum(weights).unsqueeze(-1) + DSV3_RENORM_EPS)
     if config.routed_scaling_factor != 1.0:
         weights = weights * config.routed_scaling_factor
     return ids, weights
