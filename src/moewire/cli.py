@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
+from moewire.bench.runner import render_table
 from moewire.formats import FORMATS, WireSpec, format_class, nvfp4_global_scale
 
 ROUTING_MODES = ("logits", "topk")
@@ -94,20 +95,6 @@ def formats_table(
     return records
 
 
-def render_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    """Plain-text table with right-aligned columns (the first left-aligned)."""
-    cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-
-    def line(r: Sequence[str]) -> str:
-        first = r[0].ljust(widths[0])
-        rest = [c.rjust(w) for c, w in zip(r[1:], widths[1:], strict=True)]
-        return "  ".join([first, *rest])
-
-    sep = "  ".join("-" * w for w in widths)
-    return "\n".join([line(cells[0]), sep, *(line(r) for r in cells[1:])])
-
-
 def _cmd_formats(args: argparse.Namespace) -> int:
     records = formats_table(args.hidden, args.experts, args.topk, args.tokens, args.seed)
     if args.json:
@@ -185,6 +172,18 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--seed", type=int, default=None, help="random seed (default: fresh)")
     f.add_argument("--json", action="store_true", help="print JSON instead of a table")
     f.set_defaults(func=_cmd_formats)
+
+    from moewire.bench import main as bench
+
+    b = sub.add_parser(
+        "bench",
+        help="quantize / dispatch / combine / layer benchmarks",
+        description="Measure the routines side by side, baseline first. With no GPU: 4 CPU "
+        "processes with gloo and small shapes; with GPUs: NCCL on every visible GPU and "
+        "DeepSeek-R1 shapes. Also runs unchanged under torchrun.",
+    )
+    bench.add_arguments(b)
+    b.set_defaults(func=bench.run)
     return p
 
 
@@ -192,7 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     for name in ("hidden", "experts", "topk", "tokens"):
         value = getattr(args, name, None)
-        if value is not None and value <= 0:
+        if isinstance(value, int) and value <= 0:
             print(f"moewire: error: --{name} must be positive, got {value}", file=sys.stderr)
             return 2
     try:

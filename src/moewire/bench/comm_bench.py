@@ -1,0 +1,304 @@
+"""Routines ``dispatch`` and ``combine`` of ``moewire bench``.
+
+``dispatch`` times pack (quantization included) + dispatch, side by side, for:
+the seed's baseline (bf16 activations + fp32 router logits, one collective per tensor:
+``grouped``), bf16 rows in one collective, and every quantized format in both routing
+modes over each backend. ``combine`` times the return trip of bf16/fp32 partial rows.
+
+Before timing, every case is checked bitwise: each rank regenerates every other rank's
+tokens from the shared seed and compares the received rows with the rows it expects
+(all ranks' rows in rank order for ``allgather``/``grouped``; for ``alltoall`` the rows of
+the tokens with at least one expert on this rank). Combine is checked exactly with
+integer-valued partial rows.
+
+Shape legend: ``T`` tokens on a rank, ``N`` rows received, ``H`` hidden, ``E`` experts,
+``K`` top-k, ``R`` row bytes, ``W`` world size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from moewire.bench.data import heavy_tailed, sqnr_db
+from moewire.bench.presets import ModelShape
+from moewire.bench.runner import BenchContext
+from moewire.formats import WireSpec, format_class, nvfp4_global_scale
+
+#: The seed's path before the change: bf16 + fp32 logits, one collective per tensor.
+BASELINE = ("bf16", "logits", "grouped")
+
+
+@dataclass(frozen=True)
+class Case:
+    fmt: str
+    routing: str
+    backend: str
+
+    @property
+    def label(self) -> str:
+        if (self.fmt, self.routing, self.backend) == BASELINE:
+            return "seed baseline: bf16+logits, grouped"
+        return f"{self.fmt}+{self.routing}, {self.backend}"
+
+
+def token_counts(tokens: int, world_size: int, skew: str) -> list[int]:
+    """Tokens per rank: ``tokens`` each (``even``), or the same total split 1:2:...:W
+    (``skewed``; rank 0 smallest)."""
+    if skew == "even":
+        return [tokens] * world_size
+    total = tokens * world_size
+    w = list(range(1, world_size + 1))
+    counts = [total * wi // sum(w) for wi in w]
+    counts[-1] += total - sum(counts)
+    return counts
+
+
+def rank_inputs(
+    shape: ModelShape, t: int, rank: int, seed: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank ``rank``'s tokens ``x [t, H]`` bf16 and router logits ``[t, E]`` fp32,
+    reproducible on every rank from ``(seed, rank, t)``."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + rank * 7919 + t)
+    x = heavy_tailed(t, shape.hidden, generator=gen).to(torch.bfloat16)
+    logits = torch.randn(t, shape.num_experts, generator=gen)
+    return x.to(device), logits.to(device)
+
+
+def topk_of(logits_TE: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k expert ids (int32) and softmax weights (fp32) of router logits."""
+    w, ids = torch.topk(torch.softmax(logits_TE.float(), dim=-1), k, dim=-1)
+    return ids.to(torch.int32), w / w.sum(-1, keepdim=True)
+
+
+def routing_extras(mode: str, shape: ModelShape) -> dict[str, tuple[torch.dtype, int]]:
+    from moewire.cli import routing_extras as _extras
+
+    return _extras(mode, shape.num_experts, shape.top_k)
+
+
+def make_spec(fmt: str, mode: str, shape: ModelShape, g: float) -> WireSpec:
+    return WireSpec(
+        fmt,
+        shape.hidden,
+        global_scale=g if fmt == "nvfp4" else None,
+        extras=routing_extras(mode, shape),
+    )
+
+
+def extras_for(mode: str, logits_TE: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
+    if mode == "logits":
+        return {"router_logits": logits_TE}
+    ids, w = topk_of(logits_TE, k)
+    return {"topk_ids": ids, "topk_weights": w}
+
+
+def cases_for(args, shape: ModelShape) -> list[Case]:
+    """The baseline first, then bf16 rows in one collective, then each quantized format in
+    each routing mode over each backend (and nvfp4 over ``grouped``, the seed's own way)."""
+    cases = [Case(*BASELINE), Case("bf16", "logits", "allgather")]
+    for fmt in args.formats:
+        if shape.hidden % format_class(fmt).block:
+            continue
+        for mode in args.routing:
+            for backend in args.backends:
+                c = Case(fmt, mode, backend)
+                if c not in cases:
+                    cases.append(c)
+    if "nvfp4" in args.formats and Case("nvfp4", "logits", "grouped") not in cases:
+        cases.append(Case("nvfp4", "logits", "grouped"))
+    return cases
+
+
+def expected_recv(
+    ctx: BenchContext, case: Case, spec: WireSpec, shape, counts, seed, g_unused=None
+) -> torch.Tensor:
+    """The rows this rank must receive, built locally from every rank's regenerated tokens."""
+    e_lo = ctx.rank * shape.num_experts // ctx.world_size
+    e_hi = (ctx.rank + 1) * shape.num_experts // ctx.world_size
+    parts = []
+    for src, t in enumerate(counts):
+        x, logits = rank_inputs(shape, t, src, seed, ctx.device)
+        rows = spec.pack(x, **extras_for(case.routing, logits, shape.top_k))
+        if case.backend == "alltoall":
+            ids, _ = topk_of(logits, shape.top_k)
+            mine = ((ids >= e_lo) & (ids < e_hi)).any(dim=-1)
+            rows = rows[mine]
+        parts.append(rows)
+    return torch.cat(parts)
+
+
+def nccl_allgather_time(ctx: BenchContext, nbytes_per_rank: int) -> float:
+    """Time of the process group's own all-gather of a plain uint8 tensor of this size."""
+    inp = torch.zeros(nbytes_per_rank, dtype=torch.uint8, device=ctx.device)
+    out = torch.empty(nbytes_per_rank * ctx.world_size, dtype=torch.uint8, device=ctx.device)
+    fn = getattr(dist, "all_gather_into_tensor", None)
+
+    def run():
+        if fn is not None and ctx.is_cuda:
+            fn(out, inp, group=ctx.group)
+        else:
+            dist.all_gather(list(out.chunk(ctx.world_size)), inp, group=ctx.group)
+
+    return ctx.time(run, ctx.args.iters, ctx.args.warmup)
+
+
+def run_dispatch(ctx: BenchContext, shape: ModelShape, total_steps: int) -> list[dict]:
+    from moewire.comm import make_comm
+
+    args = ctx.args
+    records = []
+    ref_cache: dict[int, float] = {}
+    for tokens in args.tokens:
+        counts = token_counts(tokens, ctx.world_size, args.skew)
+        x, logits = rank_inputs(shape, counts[ctx.rank], ctx.rank, args.seed, ctx.device)
+        g = nvfp4_global_scale(8.0 * 6)  # a static scale calibrated for amax 48
+        ids, _ = topk_of(logits, shape.top_k)
+        base_time = None
+        for case in cases_for(args, shape):
+            ctx.progress(total_steps, f"dispatch T={tokens} {case.label}")
+            spec = make_spec(case.fmt, case.routing, shape, g)
+            comm = make_comm(case.backend, ctx.group, num_experts=shape.num_experts, spec=spec)
+            extras = extras_for(case.routing, logits, shape.top_k)
+
+            def step(spec=spec, comm=comm, extras=extras, x=x, ids=ids):
+                return comm.dispatch(spec.pack(x, **extras), ids)
+
+            recv, _ = step()
+            want = expected_recv(ctx, case, spec, shape, counts, args.seed)
+            ok = recv.shape == want.shape and torch.equal(recv, want)
+            if not ctx.all_true(ok):
+                raise RuntimeError(
+                    f"dispatch {case.label} T={tokens}: received rows differ from the "
+                    "senders' bytes on some rank; not timing a wrong result"
+                )
+            t = ctx.time(step, args.iters, args.warmup)
+            if case == Case(*BASELINE):
+                base_time = t
+            n_rows = torch.tensor([recv.shape[0]], device=ctx.device)
+            dist.all_reduce(n_rows, op=dist.ReduceOp.MAX, group=ctx.group)
+            if case.backend == "alltoall":
+                wire_bytes = int(n_rows.item()) * spec.row_bytes  # largest per-rank receive
+            else:
+                wire_bytes = max(counts) * ctx.world_size * spec.row_bytes
+            busbw = wire_bytes * (ctx.world_size - 1) / ctx.world_size / t
+            per_rank = max(counts) * spec.row_bytes
+            if case.backend != "alltoall" and per_rank not in ref_cache:
+                ref_cache[per_rank] = nccl_allgather_time(ctx, per_rank)
+            ref_t = ref_cache.get(per_rank) if case.backend != "alltoall" else None
+            ref_bw = wire_bytes * (ctx.world_size - 1) / ctx.world_size / ref_t if ref_t else None
+            q = spec.dequantize(spec.pack(x, **extras), torch.float32)
+            records.append(
+                {
+                    "routine": "dispatch",
+                    "case": case.label,
+                    "format": case.fmt,
+                    "routing": case.routing,
+                    "backend": case.backend,
+                    "baseline": case == Case(*BASELINE),
+                    "tokens": tokens,
+                    "counts": "/".join(map(str, counts)),
+                    "bytes_per_token": spec.row_bytes,
+                    "wire_bytes": wire_bytes,
+                    "time_us": t * 1e6,
+                    "busbw_GBps": busbw / 1e9,
+                    "ref_allgather_busbw_GBps": ref_bw / 1e9 if ref_bw else None,
+                    "frac_of_ref": busbw / ref_bw if ref_bw else None,
+                    "sqnr_db": sqnr_db(x.float(), q) if x.shape[0] else None,
+                    "speedup": base_time / t if base_time else None,
+                }
+            )
+    return records
+
+
+def combine_partials(rank: int, n_rows: int, hidden: int, seed: int) -> torch.Tensor:
+    """Rank ``rank``'s integer-valued partial rows ``[n_rows, H]`` (int64, in -4..4): every
+    sum of a few of them is exact in bf16 and fp32, whatever the order."""
+    gen = torch.Generator().manual_seed(seed * 31 + rank)
+    return torch.randint(-4, 5, (n_rows, hidden), generator=gen)
+
+
+def expected_combine(
+    ctx: BenchContext, backend: str, shape: ModelShape, counts: list[int], seed: int
+) -> torch.Tensor:
+    """What combine must return on this rank, from every rank's regenerated partials:
+    for each of this rank's tokens, the sum of the partial rows that belong to it."""
+    w, me = ctx.world_size, ctx.rank
+    ids = [
+        topk_of(rank_inputs(shape, counts[q], q, seed, "cpu")[1], shape.top_k)[0] for q in range(w)
+    ]
+    out = torch.zeros(counts[me], shape.hidden, dtype=torch.int64)
+    for s in range(w):
+        if backend == "alltoall":
+            lo, hi = s * shape.num_experts // w, (s + 1) * shape.num_experts // w
+            hits = [((i >= lo) & (i < hi)).any(-1) for i in ids]
+            n_s = sum(int(h.sum()) for h in hits)
+            offset = sum(int(h.sum()) for h in hits[:me])
+            mine = hits[me].nonzero().flatten()
+        else:
+            n_s, offset = sum(counts), sum(counts[:me])
+            mine = torch.arange(counts[me])
+        partial = combine_partials(s, n_s, shape.hidden, seed)
+        out[mine] += partial[offset : offset + len(mine)]
+    return out
+
+
+def run_combine(ctx: BenchContext, shape: ModelShape, total_steps: int) -> list[dict]:
+    from moewire.comm import make_comm
+
+    args = ctx.args
+    records = []
+    for tokens in args.tokens:
+        counts = token_counts(tokens, ctx.world_size, args.skew)
+        _, logits = rank_inputs(shape, counts[ctx.rank], ctx.rank, args.seed, ctx.device)
+        ids, _ = topk_of(logits.cpu(), shape.top_k)
+        ids = ids.to(ctx.device)
+        base_time = None
+        spec = WireSpec("bf16", shape.hidden)
+        cases = [("allgather", torch.bfloat16), ("allgather", torch.float32)]
+        cases += [("alltoall", dt) for dt in (torch.bfloat16, torch.float32)]
+        for i, (backend, dtype) in enumerate(cases):
+            label = f"{str(dtype).removeprefix('torch.')} partials, {backend}"
+            if i == 0:
+                label = "baseline: bf16 reduce-scatter (allgather)"
+            ctx.progress(total_steps, f"combine T={tokens} {label}")
+            comm = make_comm(backend, ctx.group, num_experts=shape.num_experts, spec=spec)
+            rows = torch.zeros(
+                counts[ctx.rank], spec.row_bytes, dtype=torch.uint8, device=ctx.device
+            )
+            recv, handle = comm.dispatch(rows, ids)
+            partial = combine_partials(ctx.rank, recv.shape[0], shape.hidden, args.seed)
+            partial = partial.to(dtype).to(ctx.device)
+            out = comm.combine(partial, handle)
+            want = expected_combine(ctx, backend, shape, counts, args.seed).to(dtype)
+            ok = out.dtype == dtype and torch.equal(out.cpu(), want)
+            if not ctx.all_true(ok):
+                raise RuntimeError(
+                    f"combine {label} T={tokens}: sums differ from the exact expectation "
+                    "on some rank; not timing a wrong result"
+                )
+            t = ctx.time(
+                lambda c=comm, p=partial, h=handle: c.combine(p, h), args.iters, args.warmup
+            )
+            if i == 0:
+                base_time = t
+            nbytes = max(counts) * ctx.world_size * shape.hidden * dtype.itemsize
+            records.append(
+                {
+                    "routine": "combine",
+                    "case": label,
+                    "backend": backend,
+                    "dtype": str(dtype).removeprefix("torch."),
+                    "baseline": i == 0,
+                    "tokens": tokens,
+                    "counts": "/".join(map(str, counts)),
+                    "bytes_per_token": shape.hidden * dtype.itemsize,
+                    "wire_bytes": nbytes,
+                    "time_us": t * 1e6,
+                    "busbw_GBps": nbytes * (ctx.world_size - 1) / ctx.world_size / t / 1e9,
+                    "speedup": base_time / t if base_time else None,
+                }
+            )
+    return records

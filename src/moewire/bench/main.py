@@ -1,0 +1,213 @@
+"""``moewire bench``: run the routines on every rank, print and write the report on rank 0."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from moewire.bench.presets import PRESETS, ModelShape
+from moewire.bench.runner import (
+    BenchContext,
+    fmt_num,
+    launch,
+    render_table,
+    write_csv,
+    write_json,
+    write_plot,
+)
+
+ROUTINES = ("quantize", "dispatch", "combine", "layer")
+DEFAULT_ROUTINES = ("quantize", "dispatch", "combine", "layer")
+CPU_TOKENS = (16, 128, 512)
+GPU_TOKENS = (1, 64, 256, 1024, 4096, 8192, 16384)
+
+
+def resolve_shape(args: argparse.Namespace, on_gpu: bool) -> ModelShape:
+    """The preset (``--model``; default deepseek-r1 on GPU, cpu-small on CPU) with the
+    explicit overrides applied."""
+    name = args.model or ("deepseek-r1" if on_gpu else "cpu-small")
+    base = PRESETS[name]
+    fields = {
+        "hidden": args.hidden,
+        "intermediate": args.intermediate,
+        "num_experts": args.experts,
+        "top_k": args.topk,
+    }
+    changed = {k: v for k, v in fields.items() if v is not None}
+    if not changed:
+        return base
+    from dataclasses import replace
+
+    return replace(base, name=f"{base.name} (modified)", **changed)
+
+
+def _print_report(ctx: BenchContext, shape: ModelShape, records: list[dict]) -> None:
+    env = ctx.env
+    print(
+        f"\nmoewire bench: {env['card']} x{env['world_size']} ({env['backend']}), "
+        f"torch {env['torch']}"
+        + (f", NCCL {env['nccl']}" if "nccl" in env else "")
+        + (f", triton {env['triton']}" if "triton" in env else "")
+        + f", {env['date']}"
+    )
+    print(
+        f"shape {shape.name}: hidden={shape.hidden} intermediate={shape.intermediate} "
+        f"experts={shape.num_experts} top-k={shape.top_k}; "
+        f"times are medians of {ctx.args.iters} iterations after {ctx.args.warmup} warm-up, "
+        "slowest rank"
+    )
+    for routine in dict.fromkeys(r["routine"] for r in records):
+        recs = [r for r in records if r["routine"] == routine]
+        print(f"\n## {routine}")
+        if routine in ("dispatch", "combine"):
+            headers = ["case", "T/rank", "B/token", "time us", "bus GB/s"]
+            if routine == "dispatch":
+                headers += ["% of all-gather", "SQNR dB"]
+            headers += ["speedup"]
+            rows = []
+            for r in recs:
+                row = [
+                    r["case"],
+                    r["tokens"],
+                    r["bytes_per_token"],
+                    fmt_num(r["time_us"]),
+                    fmt_num(r["busbw_GBps"], 2),
+                ]
+                if routine == "dispatch":
+                    frac = r.get("frac_of_ref")
+                    row += [fmt_num(100 * frac, 0) if frac else "-", fmt_num(r["sqnr_db"], 1)]
+                row += [f"{r['speedup']:.2f}x" if r.get("speedup") else "-"]
+                rows.append(row)
+            print(render_table(headers, rows))
+        else:
+            keys = [k for k in recs[0] if k not in ("routine",)]
+            print(render_table(keys, [[fmt_num(r.get(k), 2) for k in keys] for r in recs]))
+
+
+def bench_main(ctx: BenchContext) -> None:
+    args = ctx.args
+    shape = resolve_shape(args, ctx.is_cuda)
+    if args.tokens is None:
+        args.tokens = list(GPU_TOKENS if ctx.is_cuda else CPU_TOKENS)
+    routines = args.routines or list(DEFAULT_ROUTINES)
+    from moewire.bench import comm_bench
+
+    n_t = len(args.tokens)
+    steps = 0
+    if "dispatch" in routines:
+        steps += n_t * len(comm_bench.cases_for(args, shape))
+    if "combine" in routines:
+        steps += n_t * 4
+    records: list[dict] = []
+    for routine in routines:
+        if routine == "dispatch":
+            records += comm_bench.run_dispatch(ctx, shape, steps)
+        elif routine == "combine":
+            records += comm_bench.run_combine(ctx, shape, steps)
+        elif routine == "quantize":
+            from moewire.bench.quantize_routine import run_quantize
+
+            records += run_quantize(ctx, shape)
+        elif routine == "layer":
+            from moewire.bench.layer_bench import run_layer
+
+            records += run_layer(ctx, shape)
+    if ctx.rank != 0:
+        return
+    _print_report(ctx, shape, records)
+    if args.json:
+        write_json(args.json, ctx.env, records)
+        print(f"\nwrote {args.json}")
+    if args.csv:
+        write_csv(args.csv, records)
+        print(f"wrote {args.csv}")
+    if args.plot:
+        write_plot(args.plot, ctx.env, [r for r in records if "time_us" in r])
+        print(f"wrote {args.plot}")
+    sys.stdout.flush()
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from moewire.formats import FORMATS
+
+    p.add_argument(
+        "routines",
+        nargs="*",
+        metavar="ROUTINE",
+        help=f"any of {', '.join(ROUTINES)} (default: {' '.join(DEFAULT_ROUTINES)})",
+    )
+    p.add_argument(
+        "--model",
+        choices=sorted(PRESETS),
+        default=None,
+        help="shape preset (default: deepseek-r1 on GPU, cpu-small on CPU)",
+    )
+    p.add_argument("--hidden", type=int, help="override the preset's hidden size")
+    p.add_argument("--intermediate", type=int, help="override the preset's expert width")
+    p.add_argument("--experts", type=int, help="override the preset's number of experts")
+    p.add_argument("--topk", type=int, help="override the preset's experts per token")
+    p.add_argument(
+        "--tokens",
+        type=int,
+        nargs="+",
+        help=f"tokens per rank (default: {' '.join(map(str, GPU_TOKENS))} on GPU, "
+        f"{' '.join(map(str, CPU_TOKENS))} on CPU)",
+    )
+    p.add_argument(
+        "--formats",
+        nargs="+",
+        choices=FORMATS,
+        default=[f for f in FORMATS if f != "bf16"],
+        help="quantized wire formats to measure (default: all)",
+    )
+    p.add_argument(
+        "--backends",
+        nargs="+",
+        choices=("allgather", "alltoall", "grouped"),
+        default=["allgather", "alltoall"],
+        help="dispatch backends (default: allgather alltoall; the baseline always runs)",
+    )
+    p.add_argument(
+        "--routing",
+        nargs="+",
+        choices=("logits", "topk"),
+        default=["logits", "topk"],
+        help="what travels with each token (default: both)",
+    )
+    p.add_argument(
+        "--skew",
+        choices=("even", "skewed"),
+        default="even",
+        help="tokens per rank: the same on every rank, or split 1:2:..:W (default even)",
+    )
+    p.add_argument("--world-size", type=int, help="ranks to spawn (default: GPUs, or 4 on CPU)")
+    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if visible")
+    p.add_argument("--iters", type=int, default=None, help="timed iterations (default 20/50)")
+    p.add_argument("--warmup", type=int, default=None, help="warm-up iterations (default 3/10)")
+    p.add_argument("--seed", type=int, default=0, help="data seed (default 0)")
+    p.add_argument("--timeout", type=float, default=600.0, help="collective timeout, seconds")
+    p.add_argument("--json", metavar="PATH", help="write every figure as JSON")
+    p.add_argument("--csv", metavar="PATH", help="write every figure as CSV")
+    p.add_argument("--plot", metavar="PATH", help="write a PNG plot")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    on_gpu = args.device == "cuda" or (args.device is None and torch.cuda.is_available())
+    if args.iters is None:
+        args.iters = 50 if on_gpu else 20
+    if args.warmup is None:
+        args.warmup = 10 if on_gpu else 3
+    unknown = [r for r in args.routines if r not in ROUTINES]
+    if unknown:
+        raise ValueError(f"unknown routine(s) {unknown}; choose from {list(ROUTINES)}")
+    for name in ("iters", "hidden", "intermediate", "experts", "topk"):
+        v = getattr(args, name)
+        if v is not None and v <= 0:
+            raise ValueError(f"--{name} must be positive, got {v}")
+    if args.tokens and any(t < 0 for t in args.tokens):
+        raise ValueError(f"--tokens must be >= 0, got {args.tokens}")
+    resolve_shape(args, on_gpu)  # validate overrides before spawning
+    launch(bench_main, args)
+    return 0

@@ -1,0 +1,288 @@
+"""Launching, timing and reporting for ``moewire bench``.
+
+The benchmark runs one process per rank. ``launch`` either joins the group that torchrun
+set up (``RANK``/``WORLD_SIZE`` in the environment, single- or multi-node), or spawns its
+own workers on this machine: one per visible GPU with NCCL, or ``--world-size`` CPU
+processes (default 4) with gloo over a file store. Every rank runs every routine; rank 0
+prints progress and the report and writes ``--json``/``--csv``/``--plot``.
+
+Timing: each iteration starts with all ranks aligned (device sync + barrier); the time of
+an iteration is measured with CUDA events on GPU and ``time.perf_counter`` on CPU; a case's
+time is the median over iterations after warm-up, then the maximum of that over ranks
+(the slowest rank is the collective's time).
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class BenchContext:
+    """What a routine sees: the group, the device and the options."""
+
+    group: dist.ProcessGroup
+    rank: int
+    world_size: int
+    device: torch.device
+    args: object
+    env: dict = field(default_factory=dict)
+    _step: int = 0
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def sync(self) -> None:
+        if self.is_cuda:
+            torch.cuda.synchronize(self.device)
+
+    def barrier(self) -> None:
+        self.sync()
+        if self.is_cuda:
+            dist.barrier(group=self.group, device_ids=[self.device.index])
+        else:
+            dist.barrier(group=self.group)
+
+    def max_over_ranks(self, value: float) -> float:
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        return float(t.item())
+
+    def all_true(self, ok: bool) -> bool:
+        t = torch.tensor([0 if ok else 1], dtype=torch.int32, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        return int(t.item()) == 0
+
+    def time(self, fn: Callable[[], object], iters: int, warmup: int) -> float:
+        """Seconds per call of ``fn``: median over ``iters`` aligned iterations after
+        ``warmup`` untimed ones, then the maximum over ranks."""
+        for _ in range(warmup):
+            fn()
+        samples = []
+        if self.is_cuda:
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            for _ in range(iters):
+                self.barrier()
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                samples.append(start.elapsed_time(end) / 1e3)
+        else:
+            for _ in range(iters):
+                self.barrier()
+                t0 = time.perf_counter()
+                fn()
+                samples.append(time.perf_counter() - t0)
+        return self.max_over_ranks(statistics.median(samples))
+
+    def progress(self, total: int, label: str) -> None:
+        """One progress line on rank 0 (stderr): ``[ k/total] label``."""
+        self._step += 1
+        if self.rank == 0:
+            w = len(str(total))
+            print(f"[{self._step:>{w}}/{total}] {label}", file=sys.stderr, flush=True)
+
+
+def environment(device: torch.device, world_size: int, backend: str) -> dict:
+    """The card, world size and versions, for every report."""
+    env = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "device": device.type,
+        "card": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
+        "cpu": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "world_size": world_size,
+        "backend": backend,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+    if device.type == "cuda":
+        try:
+            v = torch.cuda.nccl.version()
+            env["nccl"] = ".".join(map(str, v)) if isinstance(v, tuple) else str(v)
+        except Exception:  # pragma: no cover - NCCL missing from this build
+            env["nccl"] = "unavailable"
+        try:
+            import triton
+
+            env["triton"] = triton.__version__
+        except ImportError:
+            env["triton"] = "not installed"
+    return env
+
+
+# ------------------------------------------------------------------------------ reporting
+def render_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """Plain-text table: first column left-aligned, the others right-aligned."""
+    cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+
+    def line(r: Sequence[str]) -> str:
+        rest = [c.rjust(w) for c, w in zip(r[1:], widths[1:], strict=True)]
+        return "  ".join([r[0].ljust(widths[0]), *rest])
+
+    sep = "  ".join("-" * w for w in widths)
+    return "\n".join([line(cells[0]), sep, *(line(r) for r in cells[1:])])
+
+
+def fmt_num(v: object, digits: int = 1) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        if math.isinf(v):
+            return "inf"
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def write_json(path: str, env: dict, records: list[dict]) -> None:
+    with open(path, "w") as f:
+        json.dump({"environment": env, "records": records}, f, indent=2, default=str)
+
+
+def write_csv(path: str, records: list[dict]) -> None:
+    keys: list[str] = []
+    for r in records:
+        keys += [k for k in r if k not in keys]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(records)
+
+
+def write_plot(path: str, env: dict, records: list[dict]) -> None:
+    """One panel per routine: time (us) vs tokens per rank for each case, log-log; and a
+    panel of bytes per token per case."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise RuntimeError("--plot needs matplotlib (pip install matplotlib)") from e
+    routines = [r for r in dict.fromkeys(rec["routine"] for rec in records)]
+    panels = len(routines) + 1
+    fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 5.5), squeeze=False)
+    for ax, routine in zip(axes[0], routines, strict=False):
+        recs = [r for r in records if r["routine"] == routine and r.get("time_us")]
+        for case in dict.fromkeys(r["case"] for r in recs):
+            pts = sorted((r["tokens"], r["time_us"]) for r in recs if r["case"] == case)
+            style = "k--" if any(r.get("baseline") for r in recs if r["case"] == case) else "-o"
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=case, markersize=3)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("tokens per rank")
+        ax.set_ylabel("time per call (us), median, slowest rank")
+        ax.set_title(f"{routine}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    ax = axes[0][-1]
+    by_case = {}
+    for r in records:
+        if r.get("bytes_per_token"):
+            by_case.setdefault(r["case"], r["bytes_per_token"])
+    ax.barh(list(by_case), list(by_case.values()), color="tab:blue")
+    ax.set_xlabel("bytes per token on the wire")
+    ax.set_title("bytes per token")
+    ax.tick_params(axis="y", labelsize=7)
+    fig.suptitle(
+        f"moewire bench: {env.get('card')} x{env.get('world_size')} ({env.get('backend')}), "
+        f"torch {env.get('torch')}, {env.get('date')}"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------ launching
+def _init_group(rank: int, world_size: int, device_type: str, init_method: str, timeout_s: float):
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    if device_type == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", rank))
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    kwargs = {}
+    if device_type == "cuda":
+        kwargs["device_id"] = device
+    dist.init_process_group(
+        backend,
+        init_method=init_method,
+        rank=rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(seconds=timeout_s),
+        **kwargs,
+    )
+    return dist.group.WORLD, device, backend
+
+
+def _worker(
+    rank: int,
+    world_size: int,
+    device_type: str,
+    init_method: str,
+    main: Callable[[BenchContext], None],
+    args: object,
+) -> None:
+    if device_type == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    group, device, backend = _init_group(
+        rank, world_size, device_type, init_method, getattr(args, "timeout", 600)
+    )
+    try:
+        ctx = BenchContext(group, rank, world_size, device, args)
+        ctx.env = environment(device, world_size, backend)
+        main(ctx)
+    finally:
+        dist.destroy_process_group()
+
+
+def launch(main: Callable[[BenchContext], None], args: object) -> None:
+    """Run ``main(ctx)`` on every rank: under torchrun when its variables are set,
+    otherwise in freshly spawned processes on this machine."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        device_type = "cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu"
+        _worker(
+            int(os.environ["RANK"]),
+            int(os.environ["WORLD_SIZE"]),
+            device_type,
+            "env://",
+            main,
+            args,
+        )
+        return
+    ngpu = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    device_type = args.device or ("cuda" if ngpu else "cpu")
+    if device_type == "cuda" and ngpu == 0:
+        raise ValueError("--device cuda: no CUDA GPU is visible")
+    world = args.world_size or (ngpu if device_type == "cuda" else 4)
+    if device_type == "cuda" and world > ngpu:
+        raise ValueError(f"--world-size {world} > {ngpu} visible GPUs")
+    if world < 1:
+        raise ValueError(f"--world-size must be >= 1, got {world}")
+    with tempfile.TemporaryDirectory(prefix="moewire-bench-") as tmp:
+        init = f"file://{os.path.join(tmp, 'store')}"
+        torch.multiprocessing.spawn(
+            _worker,
+            args=(world, device_type, init, main, args),
+            nprocs=world,
+            join=True,
+        )
