@@ -157,6 +157,15 @@ def _cmd_formats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_check(args: argparse.Namespace) -> int:
+    from moewire.check import CHECKS, run_checks
+
+    unknown = [c for c in args.checks if c not in CHECKS]
+    if unknown:
+        raise ValueError(f"unknown check(s) {unknown}; choose from {list(CHECKS)}")
+    return run_checks(args.checks or None)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="moewire",
@@ -184,6 +193,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_arguments(b)
     b.set_defaults(func=bench.run)
+
+    c = sub.add_parser(
+        "check",
+        help="correctness self-test on this machine (bit-exactness, invariance, layer)",
+    )
+    c.add_argument(
+        "checks",
+        nargs="*",
+        metavar="CHECK",
+        help="any of formats, kernels, invariance, layer (default: all)",
+    )
+    c.set_defaults(func=_cmd_check)
     return p
 
 
