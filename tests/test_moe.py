@@ -29,7 +29,8 @@ WIRES = ("bf16", "fp8", "fp8_block128", "mxfp8", "nvfp4", "mxfp4")
 def make_config(router: str = "softmax", **kw) -> mw.MoEConfig:
     if router == "deepseek_v3":
         kw = {"n_group": 4, "topk_group": 2, "routed_scaling_factor": 2.5, **kw}
-    return mw.MoEConfig(H, I, E, K, router=router, **kw)
+    kw = {"top_k": K, **kw}
+    return mw.MoEConfig(hidden=H, intermediate=I, num_experts=E, router=router, **kw)
 
 
 def make_weights(seed: int = 0, e: int = E, h: int = H, i: int = I):

@@ -170,3 +170,22 @@ def test_errors():
         expert_parallel(
             tiny_model("mixtral"), None, wire="nvfp4", comm="local", global_scale={"x": 1.0}
         )
+
+
+def _dp_worker(comm: str) -> dict:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    rank = dist.get_rank()
+    return {arch: compare(arch, prompts(rank), None, comm) for arch in ARCHS}
+
+
+@pytest.mark.parametrize("comm", ["allgather", "alltoall"])
+def test_two_ranks_data_parallel(comm, record_property):
+    """2 gloo ranks, each with its own prompts (batch 2 x 9 and 1 x 7): every rank's logits
+    against the unmodified model on its own prompts."""
+    dist_helper = pytest.importorskip("dist", reason="tests/dist.py (issue 4) not present")
+    results = dist_helper.run_distributed(_dp_worker, 2, comm, timeout=240)
+    for rank, res in enumerate(results):
+        for arch in ARCHS:
+            check(res[arch], arch, record_property, f"/{comm}/rank{rank}")
