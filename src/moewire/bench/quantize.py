@@ -1,0 +1,215 @@
+"""``moewire bench quantize``: the fused pack and dequantize kernels against the device's
+copy bandwidth, an empty kernel launch and the torch reference, on one GPU.
+
+For each format and token count ``T`` (hidden ``H``, bf16 activations, no extras):
+
+- ``pack``: ``spec.pack(x, out=rows)``, bytes = ``T*H*2`` read + ``T*R`` written;
+- ``dequantize``: ``spec.dequantize(rows, bfloat16)``, bytes = ``T*R`` read + ``T*H*2`` written.
+
+Correctness is checked first (Triton rows equal the torch reference's bytes, dequantized
+values equal bit for bit), then each op is timed with CUDA events around one call, after
+warm-up, with the L2 cache flushed before every call (so repeated calls cannot read their
+input from L2), and the median is reported. The device's copy bandwidth is a 1 GiB
+device-to-device ``copy_`` timed the same way (bytes read + written). At small ``T`` the
+time is launch latency: compare the ``x empty`` column, the kernel's time over one empty
+Triton kernel's, timed the same way.
+
+Run standalone: ``python -m moewire.bench.quantize [--tokens ...] [--json PATH]``.
+
+Shape legend: ``T`` tokens, ``H`` hidden, ``R`` row bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections.abc import Callable, Sequence
+
+import torch
+
+from moewire.bench.data import heavy_tailed
+from moewire.formats import FORMATS, WireSpec, nvfp4_global_scale
+
+TOKENS = (64, 1024, 8192, 16384)
+HIDDEN = 7168
+#: Flushing this many bytes evicts the L2 cache of any current GPU (H200: 60 MB).
+_FLUSH_BYTES = 256 << 20
+_COPY_BYTES = 1 << 30
+
+
+def _time_us(fn: Callable[[], object], iters: int, warmup: int, flush: torch.Tensor) -> float:
+    """Median GPU time of one ``fn()`` call in microseconds (CUDA events, L2 flushed)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    end = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    for i in range(iters):
+        flush.zero_()
+        start[i].record()
+        fn()
+        end[i].record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in zip(start, end, strict=True)) * 1e3
+
+
+def _empty_kernel():
+    import triton
+
+    @triton.jit
+    def empty_kernel():
+        pass
+
+    return lambda: empty_kernel[(1,)]()
+
+
+def _copy_gbps(iters: int, warmup: int, flush: torch.Tensor) -> float:
+    """Device-to-device copy bandwidth in GB/s, bytes read + written."""
+    src = torch.empty(_COPY_BYTES, dtype=torch.uint8, device=flush.device)
+    dst = torch.empty_like(src)
+    return 2 * _COPY_BYTES / _time_us(lambda: dst.copy_(src), iters, warmup, flush) / 1e3
+
+
+def _ops(spec: WireSpec, x: torch.Tensor, rows: torch.Tensor) -> dict:
+    """op -> backend -> a call of it (pack writes into ``rows``)."""
+    return {
+        "pack": {b: (lambda b=b: spec.pack(x, out=rows, backend=b)) for b in ("torch", "triton")},
+        "dequantize": {
+            b: (lambda b=b: spec.dequantize(rows, torch.bfloat16, backend=b))
+            for b in ("torch", "triton")
+        },
+    }
+
+
+def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    an, bn = torch.isnan(a), torch.isnan(b)
+    ints = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+    ai, bi = a.view(ints[a.dtype]), b.view(ints[b.dtype])
+    return bool(torch.equal(an, bn) and torch.equal(ai[~an], bi[~bn]))
+
+
+def run_quantize_bench(
+    tokens: Sequence[int] = TOKENS,
+    hidden: int = HIDDEN,
+    formats: Sequence[str] = FORMATS,
+    iters: int = 50,
+    warmup: int = 5,
+) -> list[dict]:
+    """Measure pack and dequantize of every format on the current CUDA device.
+
+    Args:
+        tokens: token counts ``T`` to measure.
+        hidden: ``H`` (a multiple of every format's block, e.g. 7168 for DeepSeek-R1).
+        formats: format names (see :data:`moewire.FORMATS`).
+        iters: timed calls per measurement (the median is reported).
+        warmup: untimed calls before them.
+
+    Returns:
+        One dict per (format, T, op) with ``format, tokens, hidden, op, bytes, torch_us,
+        triton_us, triton_gbps, torch_gbps, frac_of_copy, speedup, x_empty`` and the
+        device-level ``device, copy_gbps, empty_us, torch_version, triton_version``.
+
+    Raises:
+        RuntimeError: no CUDA device, or a kernel's output differs from the reference.
+    """
+    if not torch.cuda.is_available():
+        raise RuntimeError("the quantize benchmark needs a CUDA GPU")
+    import triton
+
+    dev = torch.device("cuda")
+    flush = torch.empty(_FLUSH_BYTES, dtype=torch.uint8, device=dev)
+    copy_gbps = _copy_gbps(iters, warmup, flush)
+    empty_us = _time_us(_empty_kernel(), iters, warmup, flush)
+    meta = {
+        "device": torch.cuda.get_device_name(dev),
+        "copy_gbps": copy_gbps,
+        "empty_us": empty_us,
+        "torch_version": torch.__version__,
+        "triton_version": triton.__version__,
+    }
+
+    x_all = (heavy_tailed(max(tokens), hidden) * 3).to(dev, torch.bfloat16)
+    g = nvfp4_global_scale(x_all.float().abs().amax())
+    results = []
+    for fmt in formats:
+        spec = WireSpec(fmt, hidden, global_scale=g if fmt == "nvfp4" else None)
+        for t in tokens:
+            x = x_all[:t]
+            ref = spec.pack(x, backend="torch")
+            rows = torch.empty_like(ref)
+            spec.pack(x, out=rows, backend="triton")
+            if not torch.equal(rows, ref):
+                raise RuntimeError(f"{fmt} T={t}: triton pack differs from the torch reference")
+            deq = spec.dequantize(rows, torch.bfloat16, backend="triton")
+            if not _same_values(deq, spec.dequantize(rows, torch.bfloat16, backend="torch")):
+                raise RuntimeError(f"{fmt} T={t}: triton dequantize differs from the reference")
+            del ref, deq
+            x_bytes = t * hidden * x.element_size()
+            nbytes = x_bytes + rows.numel()
+            for op, fns in _ops(spec, x, rows).items():
+                torch_us = _time_us(fns["torch"], iters, warmup, flush)
+                triton_us = _time_us(fns["triton"], iters, warmup, flush)
+                results.append(
+                    {
+                        "format": fmt,
+                        "tokens": t,
+                        "hidden": hidden,
+                        "op": op,
+                        "bytes": nbytes,
+                        "torch_us": torch_us,
+                        "triton_us": triton_us,
+                        "torch_gbps": nbytes / torch_us / 1e3,
+                        "triton_gbps": nbytes / triton_us / 1e3,
+                        "frac_of_copy": nbytes / triton_us / 1e3 / copy_gbps,
+                        "speedup": torch_us / triton_us,
+                        "x_empty": triton_us / empty_us,
+                        **meta,
+                    }
+                )
+    return results
+
+
+def format_table(results: Sequence[dict]) -> str:
+    """A Markdown table of :func:`run_quantize_bench`'s results, with a header line naming
+    the device, its copy bandwidth and the empty-launch time."""
+    if not results:
+        return "(no results)"
+    r0 = results[0]
+    lines = [
+        f"device: {r0['device']}; torch {r0['torch_version']}, triton {r0['triton_version']}; "
+        f"copy bandwidth {r0['copy_gbps']:.0f} GB/s (1 GiB D2D copy, read + written); "
+        f"empty kernel launch {r0['empty_us']:.1f} us; H = {r0['hidden']}, bf16 activations, "
+        f"no extras; median of CUDA-event timings, L2 flushed before each call",
+        "",
+        "| format | T | op | MB moved | torch us | triton us | torch GB/s | triton GB/s "
+        "| % of copy | speedup | x empty |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r['format']} | {r['tokens']} | {r['op']} | {r['bytes'] / 1e6:.1f} "
+            f"| {r['torch_us']:.1f} | {r['triton_us']:.1f} | {r['torch_gbps']:.0f} "
+            f"| {r['triton_gbps']:.0f} | {100 * r['frac_of_copy']:.1f} | {r['speedup']:.2f}x "
+            f"| {r['x_empty']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m moewire.bench.quantize", description=__doc__)
+    p.add_argument("--tokens", type=int, nargs="+", default=list(TOKENS))
+    p.add_argument("--hidden", type=int, default=HIDDEN)
+    p.add_argument("--formats", nargs="+", default=list(FORMATS), choices=FORMATS)
+    p.add_argument("--iters", type=int, default=50)
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    args = p.parse_args(argv)
+    results = run_quantize_bench(args.tokens, args.hidden, args.formats, args.iters)
+    print(format_table(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
