@@ -79,6 +79,23 @@ def _print_report(ctx: BenchContext, shape: ModelShape, records: list[dict]) -> 
                 row += [f"{r['speedup']:.2f}x" if r.get("speedup") else "-"]
                 rows.append(row)
             print(render_table(headers, rows))
+        elif routine == "quantize" and "triton_us" in recs[0]:
+            from moewire.bench.quantize import format_table
+
+            print(format_table(recs))
+        elif routine == "quantize":
+            headers = ["case", "T", "MB moved", "time us", "GB/s"]
+            rows = [
+                [
+                    r["case"],
+                    r["tokens"],
+                    fmt_num(r["bytes"] / 1e6, 2),
+                    fmt_num(r["time_us"]),
+                    fmt_num(r["GBps"], 2),
+                ]
+                for r in recs
+            ]
+            print(render_table(headers, rows))
         else:
             keys = [k for k in recs[0] if k not in ("routine",)]
             print(render_table(keys, [[fmt_num(r.get(k), 2) for k in keys] for r in recs]))
