@@ -79,6 +79,35 @@ def _print_report(ctx: BenchContext, shape: ModelShape, records: list[dict]) -> 
                 row += [f"{r['speedup']:.2f}x" if r.get("speedup") else "-"]
                 rows.append(row)
             print(render_table(headers, rows))
+        elif routine == "layer":
+            headers = [
+                "case",
+                "T/rank",
+                "pack us",
+                "dispatch us",
+                "experts us",
+                "combine us",
+                "total us",
+                "speedup",
+                "peak GB",
+                "SQNR vs bf16 dB",
+            ]
+            rows = [
+                [
+                    r["case"],
+                    r["tokens"],
+                    fmt_num(r["pack_us"]),
+                    fmt_num(r["dispatch_us"]),
+                    fmt_num(r["experts_us"]),
+                    fmt_num(r["combine_us"]),
+                    fmt_num(r["time_us"]),
+                    f"{r['speedup']:.2f}x",
+                    fmt_num(r["peak_mem_GB"], 2),
+                    fmt_num(r["sqnr_vs_bf16_db"], 1),
+                ]
+                for r in recs
+            ]
+            print(render_table(headers, rows))
         elif routine == "quantize" and "triton_us" in recs[0]:
             from moewire.bench.quantize import format_table
 
