@@ -1,0 +1,90 @@
+"""Communication: move wire rows between ranks (dispatch) and sum partial outputs back
+(combine). Backends only see uint8 rows ``[T, R]``, so each carries every format and extra.
+
+- ``allgather`` (:mod:`.allgather`): one all-gather / one reduce-scatter; the default.
+- ``alltoall`` (:mod:`.alltoall`): sparse, each token only to the ranks of its experts.
+- ``grouped`` (:mod:`.grouped`): the seed's one-collective-per-section baseline.
+
+Usage (every call is a collective over ``group``)::
+
+    comm = mw.make_comm("allgather", group)
+    recv_NR, handle = comm.dispatch(spec.pack(x_TH, **extras))
+    out_TH = comm.combine(partial_NH, handle)
+
+    # zero-copy send: pack straight into this rank's slot of the all-gather buffer
+    buf = comm.dispatch_buffer(x_TH.shape[0], spec.row_bytes, x_TH.device)
+    spec.pack(x_TH, out=buf.rows, **extras)
+    recv_NR, handle = comm.dispatch(buf)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch.distributed import ProcessGroup
+
+from moewire.comm.allgather import AllGatherComm, AllGatherHandle
+from moewire.comm.alltoall import AllToAllComm, AllToAllHandle
+from moewire.comm.base import COMBINE_DTYPES, Comm, CommHandle, SendBuffer
+from moewire.comm.grouped import GroupedComm
+from moewire.formats.spec import WireSpec
+
+_BACKENDS: dict[str, type[Comm]] = {
+    "allgather": AllGatherComm,
+    "alltoall": AllToAllComm,
+    "grouped": GroupedComm,
+}
+#: Backend names :func:`make_comm` accepts.
+COMMS: tuple[str, ...] = tuple(_BACKENDS)
+
+
+def make_comm(
+    name: str,
+    group: ProcessGroup | None = None,
+    *,
+    num_experts: int | None = None,
+    spec: WireSpec | None = None,
+    **kw: Any,
+) -> Comm:
+    """Build a dispatch/combine backend on a process group.
+
+    Args:
+        name: one of :data:`COMMS`: ``"allgather"``, ``"alltoall"`` or ``"grouped"``.
+        group: any initialized ``torch.distributed`` process group (gloo with CPU rows,
+            NCCL with CUDA rows); None means the default group.
+        num_experts: ``E``, experts over the group; required by ``"alltoall"`` and a
+            multiple of the group size (rank ``r`` hosts ``[r*E/W, (r+1)*E/W)``).
+        spec: the :class:`~moewire.WireSpec` of the rows; required by ``"grouped"``
+            (section boundaries), optional otherwise (then dispatch checks
+            ``rows.shape[1] == spec.row_bytes``).
+        **kw: backend options: ``"alltoall"`` takes ``src_index: bool`` (fill
+            ``handle.recv_src_index``, one more small collective per dispatch).
+
+    Returns:
+        a :class:`Comm` with ``dispatch(rows, topk_ids=None) -> (recv, handle)``,
+        ``combine(partial, handle) -> out`` and ``dispatch_buffer(T, R, device)``.
+    """
+    if name not in _BACKENDS:
+        raise ValueError(f"comm name must be one of {COMMS}, got {name!r}")
+    if name == "alltoall":
+        if num_experts is None:
+            raise ValueError("make_comm('alltoall') needs num_experts=E; got None")
+        return AllToAllComm(group, num_experts=num_experts, spec=spec, **kw)
+    if kw:
+        raise TypeError(f"make_comm({name!r}) got unexpected options {sorted(kw)}")
+    return _BACKENDS[name](group, spec=spec)
+
+
+__all__ = [
+    "COMBINE_DTYPES",
+    "COMMS",
+    "AllGatherComm",
+    "AllGatherHandle",
+    "AllToAllComm",
+    "AllToAllHandle",
+    "Comm",
+    "CommHandle",
+    "GroupedComm",
+    "SendBuffer",
+    "make_comm",
+]

@@ -1,0 +1,82 @@
+"""The three tensor collectives the backends use, portable across torch versions and backends.
+
+- torch 2.13 names them ``all_gather_single`` / ``reduce_scatter_single`` and deprecates
+  ``all_gather_into_tensor`` / ``reduce_scatter_tensor``; torch 2.11 only has the latter.
+  We pick whichever exists, so neither version warns.
+- gloo (CPU) in torch 2.13 implements ``all_gather_single``, ``reduce_scatter_single`` and
+  ``all_to_all_single`` for every dtype used here (uint8, int64, fp32, bf16; checked with
+  2-4 ranks). Older gloo builds lack the first two; when gloo reports an op unsupported
+  we fall back, on every rank alike (the error is raised locally, before any traffic):
+  all-gather -> ``all_gather`` into a list of views of the one output buffer;
+  reduce-scatter -> ``all_reduce`` of the whole padded input, then this rank's slice.
+  NCCL always takes the real collective. ``all_to_all_single`` has no fallback.
+
+Shape legend: ``W`` world size, ``M`` rows per rank, ``C`` columns.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch.distributed import ProcessGroup
+
+_ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+#: ``(backend, op)`` pairs found unsupported in this process; those take the fallback.
+_UNSUPPORTED: set[tuple[str, str]] = set()
+
+
+def _backend(group: ProcessGroup) -> str:
+    return str(dist.get_backend(group)).lower()
+
+
+def _is_unsupported(err: Exception) -> bool:
+    msg = str(err).lower()
+    return "support" in msg or "implement" in msg
+
+
+def all_gather(out_WMC: torch.Tensor, in_MC: torch.Tensor, group: ProcessGroup) -> None:
+    """Gather equal-size ``in_MC`` of every rank into ``out_WMC`` (``[W*M, C]``, rank order).
+
+    ``in_MC`` may be this rank's slot of ``out_WMC`` (in-place all-gather)."""
+    key = (_backend(group), "all_gather")
+    if key not in _UNSUPPORTED:
+        try:
+            _ALL_GATHER(out_WMC, in_MC, group=group)
+            return
+        except (RuntimeError, NotImplementedError) as err:
+            if key[0] != "gloo" or not _is_unsupported(err):
+                raise
+            _UNSUPPORTED.add(key)
+    world = dist.get_world_size(group)
+    dist.all_gather(list(out_WMC.chunk(world)), in_MC.clone(), group=group)
+
+
+def reduce_scatter(out_MC: torch.Tensor, in_WMC: torch.Tensor, group: ProcessGroup) -> None:
+    """Sum ``in_WMC`` over ranks and keep this rank's block of ``M`` rows in ``out_MC``."""
+    key = (_backend(group), "reduce_scatter")
+    if key not in _UNSUPPORTED:
+        try:
+            _REDUCE_SCATTER(out_MC, in_WMC, group=group)
+            return
+        except (RuntimeError, NotImplementedError) as err:
+            if key[0] != "gloo" or not _is_unsupported(err):
+                raise
+            _UNSUPPORTED.add(key)
+    total = in_WMC.clone()
+    dist.all_reduce(total, group=group)
+    m, rank = out_MC.shape[0], dist.get_rank(group)
+    out_MC.copy_(total[rank * m : (rank + 1) * m])
+
+
+def all_to_all(
+    out_NC: torch.Tensor,
+    in_SC: torch.Tensor,
+    out_counts: list[int],
+    in_counts: list[int],
+    group: ProcessGroup,
+) -> None:
+    """Send ``in_counts[r]`` consecutive rows of ``in_SC`` to rank ``r``; receive
+    ``out_counts[r]`` rows from rank ``r`` into ``out_NC`` (source-rank order)."""
+    dist.all_to_all_single(out_NC, in_SC, out_counts, in_counts, group=group)

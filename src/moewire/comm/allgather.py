@@ -1,0 +1,129 @@
+"""``allgather``: dispatch = one all-gather of the rows, combine = one reduce-scatter.
+
+Every rank receives every token (``N = sum of T over ranks``), so this is the backend of
+choice while ``W <= top_k`` (with top-8 routing and 4-8 ranks most tokens reach most ranks
+anyway) and at small token counts, where one collective's latency dominates: it is always
+exactly one collective of rows per dispatch and one per combine, plus a small count
+exchange. Uneven counts (zero included) are padded to the largest count ``M``; on 4x H200
+that measured 1.3-2.2x faster than the seed's all-gather-v made of a group of broadcasts
+(the ``grouped`` backend).
+
+In-place send: :meth:`AllGatherComm.dispatch_buffer` hands out this rank's slot of the
+all-gather output; packing into it makes the send zero-copy (the collective runs in place).
+With uneven counts the received rows are compacted with one gather (``index_select``).
+
+Shape legend: ``T`` tokens on this rank, ``M`` max tokens per rank, ``W`` world size,
+``N`` rows received, ``R`` row bytes, ``H`` hidden.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from moewire.comm._collectives import all_gather, reduce_scatter
+from moewire.comm.base import Comm, CommHandle, SendBuffer
+
+
+@dataclass(frozen=True, eq=False)
+class AllGatherHandle(CommHandle):
+    """Handle of :class:`AllGatherComm` (also used by ``grouped``).
+
+    Attributes (besides :class:`CommHandle`'s; ``send_counts`` is ``(T,) * W``):
+        max_count: ``M``, the padded rows per rank of the collectives.
+        padded_index: int64 ``[N]``: row of the padded ``[W*M, ...]`` buffer holding each
+            received row; None when every rank had ``M`` tokens (no padding).
+    """
+
+    max_count: int
+    padded_index: torch.Tensor | None
+
+
+def _padded_index(counts: tuple[int, ...], m: int, device: torch.device) -> torch.Tensor | None:
+    if all(c == m for c in counts):
+        return None
+    starts = torch.arange(len(counts), dtype=torch.int64) * m
+    counts_t = torch.tensor(counts, dtype=torch.int64)
+    first = torch.repeat_interleave(starts, counts_t)
+    within = torch.arange(int(counts_t.sum())) - torch.repeat_interleave(
+        torch.cumsum(counts_t, 0) - counts_t, counts_t
+    )
+    return (first + within).to(device)
+
+
+class AllGatherComm(Comm):
+    """All-gather dispatch, reduce-scatter combine.
+
+    ``dispatch`` returns every rank's rows in rank order (rank 0's ``T_0`` rows, then rank
+    1's, ...); ``topk_ids`` is ignored. ``combine`` sums in ``partial``'s dtype (NCCL
+    accumulates bf16 in bf16 steps, fp32 in fp32; the order is the library's).
+    """
+
+    name = "allgather"
+
+    def _agree(self, row_bytes: int) -> dict[str, int]:
+        return {"row width (bytes)": row_bytes}
+
+    def dispatch_buffer(
+        self, num_tokens: int, row_bytes: int, device: torch.device | str
+    ) -> SendBuffer:
+        """See :meth:`Comm.dispatch_buffer`. A collective here: exchanges the counts and
+        allocates the all-gather output ``[W*M, R]``; ``buf.rows`` is this rank's slot."""
+        self._check_buffer_args(num_tokens, row_bytes)
+        device = torch.device(device)
+        gathered = self._exchange(self._agree(row_bytes), [num_tokens], device)
+        m = max(c for (c,) in gathered)
+        buffer = torch.empty((self.world_size * m, row_bytes), dtype=torch.uint8, device=device)
+        slot = buffer[self.rank * m : self.rank * m + num_tokens]
+        return SendBuffer(rows=slot, buffer=buffer, gathered=tuple(gathered), owner=self)
+
+    def dispatch(
+        self, rows: torch.Tensor | SendBuffer, topk_ids: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, AllGatherHandle]:
+        """See :meth:`Comm.dispatch`. ``recv``: uint8 ``[sum_r T_r, R]`` in rank order."""
+        rows_TR, buf = self._send_rows(rows)
+        t, r = rows_TR.shape
+        device = rows_TR.device
+        if buf is not None and buf.buffer is not None and buf.gathered is not None:
+            counts = tuple(c for (c,) in buf.gathered)
+            m = max(counts)
+            out_WMR = buf.buffer
+        else:
+            gathered = self._exchange(self._agree(r), [t], device)
+            counts = tuple(c for (c,) in gathered)
+            m = max(counts)
+            out_WMR = torch.empty((self.world_size * m, r), dtype=torch.uint8, device=device)
+        padded_index = _padded_index(counts, m, device)
+        if m and buf is None and padded_index is None:
+            all_gather(out_WMR, rows_TR.contiguous(), self.group)
+        elif m:
+            slot_MR = out_WMR[self.rank * m : (self.rank + 1) * m]
+            if buf is None:
+                slot_MR[:t] = rows_TR
+            all_gather(out_WMR, slot_MR, self.group)
+        recv_NR = out_WMR if padded_index is None else out_WMR.index_select(0, padded_index)
+        handle = AllGatherHandle(
+            num_tokens=t,
+            send_counts=(t,) * self.world_size,
+            recv_counts=counts,
+            device=device,
+            max_count=m,
+            padded_index=padded_index,
+        )
+        return recv_NR, handle
+
+    def combine(self, partial: torch.Tensor, handle: AllGatherHandle) -> torch.Tensor:  # type: ignore[override]
+        """See :meth:`Comm.combine`: one reduce-scatter of the padded partial rows."""
+        partial_NH = self._check_partial(partial, handle, AllGatherHandle)
+        m, h = handle.max_count, partial_NH.shape[1]
+        if m == 0:
+            return partial_NH.new_zeros((0, h))
+        if handle.padded_index is None:
+            in_WMH = partial_NH
+        else:
+            in_WMH = partial_NH.new_zeros((self.world_size * m, h))
+            in_WMH.index_copy_(0, handle.padded_index, partial_NH)
+        out_MH = partial_NH.new_empty((m, h))
+        reduce_scatter(out_MH, in_WMH, self.group)
+        return out_MH[: handle.num_tokens]

@@ -1,0 +1,178 @@
+"""``alltoall``: sparse dispatch: a token goes once to each rank hosting one of its experts.
+
+Experts are sharded contiguously: rank ``r`` hosts experts ``[r*E/W, (r+1)*E/W)``. A token
+is sent exactly once to every rank that hosts at least one of its top-k experts (never
+twice to one rank, never to a rank without one of its experts), so a token crosses the
+wire ``min(W, distinct ranks of its top-k)`` times instead of ``W`` times as in
+``allgather``. This wins when ``W > top_k`` or routing is local (few distinct ranks per
+token), and at large token counts where bytes, not latency, dominate. Cost: the routing
+must be known before the dispatch (``topk_ids``), a gather into the send order, and a
+second small exchange when ``src_index=True``.
+
+Dispatch: counts are exchanged first (one all-gather of every rank's ``[W]`` send counts),
+then one ``all_to_all_single`` of rows. Combine: one ``all_to_all_single`` returns every
+partial row to its source rank, which adds them per token in fp32 in a fixed order (by
+destination rank), then rounds once to ``partial``'s dtype: deterministic on every device.
+
+Shape legend: ``T`` tokens on this rank, ``K`` top-k, ``E`` experts, ``W`` world size,
+``S`` rows sent, ``N`` rows received, ``R`` row bytes, ``H`` hidden.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.distributed import ProcessGroup
+
+from moewire.comm._collectives import all_to_all
+from moewire.comm.base import Comm, CommHandle, SendBuffer, offsets
+from moewire.formats.spec import WireSpec
+
+#: Most distinct bad expert ids an error message lists.
+_MAX_BAD_IDS = 8
+
+
+@dataclass(frozen=True, eq=False)
+class AllToAllHandle(CommHandle):
+    """Handle of :class:`AllToAllComm`.
+
+    Attributes (besides :class:`CommHandle`'s):
+        send_src_index: int64 ``[S]`` on the rows' device: the local token index of each
+            sent row, in send order (grouped by destination rank, ascending; within one
+            destination in token order). The dispatch permutation: combine adds the
+            returned rows onto these tokens without sorting again.
+        recv_src_index: int64 ``[N]``: for each received row, its token index on its source
+            rank; None unless the comm was made with ``src_index=True`` (costs one more
+            small ``all_to_all_single`` per dispatch).
+    """
+
+    send_src_index: torch.Tensor
+    recv_src_index: torch.Tensor | None
+
+
+def check_topk_ids(topk_ids: object, num_tokens: int, num_experts: int) -> torch.Tensor:
+    """Raise unless ``topk_ids`` is int32/int64 ``[T, K>=1]`` with every id in ``[0, E)``."""
+    if not isinstance(topk_ids, torch.Tensor):
+        raise TypeError(f"topk_ids must be a torch.Tensor, got {type(topk_ids).__name__}")
+    if topk_ids.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"topk_ids must be int32 or int64, got dtype {topk_ids.dtype}")
+    if topk_ids.dim() != 2 or topk_ids.shape[0] != num_tokens or topk_ids.shape[1] < 1:
+        raise ValueError(
+            f"topk_ids must be [T={num_tokens}, K>=1] (one row per token), "
+            f"got shape {tuple(topk_ids.shape)}"
+        )
+    bad = (topk_ids < 0) | (topk_ids >= num_experts)
+    if bool(bad.any()):
+        values = torch.unique(topk_ids[bad]).tolist()
+        shown = values[:_MAX_BAD_IDS] + (["..."] if len(values) > _MAX_BAD_IDS else [])
+        raise ValueError(
+            f"topk_ids: expert ids must be in [0, num_experts={num_experts}), got {shown}"
+        )
+    return topk_ids
+
+
+class AllToAllComm(Comm):
+    """Sparse all-to-all dispatch and combine (see the module docstring).
+
+    ``dispatch`` returns the received rows grouped by source rank in rank order, within one
+    source in that source's token order. ``topk_ids`` is required.
+    """
+
+    name = "alltoall"
+
+    def __init__(
+        self,
+        group: ProcessGroup | None = None,
+        *,
+        num_experts: int,
+        spec: WireSpec | None = None,
+        src_index: bool = False,
+    ):
+        super().__init__(group, spec=spec)
+        if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
+            raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
+        if num_experts % self.world_size:
+            raise ValueError(
+                f"num_experts={num_experts} must be a multiple of the group size "
+                f"{self.world_size} (experts are sharded contiguously)"
+            )
+        self._num_experts = num_experts
+        self._src_index = bool(src_index)
+
+    @property
+    def num_experts(self) -> int:
+        """``E``, experts over the whole group."""
+        return self._num_experts
+
+    @property
+    def num_local_experts(self) -> int:
+        """``E / W``, experts hosted per rank; rank ``r`` hosts ``[r*E/W, (r+1)*E/W)``."""
+        return self._num_experts // self.world_size
+
+    def __repr__(self) -> str:
+        return (
+            f"AllToAllComm(rank={self.rank}, world_size={self.world_size}, "
+            f"num_experts={self._num_experts})"
+        )
+
+    def dispatch(
+        self, rows: torch.Tensor | SendBuffer, topk_ids: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, AllToAllHandle]:
+        """See :meth:`Comm.dispatch`. ``topk_ids`` is required; the rows are gathered into
+        send order (a copy, whichever way they were packed)."""
+        rows_TR, _ = self._send_rows(rows)
+        t, r = rows_TR.shape
+        device = rows_TR.device
+        if topk_ids is None:
+            raise ValueError(
+                "topk_ids is required by the 'alltoall' backend (int32/int64 [T, K]); got None"
+            )
+        ids_TK = check_topk_ids(topk_ids, t, self._num_experts).to(device)
+        w = self.world_size
+        dest_TK = torch.div(ids_TK, self.num_local_experts, rounding_mode="floor").long()
+        mask_TW = torch.zeros((t, w), dtype=torch.bool, device=device)
+        mask_TW.scatter_(1, dest_TK, True)
+        send_src_index = mask_TW.t().nonzero()[:, 1].contiguous()
+        send_counts = tuple(mask_TW.sum(0).tolist())
+
+        matrix = self._exchange(
+            {"row width (bytes)": r, "num_experts": self._num_experts}, send_counts, device
+        )
+        recv_counts = tuple(matrix[src][self.rank] for src in range(w))
+        n = sum(recv_counts)
+        recv_NR = torch.empty((n, r), dtype=torch.uint8, device=device)
+        send_SR = rows_TR.index_select(0, send_src_index)
+        all_to_all(recv_NR, send_SR, list(recv_counts), list(send_counts), self.group)
+        recv_src_index = None
+        if self._src_index:
+            recv_src_index = torch.empty(n, dtype=torch.int64, device=device)
+            all_to_all(
+                recv_src_index, send_src_index, list(recv_counts), list(send_counts), self.group
+            )
+        handle = AllToAllHandle(
+            num_tokens=t,
+            send_counts=send_counts,
+            recv_counts=recv_counts,
+            device=device,
+            send_src_index=send_src_index,
+            recv_src_index=recv_src_index,
+        )
+        return recv_NR, handle
+
+    def combine(self, partial: torch.Tensor, handle: AllToAllHandle) -> torch.Tensor:  # type: ignore[override]
+        """See :meth:`Comm.combine`. Sums in fp32, by destination rank in rank order, then
+        rounds once to ``partial``'s dtype."""
+        partial_NH = self._check_partial(partial, handle, AllToAllHandle)
+        h = partial_NH.shape[1]
+        s = sum(handle.send_counts)
+        back_SH = partial_NH.new_empty((s, h))
+        all_to_all(
+            back_SH, partial_NH, list(handle.send_counts), list(handle.recv_counts), self.group
+        )
+        out_TH = torch.zeros((handle.num_tokens, h), dtype=torch.float32, device=handle.device)
+        for start, count in zip(offsets(handle.send_counts), handle.send_counts, strict=True):
+            if count:
+                idx = handle.send_src_index[start : start + count]
+                out_TH.index_add_(0, idx, back_SH[start : start + count].float())
+        return out_TH.to(partial_NH.dtype)
