@@ -27,6 +27,8 @@ Shape legend: ``T`` tokens on this rank, ``N`` rows received, ``H`` hidden, ``E`
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -159,6 +161,12 @@ class EPMoE(nn.Module):
         self.first_expert = self.rank * self.num_local
         self.local_experts: LocalExperts | None = None
         self.router_bias_E: torch.Tensor | None = None
+        #: Optional ``stage -> context manager`` hook around the stages "pack", "dispatch",
+        #: "experts" (routing included) and "combine" of each forward (``moewire bench``).
+        self.stage_timer: Callable[[str], AbstractContextManager] | None = None
+
+    def _stage(self, name: str) -> AbstractContextManager:
+        return nullcontext() if self.stage_timer is None else self.stage_timer(name)
 
     # ------------------------------------------------------------------ weights
     def load_experts(
@@ -255,24 +263,27 @@ class EPMoE(nn.Module):
         else:
             extras = {"topk_ids": ids_TK.to(torch.int32), "topk_weights": weights_TK}
 
-        rows_TR = self.travel_spec.pack(x16_TH, **extras)
-        if self.comm_name == "alltoall":
-            recv_NR, handle = self.comm.dispatch(rows_TR, ids_TK)
-        else:
-            recv_NR, handle = self.comm.dispatch(rows_TR)
-        if self.quantize == "after":
-            recv_NR = self._quantize_received(recv_NR)
-
-        view = self.spec.unpack(recv_NR)
-        if self.routing == "logits":
-            ids_NK, weights_NK = route(cfg, view.extras["router_logits"], self.router_bias_E)
-        else:
-            ids_NK = view.extras["topk_ids"]
-            check_topk_ids(ids_NK, cfg.num_experts, "received topk_ids")
-            weights_NK = view.extras["topk_weights"]
-        impl = resolve_impl(self.experts_impl, recv_NR.device)
-        partial_NH = self.local_experts(self.spec, recv_NR, ids_NK, weights_NK, impl)
-        y_TH = self.comm.combine(partial_NH.to(self.combine_dtype), handle).float()
+        with self._stage("pack"):
+            rows_TR = self.travel_spec.pack(x16_TH, **extras)
+        with self._stage("dispatch"):
+            if self.comm_name == "alltoall":
+                recv_NR, handle = self.comm.dispatch(rows_TR, ids_TK)
+            else:
+                recv_NR, handle = self.comm.dispatch(rows_TR)
+        with self._stage("experts"):
+            if self.quantize == "after":
+                recv_NR = self._quantize_received(recv_NR)
+            view = self.spec.unpack(recv_NR)
+            if self.routing == "logits":
+                ids_NK, weights_NK = route(cfg, view.extras["router_logits"], self.router_bias_E)
+            else:
+                ids_NK = view.extras["topk_ids"]
+                check_topk_ids(ids_NK, cfg.num_experts, "received topk_ids")
+                weights_NK = view.extras["topk_weights"]
+            impl = resolve_impl(self.experts_impl, recv_NR.device)
+            partial_NH = self.local_experts(self.spec, recv_NR, ids_NK, weights_NK, impl)
+        with self._stage("combine"):
+            y_TH = self.comm.combine(partial_NH.to(self.combine_dtype), handle).float()
         if self.shared_expert is not None:
             y_TH = y_TH + self.shared_expert(x_TH).float()
         return y_TH.to(x_TH.dtype)
