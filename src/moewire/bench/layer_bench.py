@@ -10,8 +10,9 @@ Cases, the all-bf16 layer first (the baseline of the speedup column):
   the fp8 GEMM consumes the wire rows directly.
 
 The fp8 cases run only where ``torch._scaled_grouped_mm`` does (CUDA, sm90+). Each
-iteration times the stages pack, dispatch, experts (routing included) and combine through
-the layer's stage hook, and the whole forward; reported times are medians, slowest rank.
+iteration times the stages pack, dispatch, experts (routing included, and for
+``quantize="after"`` the receiver's quantization) and combine through the layer's stage
+hook, and the whole forward; reported times are medians, slowest rank.
 Peak GPU memory per rank is ``torch.cuda.max_memory_allocated`` over the timed forwards.
 All experts share one random weight set (broadcast views), so the global weights of a
 DeepSeek-R1 layer are never materialized; routing is random, so the load is uneven as in
