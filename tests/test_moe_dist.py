@@ -39,7 +39,6 @@ def _inputs(world_size: int):
 
 
 def _layer_worker(world_size: int) -> dict:
-    torch.set_num_threads(1)
     rank = dist.get_rank()
     counts = COUNTS[world_size]
     lo = sum(counts[:rank])

@@ -175,7 +175,6 @@ def test_errors():
 def _dp_worker(comm: str) -> dict:
     import torch.distributed as dist
 
-    torch.set_num_threads(1)
     rank = dist.get_rank()
     return {arch: compare(arch, prompts(rank), None, comm) for arch in ARCHS}
 
