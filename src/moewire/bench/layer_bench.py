@@ -30,11 +30,10 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
-from moewire.bench.comm_bench import rank_inputs, token_counts
+from moewire.bench.comm_bench import calibrated_global_scale, rank_inputs, token_counts
 from moewire.bench.data import sqnr_db
 from moewire.bench.presets import ModelShape
 from moewire.bench.runner import BenchContext
-from moewire.formats import nvfp4_global_scale
 
 STAGES = ("pack", "dispatch", "experts", "combine")
 
@@ -116,7 +115,6 @@ def run_layer(ctx: BenchContext, shape: ModelShape) -> list[dict]:
     w2 = (torch.randn(1, h, i, generator=gen) / i**0.5).to(torch.bfloat16).to(ctx.device)
     w13, w2 = w13.expand(e, 2 * i, h), w2.expand(e, h, i)
     bias = torch.zeros(e, device=ctx.device) if shape.router == "deepseek_v3" else None
-    g = nvfp4_global_scale(48.0)
     iters = max(3, args.iters // (1 if ctx.is_cuda else 4))
     warmup = max(1, args.warmup // (1 if ctx.is_cuda else 3))
     records = []
@@ -124,6 +122,7 @@ def run_layer(ctx: BenchContext, shape: ModelShape) -> list[dict]:
     for tokens in args.tokens:
         counts = token_counts(tokens, ctx.world_size, args.skew)
         x, logits = rank_inputs(shape, counts[ctx.rank], ctx.rank, args.seed, ctx.device)
+        g = calibrated_global_scale(ctx, x)
         base = None
         outputs = {}
         for label, kw in cases:
