@@ -29,6 +29,13 @@ from moewire.formats import WireSpec, format_class, nvfp4_global_scale
 
 #: The seed's path before the change: bf16 + fp32 logits, one collective per tensor.
 BASELINE = ("bf16", "logits", "grouped")
+#: Combine cases: (backend, partial dtype); the bf16 reduce-scatter first (the baseline).
+COMBINE_CASES = (
+    ("allgather", torch.bfloat16),
+    ("allgather", torch.float32),
+    ("alltoall", torch.bfloat16),
+    ("alltoall", torch.float32),
+)
 
 
 @dataclass(frozen=True)
@@ -152,7 +159,7 @@ def nccl_allgather_time(ctx: BenchContext, nbytes_per_rank: int) -> float:
     return ctx.time(run, ctx.args.iters, ctx.args.warmup)
 
 
-def run_dispatch(ctx: BenchContext, shape: ModelShape, total_steps: int) -> list[dict]:
+def run_dispatch(ctx: BenchContext, shape: ModelShape) -> list[dict]:
     from moewire.comm import make_comm
 
     args = ctx.args
@@ -165,7 +172,7 @@ def run_dispatch(ctx: BenchContext, shape: ModelShape, total_steps: int) -> list
         ids, _ = topk_of(logits, shape.top_k)
         base_time = None
         for case in cases_for(args, shape):
-            ctx.progress(total_steps, f"dispatch T={tokens} {case.label}")
+            ctx.progress(f"dispatch T={tokens} {case.label}")
             spec = make_spec(case.fmt, case.routing, shape, g)
             comm = make_comm(case.backend, ctx.group, num_experts=shape.num_experts, spec=spec)
             extras = extras_for(case.routing, logits, shape.top_k)
@@ -252,7 +259,7 @@ def expected_combine(
     return out
 
 
-def run_combine(ctx: BenchContext, shape: ModelShape, total_steps: int) -> list[dict]:
+def run_combine(ctx: BenchContext, shape: ModelShape) -> list[dict]:
     from moewire.comm import make_comm
 
     args = ctx.args
@@ -264,13 +271,11 @@ def run_combine(ctx: BenchContext, shape: ModelShape, total_steps: int) -> list[
         ids = ids.to(ctx.device)
         base_time = None
         spec = WireSpec("bf16", shape.hidden)
-        cases = [("allgather", torch.bfloat16), ("allgather", torch.float32)]
-        cases += [("alltoall", dt) for dt in (torch.bfloat16, torch.float32)]
-        for i, (backend, dtype) in enumerate(cases):
+        for i, (backend, dtype) in enumerate(COMBINE_CASES):
             label = f"{str(dtype).removeprefix('torch.')} partials, {backend}"
             if i == 0:
                 label = "baseline: bf16 reduce-scatter (allgather)"
-            ctx.progress(total_steps, f"combine T={tokens} {label}")
+            ctx.progress(f"combine T={tokens} {label}")
             comm = make_comm(backend, ctx.group, num_experts=shape.num_experts, spec=spec)
             rows = torch.zeros(
                 counts[ctx.rank], spec.row_bytes, dtype=torch.uint8, device=ctx.device

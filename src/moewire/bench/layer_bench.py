@@ -69,7 +69,7 @@ class StageTimer:
         self.pending.clear()
 
 
-def _cases(ctx: BenchContext) -> list[tuple[str, dict]]:
+def layer_cases(ctx: BenchContext) -> list[tuple[str, dict]]:
     cases = [
         ("bf16 rows, bf16 experts", {"wire": "bf16", "experts": "auto"}),
         ("nvfp4 rows, bf16 experts", {"wire": "nvfp4", "experts": "auto"}),
@@ -118,7 +118,7 @@ def run_layer(ctx: BenchContext, shape: ModelShape) -> list[dict]:
     iters = max(3, args.iters // (1 if ctx.is_cuda else 4))
     warmup = max(1, args.warmup // (1 if ctx.is_cuda else 3))
     records = []
-    cases = _cases(ctx)
+    cases = layer_cases(ctx)
     for tokens in args.tokens:
         counts = token_counts(tokens, ctx.world_size, args.skew)
         x, logits = rank_inputs(shape, counts[ctx.rank], ctx.rank, args.seed, ctx.device)
@@ -126,7 +126,7 @@ def run_layer(ctx: BenchContext, shape: ModelShape) -> list[dict]:
         base = None
         outputs = {}
         for label, kw in cases:
-            ctx.progress(len(args.tokens) * len(cases), f"layer T={tokens} {label}")
+            ctx.progress(f"layer T={tokens} {label}")
             layer = EPMoE(
                 cfg,
                 ctx.group,

@@ -136,28 +136,27 @@ def bench_main(ctx: BenchContext) -> None:
     if args.tokens is None:
         args.tokens = list(GPU_TOKENS if ctx.is_cuda else CPU_TOKENS)
     routines = args.routines or list(DEFAULT_ROUTINES)
-    from moewire.bench import comm_bench
+    from moewire.bench import comm_bench, layer_bench
 
-    n_t = len(args.tokens)
-    steps = 0
-    if "dispatch" in routines:
-        steps += n_t * len(comm_bench.cases_for(args, shape))
-    if "combine" in routines:
-        steps += n_t * 4
+    steps_per_t = {
+        "quantize": 0,
+        "dispatch": len(comm_bench.cases_for(args, shape)),
+        "combine": len(comm_bench.COMBINE_CASES),
+        "layer": len(layer_bench.layer_cases(ctx)),
+    }
+    ctx.total_steps = len(args.tokens) * sum(steps_per_t[r] for r in routines)
     records: list[dict] = []
     for routine in routines:
         if routine == "dispatch":
-            records += comm_bench.run_dispatch(ctx, shape, steps)
+            records += comm_bench.run_dispatch(ctx, shape)
         elif routine == "combine":
-            records += comm_bench.run_combine(ctx, shape, steps)
+            records += comm_bench.run_combine(ctx, shape)
         elif routine == "quantize":
             from moewire.bench.quantize_routine import run_quantize
 
             records += run_quantize(ctx, shape)
         elif routine == "layer":
-            from moewire.bench.layer_bench import run_layer
-
-            records += run_layer(ctx, shape)
+            records += layer_bench.run_layer(ctx, shape)
     if ctx.rank != 0:
         return
     _print_report(ctx, shape, records)

@@ -41,6 +41,8 @@ class BenchContext:
     device: torch.device
     args: object
     env: dict = field(default_factory=dict)
+    #: Steps of the whole run, for the progress lines.
+    total_steps: int = 0
     _step: int = 0
 
     @property
@@ -92,12 +94,12 @@ class BenchContext:
                 samples.append(time.perf_counter() - t0)
         return self.max_over_ranks(statistics.median(samples))
 
-    def progress(self, total: int, label: str) -> None:
+    def progress(self, label: str) -> None:
         """One progress line on rank 0 (stderr): ``[ k/total] label``."""
         self._step += 1
         if self.rank == 0:
-            w = len(str(total))
-            print(f"[{self._step:>{w}}/{total}] {label}", file=sys.stderr, flush=True)
+            w = len(str(self.total_steps))
+            print(f"[{self._step:>{w}}/{self.total_steps}] {label}", file=sys.stderr, flush=True)
 
 
 def environment(device: torch.device, world_size: int, backend: str) -> dict:
@@ -177,10 +179,16 @@ def write_plot(path: str, env: dict, records: list[dict]) -> None:
         import matplotlib.pyplot as plt
     except ImportError as e:
         raise RuntimeError("--plot needs matplotlib (pip install matplotlib)") from e
-    routines = [r for r in dict.fromkeys(rec["routine"] for rec in records)]
+    routines = list(dict.fromkeys(rec["routine"] for rec in records))
+    wire = [r for r in records if r["routine"] == "dispatch"] or records
     panels = len(routines) + 1
-    fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 5.5), squeeze=False)
-    for ax, routine in zip(axes[0], routines, strict=False):
+    ncols = min(2, panels)
+    nrows = -(-panels // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(8 * ncols, 6 * nrows), squeeze=False)
+    flat = list(axes.flat)
+    for ax in flat[panels:]:
+        ax.set_visible(False)
+    for ax, routine in zip(flat, routines, strict=False):
         recs = [r for r in records if r["routine"] == routine and r.get("time_us")]
         for case in dict.fromkeys(r["case"] for r in recs):
             pts = sorted((r["tokens"], r["time_us"]) for r in recs if r["case"] == case)
@@ -193,14 +201,14 @@ def write_plot(path: str, env: dict, records: list[dict]) -> None:
         ax.set_title(f"{routine}")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
-    ax = axes[0][-1]
+    ax = flat[panels - 1]
     by_case = {}
-    for r in records:
+    for r in wire:
         if r.get("bytes_per_token"):
             by_case.setdefault(r["case"], r["bytes_per_token"])
     ax.barh(list(by_case), list(by_case.values()), color="tab:blue")
     ax.set_xlabel("bytes per token on the wire")
-    ax.set_title("bytes per token")
+    ax.set_title(f"bytes per token ({wire[0]['routine']})")
     ax.tick_params(axis="y", labelsize=7)
     fig.suptitle(
         f"moewire bench: {env.get('card')} x{env.get('world_size')} ({env.get('backend')}), "
