@@ -67,6 +67,7 @@ def _worker(
     import torch.distributed as dist
 
     torch.set_num_threads(threads)
+    failed_at: float | None = None  # when fn raised, before the group is torn down
     try:
         dist.init_process_group(
             "gloo",
@@ -77,6 +78,9 @@ def _worker(
         )
         try:
             result = _to_cpu(fn(*args))
+        except BaseException:
+            failed_at = time.time()
+            raise
         finally:
             dist.destroy_process_group()
         _write(torch.save, result, _path(tmpdir, "result", rank))
@@ -86,7 +90,7 @@ def _worker(
             pickle.dumps(exc)
         except Exception:
             exc = RuntimeError(f"{type(exc).__name__}: {exc}")
-        _write(pickle.dump, (exc, tb), _path(tmpdir, "error", rank))
+        _write(pickle.dump, (failed_at or time.time(), exc, tb), _path(tmpdir, "error", rank))
 
 
 def _path(tmpdir: str, kind: str, rank: int) -> str:
@@ -121,8 +125,9 @@ def run_distributed(
         ``[result of rank 0, result of rank 1, ...]``.
 
     Raises:
-        the first failing rank's exception (lowest rank among the failures), with the
-        worker traceback as ``__cause__``; ``TimeoutError`` if the run exceeds ``timeout``.
+        the exception of the rank that failed first (the others usually fail because of
+        it: a peer left the group), with the worker traceback as ``__cause__``;
+        ``TimeoutError`` if the run exceeds ``timeout``.
     """
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
@@ -160,15 +165,17 @@ def run_distributed(
             results.append(None)
             if os.path.exists(err_path):
                 with open(err_path, "rb") as f:
-                    exc, tb = pickle.load(f)
-                errors.append((rank, exc, tb))
+                    when, exc, tb = pickle.load(f)
+                errors.append((when, rank, exc, tb))
             elif os.path.exists(res_path):
                 results[rank] = torch.load(res_path, weights_only=False)
             elif rank not in hung:
-                errors.append((rank, RuntimeError(f"rank {rank} exited with {p.exitcode}"), ""))
+                exc = RuntimeError(f"rank {rank} exited with code {p.exitcode}")
+                errors.append((time.time(), rank, exc, ""))
         if errors:
-            rank, exc, tb = errors[0]
-            others = f" (ranks {[r for r, _, _ in errors]} failed)" if len(errors) > 1 else ""
+            _, rank, exc, tb = min(errors, key=lambda e: (e[0], e[1]))
+            failed = sorted(e[1] for e in errors)
+            others = f" (ranks {failed} failed; this one first)" if len(failed) > 1 else ""
             raise exc from RemoteTraceback(f"\n\nrank {rank} of {world_size}{others}:\n{tb}")
         if hung:
             raise TimeoutError(
