@@ -88,27 +88,33 @@ def layer_cases(ctx: BenchContext) -> list[tuple[str, dict]]:
     return cases
 
 
-def run_layer(ctx: BenchContext, shape: ModelShape) -> list[dict]:
-    from moewire.moe import EPMoE, MoEConfig
+def layer_config(shape: ModelShape):
+    """The :class:`moewire.MoEConfig` of a shape preset (validated)."""
+    from moewire.moe import MoEConfig
 
-    args = ctx.args
-    cfg = MoEConfig(
+    group_kw = {}
+    if shape.router == "deepseek_v3":
+        group_kw = {
+            "n_group": shape.n_group,
+            "topk_group": shape.topk_group,
+            "routed_scaling_factor": shape.routed_scaling_factor,
+        }
+    return MoEConfig(
         shape.hidden,
         shape.intermediate,
         shape.num_experts,
         shape.top_k,
         router=shape.router,
         renormalize=shape.renormalize,
-        **(
-            {
-                "n_group": shape.n_group,
-                "topk_group": shape.topk_group,
-                "routed_scaling_factor": shape.routed_scaling_factor,
-            }
-            if shape.router == "deepseek_v3"
-            else {}
-        ),
+        **group_kw,
     )
+
+
+def run_layer(ctx: BenchContext, shape: ModelShape) -> list[dict]:
+    from moewire.moe import EPMoE
+
+    args = ctx.args
+    cfg = layer_config(shape)
     gen = torch.Generator().manual_seed(args.seed)
     h, i, e = shape.hidden, shape.intermediate, shape.num_experts
     w13 = (torch.randn(1, 2 * i, h, generator=gen) / h**0.5).to(torch.bfloat16).to(ctx.device)

@@ -11,6 +11,7 @@ from moewire.bench.runner import (
     fmt_num,
     launch,
     render_table,
+    resolve_world,
     write_csv,
     write_json,
     write_plot,
@@ -253,6 +254,15 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--{name} must be positive, got {v}")
     if args.tokens and any(t < 0 for t in args.tokens):
         raise ValueError(f"--tokens must be >= 0, got {args.tokens}")
-    resolve_shape(args, on_gpu)  # validate overrides before spawning
+    shape = resolve_shape(args, on_gpu)  # validate overrides before spawning
+    from moewire.bench.layer_bench import layer_config
+
+    layer_config(shape)
+    _, world, _ = resolve_world(args)
+    if shape.num_experts % world:
+        raise ValueError(
+            f"{shape.name}: num_experts={shape.num_experts} must be a multiple of the world "
+            f"size {world} (experts are sharded contiguously); pick --world-size or --experts"
+        )
     launch(bench_main, args)
     return 0

@@ -263,20 +263,11 @@ def _worker(
         dist.destroy_process_group()
 
 
-def launch(main: Callable[[BenchContext], None], args: object) -> None:
-    """Run ``main(ctx)`` on every rank: under torchrun when its variables are set,
-    otherwise in freshly spawned processes on this machine."""
+def resolve_world(args: object) -> tuple[str, int, bool]:
+    """``(device type, world size, under torchrun)`` the benchmark will run with."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         device_type = "cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu"
-        _worker(
-            int(os.environ["RANK"]),
-            int(os.environ["WORLD_SIZE"]),
-            device_type,
-            "env://",
-            main,
-            args,
-        )
-        return
+        return device_type, int(os.environ["WORLD_SIZE"]), True
     ngpu = torch.cuda.device_count() if torch.cuda.is_available() else 0
     device_type = args.device or ("cuda" if ngpu else "cpu")
     if device_type == "cuda" and ngpu == 0:
@@ -286,6 +277,16 @@ def launch(main: Callable[[BenchContext], None], args: object) -> None:
         raise ValueError(f"--world-size {world} > {ngpu} visible GPUs")
     if world < 1:
         raise ValueError(f"--world-size must be >= 1, got {world}")
+    return device_type, world, False
+
+
+def launch(main: Callable[[BenchContext], None], args: object) -> None:
+    """Run ``main(ctx)`` on every rank: under torchrun when its variables are set,
+    otherwise in freshly spawned processes on this machine."""
+    device_type, world, torchrun = resolve_world(args)
+    if torchrun:
+        _worker(int(os.environ["RANK"]), world, device_type, "env://", main, args)
+        return
     with tempfile.TemporaryDirectory(prefix="moewire-bench-") as tmp:
         init = f"file://{os.path.join(tmp, 'store')}"
         torch.multiprocessing.spawn(

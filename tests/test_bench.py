@@ -1,0 +1,157 @@
+"""Tier b: ``moewire bench`` end to end on CPU (spawned gloo workers, and the torchrun
+launch path with two node agents on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+SMALL = [
+    "--model",
+    "qwen3-30b-a3b",
+    "--tokens",
+    "0",
+    "5",
+    "--iters",
+    "2",
+    "--warmup",
+    "1",
+    "--hidden",
+    "256",
+    "--intermediate",
+    "64",
+    "--experts",
+    "12",
+    "--topk",
+    "4",
+]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def test_bench_spawned_workers_write_every_output(tmp_path):
+    out = {k: tmp_path / f"b.{k}" for k in ("json", "csv", "png")}
+    cmd = [
+        sys.executable,
+        "-m",
+        "moewire",
+        "bench",
+        "--world-size",
+        "3",
+        *SMALL,
+        "--formats",
+        "nvfp4",
+        "fp8",
+        "--skew",
+        "skewed",
+        "--json",
+        str(out["json"]),
+        "--csv",
+        str(out["csv"]),
+    ]
+    try:
+        import matplotlib  # noqa: F401
+
+        cmd += ["--plot", str(out["png"])]
+    except ImportError:
+        out.pop("png")
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=_env(), check=False)
+    assert r.returncode == 0, r.stderr[-4000:]
+    for routine in ("## quantize", "## dispatch", "## combine", "## layer"):
+        assert routine in r.stdout
+    assert "[ 1/34]" in r.stderr and "[34/34]" in r.stderr  # progress lines
+    doc = json.loads(out["json"].read_text())
+    assert doc["environment"]["world_size"] == 3 and doc["environment"]["backend"] == "gloo"
+    recs = doc["records"]
+    dispatch = [x for x in recs if x["routine"] == "dispatch" and x["tokens"] == 5]
+    assert dispatch[0]["baseline"] and dispatch[0]["speedup"] == pytest.approx(1.0)
+    assert dispatch[0]["counts"] == "2/5/8"  # skewed split of 3 x 5 tokens
+    nv = [x for x in dispatch if x["format"] == "nvfp4" and x["routing"] == "logits"]
+    assert nv and all(x["bytes_per_token"] == 128 + 16 + 48 for x in nv)
+    assert all(x["time_us"] > 0 for x in recs if "time_us" in x)
+    assert {x["routine"] for x in recs} == {"quantize", "dispatch", "combine", "layer"}
+    for path in out.values():
+        assert path.stat().st_size > 0
+
+
+def test_bench_rejects_bad_arguments():
+    cases = [
+        (["nosuch"], "unknown routine"),
+        (["--topk", "0"], "--topk must be positive"),
+        (["--world-size", "3"], "multiple of the world size 3"),
+        (["--experts", "12"], "n_group=8"),
+    ]
+    for args, message in cases:
+        r = subprocess.run(
+            [sys.executable, "-m", "moewire", "bench", *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert r.returncode == 2 and message in r.stderr, (args, r.stderr)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_bench_under_torchrun_two_node_agents():
+    """Two torchrun node agents on 127.0.0.1 (one process each), as a two-node launch would
+    run: ``torchrun --nnodes 2 --node-rank N --master-addr HOST ...``."""
+    port = _free_port()
+    procs = []
+    for node in range(2):
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes",
+            "2",
+            "--nproc-per-node",
+            "1",
+            "--node-rank",
+            str(node),
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            str(port),
+            "-m",
+            "moewire",
+            "bench",
+            "dispatch",
+            "combine",
+            "--device",
+            "cpu",
+            *SMALL,
+            "--formats",
+            "nvfp4",
+        ]
+        procs.append(
+            subprocess.Popen(
+                cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env()
+            )
+        )
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=300))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-4000:]
+    assert "CPU x2 (gloo)" in outs[0][0] and "## dispatch" in outs[0][0]
+    assert "## dispatch" not in outs[1][0]  # only global rank 0 reports
