@@ -136,9 +136,12 @@ class AllToAllComm(Comm):
         send_src_index = mask_TW.t().nonzero()[:, 1].contiguous()
         send_counts = tuple(mask_TW.sum(0).tolist())
 
-        matrix = self._exchange(
-            {"row width (bytes)": r, "num_experts": self._num_experts}, send_counts, device
-        )
+        agree = {
+            "row width (bytes)": r,
+            "num_experts": self._num_experts,
+            "src_index": int(self._src_index),
+        }
+        matrix = self._exchange(agree, send_counts, device)
         recv_counts = tuple(matrix[src][self.rank] for src in range(w))
         n = sum(recv_counts)
         recv_NR = torch.empty((n, r), dtype=torch.uint8, device=device)
