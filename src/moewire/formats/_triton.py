@@ -90,10 +90,9 @@ class _Layout:
 
     kind: int
     nb: int  # scale blocks per token (bf16: chunks)
-    blk_len: int  # values per scale block
     nblk: int  # blocks per program
     blkp: int  # values per block, padded to a power of two
-    full: bool  # blkp == blk_len (no column mask)
+    full: bool  # no column mask (only fp8 with H not a power of two has one)
     n_chunks: int  # programs per token that quantize
     scale_off: int
     pad0: tuple[int, int]  # zero bytes between payload and scales
@@ -109,17 +108,17 @@ def _layout(spec) -> _Layout:
     fmt, h = spec.format, spec.hidden
     if fmt == "bf16":
         blkp = min(_CHUNK_VALUES, _next_pow2(h))
-        nb = nblk = -(-h // blkp)
-        blk_len, n_chunks, values = blkp, nb, blkp
+        nb = n_chunks = -(-h // blkp)
+        nblk, full, values = 1, True, blkp
     elif fmt == "fp8":  # one block: the whole token
-        blkp, blk_len, nb, nblk, n_chunks = _next_pow2(h), h, 1, 1, 1
-        values = blkp
+        blkp, nb, nblk, n_chunks = _next_pow2(h), 1, 1, 1
+        full, values = blkp == h, blkp
     else:
-        blk_len = blkp = _BLOCK[fmt]
-        nb = h // blk_len
-        nblk = min(_next_pow2(nb), max(1, _CHUNK_VALUES // blk_len))
+        blkp = _BLOCK[fmt]
+        nb = h // blkp
+        nblk = min(_next_pow2(nb), max(1, _CHUNK_VALUES // blkp))
         n_chunks = -(-nb // nblk)
-        values = nblk * blkp
+        full, values = True, nblk * blkp
     sec = spec.sections
     order = list(sec.values())
     nxt = [s.offset for s in order[1:]] + [spec.row_bytes]
@@ -131,10 +130,9 @@ def _layout(spec) -> _Layout:
     return _Layout(
         kind=_KIND[fmt],
         nb=nb,
-        blk_len=blk_len,
         nblk=nblk,
         blkp=blkp,
-        full=blkp == blk_len,
+        full=full,
         n_chunks=n_chunks,
         scale_off=s.offset,
         pad0=(p.end, s.offset),
@@ -203,7 +201,6 @@ def pack(
         target.stride(0),
         spec.hidden,
         lay.nb,
-        lay.blk_len,
         lay.scale_off,
         lay.n_chunks,
         g,
@@ -243,13 +240,17 @@ def dequantize(
     spec, rows: torch.Tensor, dtype: torch.dtype, *, hw: bool | None = None
 ) -> torch.Tensor:
     """Rows ``[N, R]`` (uint8, validated by the caller) -> ``[N, H]`` of ``dtype``
-    (float32, bfloat16 or float16), a new contiguous tensor on ``rows``' device.
+    (float32, bfloat16 or float16), a new contiguous tensor on ``rows``' device (for the
+    ``bf16`` format dequantized to bfloat16: a view of the payload, like the reference).
 
     Called by :meth:`moewire.WireSpec.dequantize`. ``hw``: private, as in :func:`pack`.
     """
     _check_device(rows, "rows")
     if dtype not in _OUT:
         raise TypeError(f"dtype must be bfloat16, float16 or float32, got {dtype}")
+    if spec.format == "bf16" and dtype == torch.bfloat16:
+        # nothing to compute: a view of the payload, exactly as the torch reference returns
+        return spec.unpack(rows).payload
     n, h = rows.shape[0], spec.hidden
     out = torch.empty((n, h), dtype=dtype, device=rows.device)
     if n == 0:
@@ -266,7 +267,6 @@ def dequantize(
         out.stride(0),
         h,
         lay.nb,
-        lay.blk_len,
         lay.scale_off,
         inv_g,
         KIND=lay.kind,

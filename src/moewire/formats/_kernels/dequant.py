@@ -29,24 +29,20 @@ OUT_FP16: tl.constexpr = tl.constexpr(2)
 
 
 @triton.jit
-def _store_out(out_row, idx, v, mask, OUT: tl.constexpr):
-    if OUT == OUT_BF16:
+def _store_out(out_row, idx, v, mask, OUT: tl.constexpr, HW: tl.constexpr):
+    if OUT == OUT_BF16 and not HW:
         # integer round to nearest even: the interpreter's fp32 -> bf16 cast truncates
-        tl.store(
-            out_row.to(tl.pointer_type(tl.int16)) + idx, encode_bf16(v).to(tl.int16), mask=mask
-        )
-    elif OUT == OUT_FP16:
-        tl.store(out_row + idx, v.to(tl.float16), mask=mask)
+        b = encode_bf16(v).to(tl.int16)
+        tl.store(out_row.to(tl.pointer_type(tl.int16)) + idx, b, mask=mask)
     else:
-        tl.store(out_row + idx, v, mask=mask)
+        tl.store(out_row + idx, v.to(out_row.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _e8m0_value(b):
     """e8m0 byte (int32) -> fp32 ``2**(b-127)``; 0xFF -> NaN."""
-    return tl.where(b == 0xFF, 0x7FC00000, exp2i(b - 127).to(tl.int32, bitcast=True)).to(
-        tl.float32, bitcast=True
-    )
+    bits = tl.where(b == 0xFF, 0x7FC00000, exp2i(b - 127).to(tl.int32, bitcast=True))
+    return bits.to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -57,7 +53,6 @@ def dequant_kernel(
     sot,
     H,
     NB,
-    blk_len,
     scale_off,
     inv_g,
     KIND: tl.constexpr,
@@ -75,36 +70,35 @@ def dequant_kernel(
     if KIND == KIND_BF16:
         i = c * BLKP + tl.arange(0, BLKP)
         m = i < H
-        b = tl.load(row_ptr.to(tl.pointer_type(tl.int16)) + i, mask=m, other=0)
-        _store_out(out_row, i, decode_bf16(b.to(tl.int32) & 0xFFFF), m, OUT)
-    elif KIND == KIND_FP8 or KIND == KIND_MXFP8:  # noqa: SIM109 (constexpr test in @jit)
+        b = tl.load(row_ptr.to(tl.pointer_type(tl.uint16)) + i, mask=m, other=0)
+        _store_out(out_row, i, decode_bf16(b.to(tl.int32)), m, OUT, HW)
+    else:
         blk = c * NBLK + tl.arange(0, NBLK)
-        col = tl.arange(0, BLKP)
-        idx = blk[:, None] * blk_len + col[None, :]
+        idx = blk[:, None] * BLKP + tl.arange(0, BLKP)[None, :]
         bm = blk < NB
         m = bm[:, None]
-        if not FULL:
-            m = m & (col[None, :] < blk_len)
-        vals = decode_e4m3(tl.load(row_ptr + idx, mask=m, other=0).to(tl.int32), HW)
-        if KIND == KIND_FP8:
-            s_ptr = (row_ptr + scale_off).to(tl.pointer_type(tl.float32))
-            scale = tl.load(s_ptr + blk, mask=bm, other=0.0)
+        if not FULL:  # fp8: one block of H values, padded to BLKP
+            m = m & (idx < H)
+        if KIND == KIND_FP8 or KIND == KIND_MXFP8:  # noqa: SIM109 (constexpr test in @jit)
+            vals = decode_e4m3(tl.load(row_ptr + idx, mask=m, other=0), HW)
+            if KIND == KIND_FP8:
+                s_ptr = (row_ptr + scale_off).to(tl.pointer_type(tl.float32))
+                scale = tl.load(s_ptr + blk, mask=bm, other=0.0)
+            else:
+                sb = tl.load(row_ptr + scale_off + blk, mask=bm, other=0).to(tl.int32)
+                scale = _e8m0_value(sb)
+            v = vals * scale[:, None]
         else:
-            scale = _e8m0_value(tl.load(row_ptr + scale_off + blk, mask=bm, other=0).to(tl.int32))
-        _store_out(out_row, idx, vals * scale[:, None], m, OUT)
-    else:
-        HALF: tl.constexpr = BLKP // 2
-        blk = c * NBLK + tl.arange(0, NBLK)
-        j = tl.arange(0, HALF)
-        bm = blk < NB
-        byte = tl.load(row_ptr + blk[:, None] * HALF + j[None, :], mask=bm[:, None], other=0)
-        byte = byte.to(tl.int32)
-        vals = decode_e2m1(tl.join(byte & 0xF, byte >> 4))  # [NBLK, HALF, 2]: low nibble first
-        sb = tl.load(row_ptr + scale_off + blk, mask=bm, other=0).to(tl.int32)
-        if KIND == KIND_NVFP4:
-            v = (vals * decode_e4m3(sb, HW)[:, None, None]) * inv_g
-        else:
-            v = vals * _e8m0_value(sb)[:, None, None]
-        k2 = tl.arange(0, 2)
-        idx = blk[:, None, None] * BLKP + j[None, :, None] * 2 + k2[None, None, :]
-        _store_out(out_row, idx, v, bm[:, None, None], OUT)
+            HALF: tl.constexpr = BLKP // 2
+            j = tl.arange(0, HALF)
+            byte = tl.load(row_ptr + blk[:, None] * HALF + j[None, :], mask=bm[:, None], other=0)
+            byte = byte.to(tl.int32)
+            # element 2j is the low nibble, 2j+1 the high one
+            codes = tl.reshape(tl.join(byte & 0xF, byte >> 4), [NBLK, BLKP])
+            vals = decode_e2m1(codes)
+            sb = tl.load(row_ptr + scale_off + blk, mask=bm, other=0)
+            if KIND == KIND_NVFP4:
+                v = (vals * decode_e4m3(sb, HW)[:, None]) * inv_g
+            else:
+                v = vals * _e8m0_value(sb.to(tl.int32))[:, None]
+        _store_out(out_row, idx, v, m, OUT, HW)

@@ -1,13 +1,12 @@
 """Element codes in ``@triton.jit`` form: e4m3, e2m1, e8m0 and bf16, bit-exact to
 ``moewire.formats.elements`` (WIRE_FORMATS.md, "Element codes").
 
-Every encoder works on the fp32 bit pattern with integer operations (no float->fp8 cast),
-so it gives the same bytes on the GPU and under Triton's CPU interpreter, whose fp32->fp8
-and fp32->bf16 casts truncate instead of rounding to nearest even. With ``HW=True`` the e4m3
-encoder/decoder use the GPU's ``cvt`` instructions instead (round to nearest even, after the
-same explicit clamp); the tests run both paths on the GPU.
-
-Integers are int32 tensors; a code is returned in the low bits of an int32.
+Every encoder works on the fp32 bit pattern with integer operations or exact fp32
+additions (no float->fp8/bf16 cast), so it gives the same bytes on the GPU and under
+Triton's CPU interpreter, whose fp32->fp8 and fp32->bf16 casts truncate instead of
+rounding to nearest even. With ``HW=True`` (GPU only) the e4m3 encoder/decoder use the
+GPU's ``cvt`` instructions instead (round to nearest even, after the same explicit clamp),
+which cost far fewer instructions; the tests run both paths on the GPU.
 """
 
 from __future__ import annotations
@@ -17,28 +16,15 @@ import triton.language as tl
 
 
 @triton.jit
-def f32_bits(v):
-    """fp32 -> its bit pattern as int32."""
-    return v.to(tl.int32, bitcast=True)
-
-
-@triton.jit
-def bits_f32(b):
-    """int32 bit pattern -> fp32."""
-    return b.to(tl.float32, bitcast=True)
-
-
-@triton.jit
 def encode_e4m3(v, HW: tl.constexpr):
-    """fp32 -> e4m3 byte in an int32 (0..255): clamp to +-448, round to nearest even,
-    NaN -> 0x7F; the sign of zero and of values that round to zero is kept."""
-    bits = v.to(tl.int32, bitcast=True)
-    abits = bits & 0x7FFFFFFF
+    """fp32 -> e4m3 byte (uint8): clamp to +-448, round to nearest even, NaN -> 0x7F;
+    the sign of zero and of values that round to zero is kept."""
     if HW:
-        c = tl.clamp(v, -448.0, 448.0)
-        code = c.to(tl.float8e4nv).to(tl.uint8, bitcast=True).to(tl.int32)
+        q = tl.clamp(v, -448.0, 448.0).to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+        q = tl.where(v != v, 0x7F, q)
     else:
-        a = tl.minimum(abits, 0x43E00000)  # |v| <= 448 (Inf too; NaN is replaced below)
+        bits = v.to(tl.int32, bitcast=True)
+        a = tl.minimum(bits & 0x7FFFFFFF, 0x43E00000)  # |v| <= 448 (Inf too; NaN below)
         # |v| >= 2**-6 (e4m3 normal): keep 3 of fp32's 23 mantissa bits, round the other 20
         # to nearest even, then rebias the exponent from 127 to 7 (120 << 3 in code units).
         normal = ((a + 0x7FFFF + ((a >> 20) & 1)) >> 20) - 960
@@ -51,16 +37,18 @@ def encode_e4m3(v, HW: tl.constexpr):
         rem = mant - (q << shift)
         half = 1 << (shift - 1)
         q += ((rem > half) | ((rem == half) & ((q & 1) == 1))).to(tl.int32)
-        code = tl.where(a < 0x3C800000, q, normal) | ((bits >> 24) & 0x80)
-    return tl.where(abits > 0x7F800000, 0x7F, code)
+        q = tl.where(a < 0x3C800000, q, normal) | ((bits >> 24) & 0x80)
+        q = tl.where((bits & 0x7FFFFFFF) > 0x7F800000, 0x7F, q).to(tl.uint8)
+    return q
 
 
 @triton.jit
-def decode_e4m3(code, HW: tl.constexpr):
-    """e4m3 byte (int32, 0..255) -> fp32; 0x7F / 0xFF are NaN."""
+def decode_e4m3(q, HW: tl.constexpr):
+    """e4m3 byte (uint8) -> fp32; 0x7F / 0xFF are NaN."""
     if HW:
-        v = code.to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float32)
+        v = q.to(tl.float8e4nv, bitcast=True).to(tl.float32)
     else:
+        code = q.to(tl.int32)
         mag = code & 0x7F
         normal = (mag + 960) << 20  # (exp + 120) << 23 | mantissa << 20
         sub = ((mag & 7).to(tl.float32) * 0.001953125).to(tl.int32, bitcast=True)  # m * 2**-9
@@ -73,21 +61,19 @@ def decode_e4m3(code, HW: tl.constexpr):
 @triton.jit
 def encode_e2m1(v):
     """fp32 -> e2m1 code in an int32 (0..15): saturate at 6, ties to the even code,
-    sign bit 3 = signbit(v). Comparisons on the magnitude's bits against the thresholds
-    0.25 < x, 0.75 <= x, 1.25 < x, 1.75 <= x, 2.5 < x, 3.5 <= x, 5 < x (ties at .75, 1.75
-    and 3.5 go up to the even code, those at .25, 1.25, 2.5 and 5 stay on it)."""
+    sign bit 3 = signbit(v) (NaN gives some code; callers replace non-finite blocks).
+
+    ``|v|`` (at most 6) is rounded in fp32 to the e2m1 grid by adding
+    ``M = 2**(e' + 22)``, ``e' = max(e, 0)`` (``e`` its unbiased exponent): the sum's spacing
+    is ``2**(e' - 1)``, the grid's spacing in that binade (0.5 below 2, 1 in [2, 4), 2 in
+    [4, 6]), and fp32 addition rounds to nearest even, which is ties to the even code
+    (.25 -> 0, .75 -> 1, 1.25 -> 1, 1.75 -> 2, 2.5 -> 2, 3.5 -> 4, 5 -> 4). The sum is
+    ``M + k * spacing`` with ``k = bits(sum) - bits(M)``, and the code is ``k + 2 * e'``."""
     bits = v.to(tl.int32, bitcast=True)
-    a = bits & 0x7FFFFFFF
-    mag = (
-        (a > 0x3E800000).to(tl.int32)
-        + (a >= 0x3F400000).to(tl.int32)
-        + (a > 0x3FA00000).to(tl.int32)
-        + (a >= 0x3FE00000).to(tl.int32)
-        + (a > 0x40200000).to(tl.int32)
-        + (a >= 0x40600000).to(tl.int32)
-        + (a > 0x40A00000).to(tl.int32)
-    )
-    return mag | ((bits >> 28) & 8)
+    a = tl.minimum(bits & 0x7FFFFFFF, 0x40C00000)  # saturate |v| at 6
+    m = tl.maximum(a & 0x7F800000, 0x3F800000) + (22 << 23)  # bits of M; e' = (m >> 23) - 149
+    q = (a.to(tl.float32, bitcast=True) + m.to(tl.float32, bitcast=True)).to(tl.int32, bitcast=True)
+    return (q - m + (m >> 22) - 298) | ((bits >> 28) & 8)
 
 
 @triton.jit

@@ -39,23 +39,22 @@ MAX_EXTRAS = 4
 
 
 @triton.jit
-def _load_x(x_ptr, t, sxt, sxh, idx, mask):
+def _load_x(x_ptr, t, sxt, sxh, idx, mask, HW: tl.constexpr):
     ptr = x_ptr + t * sxt + idx * sxh
-    if x_ptr.dtype.element_ty == tl.bfloat16:
-        # bf16 -> fp32 from the bits: exact everywhere (the interpreter's cast mishandles
-        # bf16 subnormals)
-        b = tl.load(ptr.to(tl.pointer_type(tl.int16)), mask=mask, other=0)
-        x = decode_bf16(b.to(tl.int32) & 0xFFFF)
+    if x_ptr.dtype.element_ty == tl.bfloat16 and not HW:
+        # bf16 -> fp32 from the bits (the interpreter's cast mishandles bf16 subnormals)
+        b = tl.load(ptr.to(tl.pointer_type(tl.uint16)), mask=mask, other=0)
+        x = decode_bf16(b.to(tl.int32))
     else:
         x = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
     return x
 
 
 @triton.jit
-def _quant_bf16(x_ptr, t, sxt, sxh, row_ptr, c, H, BLKP: tl.constexpr):
+def _quant_bf16(x_ptr, t, sxt, sxh, row_ptr, c, H, BLKP: tl.constexpr, HW: tl.constexpr):
     i = c * BLKP + tl.arange(0, BLKP)
     m = i < H
-    x = _load_x(x_ptr, t, sxt, sxh, i, m)
+    x = _load_x(x_ptr, t, sxt, sxh, i, m, HW)
     tl.store(row_ptr.to(tl.pointer_type(tl.int16)) + i, encode_bf16(x).to(tl.int16), mask=m)
 
 
@@ -67,8 +66,8 @@ def _quant_e4m3_blocks(
     sxh,
     row_ptr,
     c,
+    H,
     NB,
-    blk_len,
     scale_off,
     KIND: tl.constexpr,
     NBLK: tl.constexpr,
@@ -77,13 +76,12 @@ def _quant_e4m3_blocks(
     HW: tl.constexpr,
 ):
     blk = c * NBLK + tl.arange(0, NBLK)
-    col = tl.arange(0, BLKP)
-    idx = blk[:, None] * blk_len + col[None, :]
+    idx = blk[:, None] * BLKP + tl.arange(0, BLKP)[None, :]
     bm = blk < NB
     m = bm[:, None]
-    if not FULL:
-        m = m & (col[None, :] < blk_len)
-    x = _load_x(x_ptr, t, sxt, sxh, idx, m)
+    if not FULL:  # fp8: one block of H values, padded to BLKP
+        m = m & (idx < H)
+    x = _load_x(x_ptr, t, sxt, sxh, idx, m, HW)
     # amax on the magnitudes' bits: integer order is float order, and NaN (> 0x7F800000)
     # propagates the way torch's amax does.
     amax_bits = tl.max(x.to(tl.int32, bitcast=True) & 0x7FFFFFFF, axis=1)
@@ -99,9 +97,9 @@ def _quant_e4m3_blocks(
         bad = amax_bits >= 0x7F800000
         b = mx_scale_byte(tl.where(bad, 0, amax_bits), 9, 0x600000)  # 448 = 0.875 * 2**9
         q = encode_e4m3(x * exp2i(127 - b)[:, None], HW)
-        q = tl.where(bad[:, None], 0, q)
+        q = q & tl.where(bad, 0, 0xFF).to(tl.uint8)[:, None]  # non-finite block: zero codes
         tl.store(row_ptr + scale_off + blk, tl.where(bad, 0xFF, b).to(tl.uint8), mask=bm)
-    tl.store(row_ptr + idx, q.to(tl.uint8), mask=m)
+    tl.store(row_ptr + idx, q, mask=m)
 
 
 @triton.jit
@@ -124,13 +122,11 @@ def _quant_e2m1_blocks(
 ):
     HALF: tl.constexpr = BLKP // 2
     blk = c * NBLK + tl.arange(0, NBLK)
-    j = tl.arange(0, HALF)
-    k2 = tl.arange(0, 2)
     bm = blk < NB
-    idx = blk[:, None, None] * BLKP + j[None, :, None] * 2 + k2[None, None, :]
-    x = _load_x(x_ptr, t, sxt, sxh, idx, bm[:, None, None])
-    abits = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
-    amax_bits = tl.max(tl.max(abits, axis=2), axis=1)
+    x = _load_x(
+        x_ptr, t, sxt, sxh, blk[:, None] * BLKP + tl.arange(0, BLKP)[None, :], bm[:, None], HW
+    )
+    amax_bits = tl.max(x.to(tl.int32, bitcast=True) & 0x7FFFFFFF, axis=1)
     bad = amax_bits >= 0x7F800000
     if KIND == KIND_NVFP4:
         vmax = amax_bits.to(tl.float32, bitcast=True)
@@ -139,17 +135,17 @@ def _quant_e2m1_blocks(
         sv = decode_e4m3(sb, HW)
         one = tl.full([NBLK], 1.0, tl.float32)
         out = tl.where(sv == 0.0, 0.0, tl.math.div_rn(one, sv * inv_g))
-        codes = encode_e2m1(x * out[:, None, None])
-        sb = tl.where(bad, 0x7F, sb)
+        codes = encode_e2m1(x * out[:, None])
+        sb = tl.where(bad, 0x7F, sb).to(tl.uint8)
     else:
         b = mx_scale_byte(tl.where(bad, 0, amax_bits), 3, 0x400000)  # 6 = 0.75 * 2**3
-        codes = encode_e2m1(x * exp2i(127 - b)[:, None, None])
-        sb = tl.where(bad, 0xFF, b)
-    codes = tl.where(bad[:, None, None], 0, codes)
-    lo, hi = tl.split(codes)
-    packed = (lo | (hi << 4)).to(tl.uint8)
+        codes = encode_e2m1(x * exp2i(127 - b)[:, None])
+        sb = tl.where(bad, 0xFF, b).to(tl.uint8)
+    lo, hi = tl.split(tl.reshape(codes, [NBLK, HALF, 2]))
+    packed = (lo | (hi << 4)).to(tl.uint8) & tl.where(bad, 0, 0xFF).to(tl.uint8)[:, None]
+    j = tl.arange(0, HALF)
     tl.store(row_ptr + blk[:, None] * HALF + j[None, :], packed, mask=bm[:, None])
-    tl.store(row_ptr + scale_off + blk, sb.to(tl.uint8), mask=bm)
+    tl.store(row_ptr + scale_off + blk, sb, mask=bm)
 
 
 @triton.jit
@@ -217,7 +213,6 @@ def pack_kernel(
     srt,
     H,
     NB,
-    blk_len,
     scale_off,
     n_chunks,
     g,
@@ -263,10 +258,10 @@ def pack_kernel(
     row_ptr = rows_ptr + t * srt
     if c < n_chunks:
         if KIND == KIND_BF16:
-            _quant_bf16(x_ptr, t, sxt, sxh, row_ptr, c, H, BLKP)
+            _quant_bf16(x_ptr, t, sxt, sxh, row_ptr, c, H, BLKP, HW)
         elif KIND == KIND_FP8 or KIND == KIND_MXFP8:  # noqa: SIM109 (constexpr test in @jit)
             _quant_e4m3_blocks(
-                x_ptr, t, sxt, sxh, row_ptr, c, NB, blk_len, scale_off, KIND, NBLK, BLKP, FULL, HW
+                x_ptr, t, sxt, sxh, row_ptr, c, H, NB, scale_off, KIND, NBLK, BLKP, FULL, HW
             )
         else:
             _quant_e2m1_blocks(
