@@ -45,10 +45,19 @@ __all__ = ["dequantize", "gather_swizzled_scales", "pack"]
 _KIND = {"bf16": 0, "fp8": 1, "fp8_block128": 1, "mxfp8": 2, "nvfp4": 3, "mxfp4": 4}
 _BLOCK = {"fp8_block128": FP8_BLOCK128, "mxfp8": MX_BLOCK, "nvfp4": NVFP4_BLOCK, "mxfp4": MX_BLOCK}
 _OUT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-#: Activation values one program quantizes / dequantizes (tuned on an H200, see BENCHMARKS.md).
-_CHUNK_VALUES = 2048
-#: Values per thread that set ``num_warps`` (``values / (32 * this)``, clamped to 1..16).
-_VALUES_PER_THREAD = 16
+#: format -> (activation values one program handles, values per thread, which sets
+#: ``num_warps = values / (32 * it)``, clamped to 1..16). Swept on an H200 at T=8192,
+#: H=7168 over {1024, 2048, 4096} x {8, 16, 32}: more values per thread always won (fewer
+#: cross-thread reductions and more independent work per thread). fp8's program is one
+#: whole token (its scale block), so only the second number applies to it.
+_TUNED = {
+    "bf16": (4096, 16),
+    "fp8": (0, 32),
+    "fp8_block128": (1024, 32),
+    "mxfp8": (1024, 32),
+    "nvfp4": (1024, 32),
+    "mxfp4": (1024, 32),
+}
 #: Use the GPU's fp8 ``cvt`` instructions on CUDA (False: the integer path everywhere).
 _HW_E4M3 = True
 #: 512-byte swizzled tiles written by one program of the swizzle kernel.
@@ -80,8 +89,8 @@ def _aligned(t: torch.Tensor) -> bool:
     return t.data_ptr() % ROW_ALIGN == 0 and (t.shape[0] <= 1 or t.stride(0) % ROW_ALIGN == 0)
 
 
-def _warps(values: int) -> int:
-    return max(1, min(16, values // (32 * _VALUES_PER_THREAD)))
+def _warps(values: int, per_thread: int) -> int:
+    return max(1, min(16, values // (32 * per_thread)))
 
 
 @dataclass(frozen=True)
@@ -106,8 +115,9 @@ class _Layout:
 @functools.lru_cache(maxsize=256)
 def _layout(spec) -> _Layout:
     fmt, h = spec.format, spec.hidden
+    chunk, per_thread = _TUNED[fmt]
     if fmt == "bf16":
-        blkp = min(_CHUNK_VALUES, _next_pow2(h))
+        blkp = min(chunk, _next_pow2(h))
         nb = n_chunks = -(-h // blkp)
         nblk, full, values = 1, True, blkp
     elif fmt == "fp8":  # one block: the whole token
@@ -116,7 +126,7 @@ def _layout(spec) -> _Layout:
     else:
         blkp = _BLOCK[fmt]
         nb = h // blkp
-        nblk = min(_next_pow2(nb), max(1, _CHUNK_VALUES // blkp))
+        nblk = min(_next_pow2(nb), max(1, chunk // blkp))
         n_chunks = -(-nb // nblk)
         full, values = True, nblk * blkp
     sec = spec.sections
@@ -140,7 +150,7 @@ def _layout(spec) -> _Layout:
         extras=extras,
         eblock=eblock,
         eiter=-(-max_span // eblock),
-        num_warps=_warps(values),
+        num_warps=_warps(values, per_thread),
     )
 
 
