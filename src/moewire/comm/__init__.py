@@ -25,7 +25,7 @@ from torch.distributed import ProcessGroup
 
 from moewire.comm.allgather import AllGatherComm, AllGatherHandle
 from moewire.comm.alltoall import AllToAllComm, AllToAllHandle
-from moewire.comm.base import COMBINE_DTYPES, Comm, CommHandle, SendBuffer
+from moewire.comm.base import COMBINE_DTYPES, Comm, CommError, CommHandle, SendBuffer
 from moewire.comm.grouped import GroupedComm
 from moewire.formats.spec import WireSpec
 
@@ -53,10 +53,12 @@ def make_comm(
         group: any initialized ``torch.distributed`` process group (gloo with CPU rows,
             NCCL with CUDA rows); None means the default group.
         num_experts: ``E``, experts over the group; required by ``"alltoall"`` and a
-            multiple of the group size (rank ``r`` hosts ``[r*E/W, (r+1)*E/W)``).
+            multiple of the group size (rank ``r`` hosts ``[r*E/W, (r+1)*E/W)``); optional
+            otherwise (then only checked to be equal on every rank at dispatch).
         spec: the :class:`~moewire.WireSpec` of the rows; required by ``"grouped"``
             (section boundaries), optional otherwise (then dispatch checks
-            ``rows.shape[1] == spec.row_bytes``).
+            ``rows.shape[1] == spec.row_bytes`` and that every rank uses the same format,
+            hidden size, nvfp4 global scale and extras layout).
         **kw: backend options: ``"alltoall"`` takes ``src_index: bool`` (fill
             ``handle.recv_src_index``, one more small collective per dispatch).
 
@@ -72,7 +74,7 @@ def make_comm(
         return AllToAllComm(group, num_experts=num_experts, spec=spec, **kw)
     if kw:
         raise TypeError(f"make_comm({name!r}) got unexpected options {sorted(kw)}")
-    return _BACKENDS[name](group, spec=spec)
+    return _BACKENDS[name](group, spec=spec, num_experts=num_experts)
 
 
 __all__ = [
@@ -83,6 +85,7 @@ __all__ = [
     "AllToAllComm",
     "AllToAllHandle",
     "Comm",
+    "CommError",
     "CommHandle",
     "GroupedComm",
     "SendBuffer",

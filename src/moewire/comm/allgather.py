@@ -95,6 +95,7 @@ class AllGatherComm(Comm):
             m = max(counts)
             out_WMR = torch.empty((self.world_size * m, r), dtype=torch.uint8, device=device)
         padded_index = _padded_index(counts, m, device)
+        self._step = "all_gather of rows"
         if m and buf is None and padded_index is None:
             all_gather(out_WMR, rows_TR.contiguous(), self.group)
         elif m:

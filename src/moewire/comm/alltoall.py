@@ -89,9 +89,9 @@ class AllToAllComm(Comm):
         spec: WireSpec | None = None,
         src_index: bool = False,
     ):
-        super().__init__(group, spec=spec)
         if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
             raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
+        super().__init__(group, spec=spec, num_experts=num_experts)
         if num_experts % self.world_size:
             raise ValueError(
                 f"num_experts={num_experts} must be a multiple of the group size "
@@ -146,10 +146,12 @@ class AllToAllComm(Comm):
         n = sum(recv_counts)
         recv_NR = torch.empty((n, r), dtype=torch.uint8, device=device)
         send_SR = rows_TR.index_select(0, send_src_index)
+        self._step = "all_to_all_single of rows"
         all_to_all(recv_NR, send_SR, list(recv_counts), list(send_counts), self.group)
         recv_src_index = None
         if self._src_index:
             recv_src_index = torch.empty(n, dtype=torch.int64, device=device)
+            self._step = "all_to_all_single of the source indices"
             all_to_all(
                 recv_src_index, send_src_index, list(recv_counts), list(send_counts), self.group
             )

@@ -6,9 +6,16 @@ experts' partial outputs back onto the owners (``combine``). Backends only see b
 every backend carries every format and every extra.
 
 Every dispatch starts with one small all-gather of an int64 vector per rank: the values all
-ranks must agree on (today: the row width ``R``; alltoall also ``E``), then the backend's
-counts. A disagreement raises ``ValueError`` on every rank alike, naming each rank's value,
-instead of deadlocking or corrupting a collective. Issue 8 adds its agreement fields here.
+ranks must agree on (:data:`AGREE_KEYS`: backend, row width ``R``, and where the comm knows
+them the wire format, ``H``, the nvfp4 global scale, the extras layout, ``E``), then the
+backend's counts. The vector has the same length on every rank whatever the backend, so a
+disagreement raises ``ValueError`` on every rank alike, naming each rank's value, instead of
+deadlocking or corrupting a collective. It rides in the count exchange each dispatch makes
+anyway: no extra collective.
+
+A collective that fails (gloo and NCCL with ``TORCH_NCCL_BLOCKING_WAIT=1`` raise a
+``RuntimeError`` when a peer dies or the group's timeout passes) is re-raised as
+:class:`CommError` naming the moewire operation, with the original as ``__cause__``.
 
 Shape legend: ``T`` tokens on this rank, ``N`` rows received, ``S`` rows sent (alltoall),
 ``R`` row bytes, ``H`` hidden, ``K`` top-k, ``W`` world size, ``M`` max tokens per rank.
@@ -16,19 +23,107 @@ Shape legend: ``T`` tokens on this rank, ``N`` rows received, ``S`` rows sent (a
 
 from __future__ import annotations
 
+import functools
+import struct
+import time
+import zlib
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
+from moewire.formats import FORMATS
 from moewire.formats.spec import WireSpec
 
 #: dtypes :meth:`Comm.combine` accepts (and returns): partial sums are added in this dtype.
 COMBINE_DTYPES = (torch.bfloat16, torch.float32)
+
+#: Backend names in the order of their agreement id (append only: the id is on the wire).
+_BACKEND_IDS = ("allgather", "alltoall", "grouped")
+#: The values every rank's dispatch must agree on, in wire order; ``-1`` means "not known
+#: to this comm" (no ``spec`` / no ``num_experts`` given), which must agree too.
+AGREE_KEYS = (
+    "comm backend",
+    "row width (bytes)",
+    "wire format",
+    "hidden",
+    "nvfp4 global_scale",
+    "extras layout",
+    "num_experts",
+    "src_index",
+)
+_UNSET = -1
+
+
+def _show(key: str, value: int) -> str:
+    if value == _UNSET and key not in ("row width (bytes)", "src_index"):
+        return "not given"
+    if key == "comm backend" and 0 <= value < len(_BACKEND_IDS):
+        return repr(_BACKEND_IDS[value])
+    if key == "wire format" and 0 <= value < len(FORMATS):
+        return repr(FORMATS[value])
+    if key == "nvfp4 global_scale":
+        return repr(struct.unpack("<d", struct.pack("<q", value))[0])
+    if key == "extras layout":
+        return f"{value:#010x}"
+    return str(value)
+
+
+def _spec_agreement(spec: WireSpec | None) -> dict[str, int]:
+    if spec is None:
+        return {}
+    g = spec.global_scale
+    layout = ";".join(f"{n}:{d}:{w}" for n, (d, w) in spec.extras.items())
+    return {
+        "wire format": FORMATS.index(spec.format),
+        "hidden": spec.hidden,
+        "nvfp4 global_scale": (
+            _UNSET if g is None else struct.unpack("<q", struct.pack("<d", float(g)))[0]
+        ),
+        "extras layout": zlib.crc32(layout.encode()),
+    }
+
+
+class CommError(RuntimeError):
+    """A collective of a moewire comm failed: a peer rank died, exited, raised before the
+    call or did not reach it within the process group's timeout. The group is unusable
+    afterwards (destroy it and restart the ranks). ``__cause__`` is torch's error."""
+
+
+def _group_timeout(group: ProcessGroup) -> str:
+    for device in ("cpu", "cuda"):
+        try:
+            backend = group._get_backend(torch.device(device))
+            return f"{backend.options._timeout.total_seconds():g} s"
+        except Exception:
+            continue
+    return "unknown"
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _named_failures(method: str, fn: _F) -> _F:
+    """Wrap a collective method so that a torch.distributed failure inside it raises
+    :class:`CommError` naming the backend, the method and the collective."""
+
+    @functools.wraps(fn)
+    def wrapper(self: Comm, *args: Any, **kwargs: Any) -> Any:
+        self._step = None
+        start = time.monotonic()
+        try:
+            return fn(self, *args, **kwargs)
+        except (CommError, torch.OutOfMemoryError):
+            raise
+        except RuntimeError as err:
+            raise self._failure(method, start, err) from err
+
+    wrapper._moewire_named = True  # type: ignore[attr-defined]
+    return wrapper  # type: ignore[return-value]
 
 
 def _check_counts(name: str, counts: object) -> None:
@@ -114,7 +209,20 @@ class Comm(ABC):
 
     name: ClassVar[str]
 
-    def __init__(self, group: ProcessGroup | None = None, *, spec: WireSpec | None = None):
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for method in ("dispatch", "dispatch_buffer", "combine"):
+            fn = cls.__dict__.get(method)
+            if fn is not None and not getattr(fn, "_moewire_named", False):
+                setattr(cls, method, _named_failures(method, fn))
+
+    def __init__(
+        self,
+        group: ProcessGroup | None = None,
+        *,
+        spec: WireSpec | None = None,
+        num_experts: int | None = None,
+    ):
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError(
                 f"make_comm({self.name!r}) needs torch.distributed initialized "
@@ -129,10 +237,25 @@ class Comm(ABC):
             raise ValueError("group: this process is not a member of the given process group")
         if spec is not None and not isinstance(spec, WireSpec):
             raise TypeError(f"spec must be a moewire.WireSpec or None, got {type(spec).__name__}")
+        if num_experts is not None and (
+            isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1
+        ):
+            raise ValueError(f"num_experts must be a positive int or None, got {num_experts!r}")
         self._group = group
         self._rank = rank
         self._world_size = dist.get_world_size(group)
         self._spec = spec
+        self._backend = str(dist.get_backend(group)).lower()
+        #: Agreement values fixed at construction (see :data:`AGREE_KEYS`).
+        self._agreement = {
+            **dict.fromkeys(AGREE_KEYS, _UNSET),
+            "comm backend": _BACKEND_IDS.index(self.name) if self.name in _BACKEND_IDS else _UNSET,
+            "src_index": 0,
+            **_spec_agreement(spec),
+            "num_experts": _UNSET if num_experts is None else num_experts,
+        }
+        #: The collective running now, for :class:`CommError` messages.
+        self._step: str | None = None
 
     @property
     def group(self) -> ProcessGroup:
@@ -222,8 +345,26 @@ class Comm(ABC):
         if isinstance(rows, SendBuffer):
             if rows.owner is not self:
                 raise ValueError("rows: this SendBuffer was made by another Comm's dispatch_buffer")
-            return check_rows(rows.rows, self._spec, "rows.rows"), rows
-        return check_rows(rows, self._spec), None
+            return self._check_device(check_rows(rows.rows, self._spec, "rows.rows")), rows
+        return self._check_device(check_rows(rows, self._spec)), None
+
+    def _check_device(self, rows: torch.Tensor) -> torch.Tensor:
+        if self._backend == "nccl" and rows.device.type != "cuda":
+            raise ValueError(
+                f"rows are on {rows.device}, but the group's backend 'nccl' needs CUDA tensors"
+            )
+        return rows
+
+    def _failure(self, method: str, start: float, err: BaseException) -> CommError:
+        step = self._step or "a collective"
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        return CommError(
+            f"moewire {self.name}.{method} (rank {self._rank} of {self._world_size}): {step} "
+            f"failed after {time.monotonic() - start:.1f} s (process-group timeout "
+            f"{_group_timeout(self._group)}): a peer rank died, exited, raised before this "
+            f"call or did not reach it in time; the group is unusable now. "
+            f"{type(err).__name__}: {first}"
+        )
 
     def _exchange(
         self,
@@ -231,24 +372,35 @@ class Comm(ABC):
         values: Sequence[int],
         device: torch.device,
     ) -> list[tuple[int, ...]]:
-        """All-gather ``[*agree.values(), *values]`` (int64) from every rank; raise
-        ``ValueError`` on every rank if an ``agree`` entry differs. Returns each rank's
-        ``values``, in rank order."""
-        local = torch.tensor([*agree.values(), *values], dtype=torch.int64, device=device)
+        """All-gather this rank's agreement vector (:data:`AGREE_KEYS`, from the comm's own
+        values updated with ``agree``) and ``values`` (int64, padded to ``W`` entries so that
+        every backend sends the same length); raise ``ValueError`` on every rank if an
+        agreement value differs, naming each rank's value. Returns each rank's ``values``,
+        in rank order."""
+        fields = {**self._agreement, **agree}
+        assert len(fields) == len(AGREE_KEYS), f"unknown agreement keys {sorted(agree)}"
+        n = len(values)
+        pad = [0] * (self._world_size - n) if n < self._world_size else []
+        local = torch.tensor(
+            [*(fields[k] for k in AGREE_KEYS), *values, *pad], dtype=torch.int64, device=device
+        )
         from moewire.comm._collectives import all_gather
 
         out = torch.empty(self._world_size * local.numel(), dtype=torch.int64, device=device)
+        self._step = "the count exchange (all_gather of the agreement values and counts)"
         all_gather(out, local, self._group)
+        self._step = None
         rows = [tuple(r) for r in out.view(self._world_size, -1).tolist()]
-        for i, key in enumerate(agree):
+        for i, key in enumerate(AGREE_KEYS):
             seen = [r[i] for r in rows]
             if len(set(seen)) > 1:
-                per_rank = ", ".join(f"rank {r}: {v}" for r, v in enumerate(seen))
+                per_rank = ", ".join(f"rank {r}: {_show(key, v)}" for r, v in enumerate(seen))
                 raise ValueError(
                     f"{key} differs across ranks ({per_rank}); every rank must use the "
                     f"same value ({self.name} dispatch)"
                 )
-        return [r[len(agree) :] for r in rows]
+        k = len(AGREE_KEYS)
+        return [r[k : k + n] for r in rows]
 
     def _check_partial(
         self, partial: object, handle: object, handle_type: type[CommHandle]

@@ -49,13 +49,19 @@ class GroupedComm(Comm):
 
     name = "grouped"
 
-    def __init__(self, group: ProcessGroup | None = None, *, spec: WireSpec | None = None):
+    def __init__(
+        self,
+        group: ProcessGroup | None = None,
+        *,
+        spec: WireSpec | None = None,
+        num_experts: int | None = None,
+    ):
         if spec is None:
             raise ValueError(
                 "the 'grouped' backend needs spec= (a moewire.WireSpec) to send each row "
                 "section in its own collective; got None"
             )
-        super().__init__(group, spec=spec)
+        super().__init__(group, spec=spec, num_experts=num_experts)
         self._ranges = byte_ranges(spec)
 
     def _global(self, group_rank: int) -> int:
@@ -71,7 +77,8 @@ class GroupedComm(Comm):
         counts = tuple(c for (c,) in self._exchange({"row width (bytes)": r}, [t], device))
         starts = offsets(counts)
         recv_NR = torch.empty((sum(counts), r), dtype=torch.uint8, device=device)
-        for _name, lo, hi in self._ranges:
+        for section, lo, hi in self._ranges:
+            self._step = f"the broadcasts of the {section!r} section"
             parts, works = [], []
             for src, count in enumerate(counts):
                 if count == 0:

@@ -147,12 +147,9 @@ class EPMoE(nn.Module):
             self.rank = dist.get_rank(group)
             from moewire.comm import make_comm
 
-            if comm == "alltoall":
-                self.comm = make_comm(comm, group, num_experts=e)
-            elif comm == "grouped":
-                self.comm = make_comm(comm, group, spec=self.travel_spec)
-            else:
-                self.comm = make_comm(comm, group)
+            # spec and E make every dispatch check that all ranks agree on the format,
+            # hidden size, global scale, extras and expert count (in the count exchange).
+            self.comm = make_comm(comm, group, num_experts=e, spec=self.travel_spec)
         if e % self.world_size:
             raise ValueError(
                 f"num_experts={e} must be a multiple of the group size {self.world_size}"
@@ -200,6 +197,10 @@ class EPMoE(nn.Module):
         if w13_E2IH.device != w2_EHI.device:
             raise ValueError(f"w13 is on {w13_E2IH.device}, w2 on {w2_EHI.device}")
         check_router_bias(c, router_bias)
+        for name, w in (("w13", w13_E2IH), ("w2", w2_EHI), ("router_bias", router_bias)):
+            if w is not None and not bool(torch.isfinite(w).all()):
+                n_bad = int((~torch.isfinite(w)).sum())
+                raise ValueError(f"{name} must be finite, got {n_bad} NaN/Inf values")
         sl = slice(self.first_expert, self.first_expert + self.num_local)
         self.local_experts = LocalExperts(
             w13_E2IH[sl].detach(),
@@ -278,7 +279,7 @@ class EPMoE(nn.Module):
                 ids_NK, weights_NK = route(cfg, view.extras["router_logits"], self.router_bias_E)
             else:
                 ids_NK = view.extras["topk_ids"]
-                check_topk_ids(ids_NK, cfg.num_experts, "received topk_ids")
+                check_topk_ids(ids_NK, cfg.num_experts, "received topk_ids", distinct=True)
                 weights_NK = view.extras["topk_weights"]
             impl = resolve_impl(self.experts_impl, recv_NR.device)
             partial_NH = self.local_experts(self.spec, recv_NR, ids_NK, weights_NK, impl)
