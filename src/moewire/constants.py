@@ -39,3 +39,7 @@ NVFP4_GLOBAL_NUMERATOR = E4M3_MAX * E2M1_MAX  # 2688
 #: Swizzled scale tile of the NVFP4 GEMM kernels: 128 rows x 4 scale columns.
 SWIZZLE_ROWS = 128
 SWIZZLE_COLS = 4
+
+#: Floor of the per-row amax of the dynamic nvfp4 combine codec (``g_t = 2688 / max(amax,
+#: floor)``): keeps ``g_t`` finite and every intermediate of the scale math a normal fp32.
+COMBINE_NVFP4_AMAX_FLOOR = 1e-4

@@ -1,0 +1,94 @@
+"""Triton launchers of the combine codec (``combine_wire.py``); imports ``triton`` at the
+top, so only CUDA paths (or ``backend="triton"``) import this module. Kernels:
+``moewire/formats/_kernels/combine.py``.
+
+Shape legend: ``T`` tokens, ``H`` hidden, ``R`` row bytes, ``X`` received rows, ``W`` sources.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moewire.constants import COMBINE_NVFP4_AMAX_FLOOR, MX_BLOCK, NVFP4_BLOCK
+from moewire.formats import _triton as _fmt
+from moewire.formats._kernels.combine import decode_sum_kernel, nvfp4_dyn_pack_kernel
+from moewire.formats.nvfp4 import RCP6
+
+_KIND = {"fp8": 1, "mxfp8": 2, "nvfp4": 3, "mxfp4": 4}
+_BLK = {"fp8": 32, "mxfp8": MX_BLOCK, "nvfp4": NVFP4_BLOCK, "mxfp4": MX_BLOCK}
+#: Values one decode_sum program handles per source.
+_CHUNK_VALUES = 1024
+_OUT = {torch.float32: 0, torch.bfloat16: 1}
+
+
+def nvfp4_dynamic_pack(spec, x_TH: torch.Tensor, rows_TR: torch.Tensor) -> torch.Tensor:
+    """Dynamic-nvfp4 rows of ``x_TH`` (bf16/fp32 ``[T, H]``) into ``rows_TR`` (uint8
+    ``[T, R]``, unit stride along the row); returns ``rows_TR``."""
+    _fmt._check_device(x_TH, "partial")
+    t = x_TH.shape[0]
+    if t == 0:
+        return rows_TR
+    target = rows_TR if _fmt._aligned(rows_TR) else torch.empty_like(rows_TR).contiguous()
+    nb = spec.hidden // NVFP4_BLOCK
+    nbp = _fmt._next_pow2(nb)
+    hw = x_TH.device.type == "cuda" and _fmt._HW_E4M3
+    nvfp4_dyn_pack_kernel[(t,)](
+        x_TH,
+        x_TH.stride(0),
+        x_TH.stride(1),
+        target,
+        target.stride(0),
+        nb,
+        spec.sections["scales"].offset,
+        spec.sections["g"].offset,
+        spec.row_bytes,
+        RCP6,
+        COMBINE_NVFP4_AMAX_FLOOR,
+        NBP=nbp,
+        HW=hw,
+        num_warps=max(1, min(16, nbp * 16 // 512)),
+    )
+    if target is not rows_TR:
+        rows_TR.copy_(target)
+    return rows_TR
+
+
+def decode_sum(codec, rows_XR: torch.Tensor, index_TW: torch.Tensor, dtype) -> torch.Tensor:
+    """See :meth:`moewire.comm.combine_wire.CombineCodec.decode_sum`."""
+    _fmt._check_device(rows_XR, "rows")
+    t, w = index_TW.shape
+    h = codec.hidden
+    out = torch.empty((t, h), dtype=dtype, device=rows_XR.device)
+    if t == 0:
+        return out
+    if rows_XR.shape[0] == 0 or w == 0:
+        return out.zero_()
+    if not (_fmt._aligned(rows_XR) and rows_XR.stride(1) == 1):
+        rows_XR = rows_XR.clone(memory_format=torch.contiguous_format)
+    index_TW = index_TW.to(rows_XR.device).contiguous()
+    blk = _BLK[codec.wire]
+    nb = -(-h // blk)
+    nblk = min(_fmt._next_pow2(nb), max(1, _CHUNK_VALUES // blk))
+    spec = codec.spec
+    g_off = spec.sections["g"].offset if codec.wire == "nvfp4" else 0
+    hw = rows_XR.device.type == "cuda" and _fmt._HW_E4M3
+    decode_sum_kernel[(t, -(-nb // nblk))](
+        rows_XR,
+        rows_XR.stride(0),
+        index_TW,
+        out,
+        out.stride(0),
+        h,
+        nb,
+        spec.sections["scales"].offset,
+        g_off,
+        KIND=_KIND[codec.wire],
+        NBLK=nblk,
+        BLK=blk,
+        NSRC=w,
+        OUT=_OUT[dtype],
+        HW=hw,
+        num_warps=4,
+        enable_fp_fusion=False,
+    )
+    return out

@@ -1,0 +1,143 @@
+"""Kernels of the combine codec (``moewire.comm.combine_wire``): the dynamic-nvfp4 pack and
+the fused dequantize + sum of received combine rows.
+
+- ``nvfp4_dyn_pack_kernel``, grid ``(T,)``: program ``t`` loads the whole row ``t`` as
+  ``[NBP, 16]`` (``NBP`` = blocks padded to a power of two), takes the row amax, computes
+  ``g_t = 2688 / max(amax, 1e-4)`` and ``1/g_t`` (correctly rounded), then runs the static
+  nvfp4 recipe per block with ``g = g_t`` and writes the complete row: payload, scales,
+  ``g_t`` and the zero padding.
+- ``decode_sum_kernel``, grid ``(T, n_chunks)``: program ``(t, c)`` dequantizes ``NBLK``
+  blocks of ``BLK`` values of every source's row of token ``t`` (``index[t, s]``, -1 =
+  none) and adds them in fp32 in source order, then stores once (fp32 or bf16). Launched
+  with FMA contraction off, so ``acc + v * s`` rounds twice like the torch reference.
+
+Shape legend: ``T`` tokens, ``H`` hidden, ``NB`` blocks per row, ``NBP`` padded blocks,
+``NBLK`` blocks per program, ``BLK`` values per block, ``W`` sources.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from moewire.formats._kernels.dequant import _e8m0_value, _store_out
+from moewire.formats._kernels.elements import (
+    canonical_nan_bits,
+    decode_e2m1,
+    decode_e4m3,
+    encode_e2m1,
+    encode_e4m3,
+)
+from moewire.formats._kernels.pack import _load_x, _zero_fill
+
+KIND_FP8: tl.constexpr = tl.constexpr(1)
+KIND_MXFP8: tl.constexpr = tl.constexpr(2)
+KIND_NVFP4_DYN: tl.constexpr = tl.constexpr(3)
+KIND_MXFP4: tl.constexpr = tl.constexpr(4)
+
+
+@triton.jit
+def nvfp4_dyn_pack_kernel(
+    x_ptr,
+    sxt,
+    sxh,
+    rows_ptr,
+    srt,
+    NB,
+    scale_off,
+    g_off,
+    row_bytes,
+    rcp6,
+    floor,
+    NBP: tl.constexpr,
+    HW: tl.constexpr,
+):
+    """One program: row ``t``, every byte of it."""
+    t = tl.program_id(0).to(tl.int64)
+    row_ptr = rows_ptr + t * srt
+    blk = tl.arange(0, NBP)
+    bm = blk < NB
+    x = _load_x(x_ptr, t, sxt, sxh, blk[:, None] * 16 + tl.arange(0, 16)[None, :], bm[:, None], HW)
+    blk_bits = tl.max(x.to(tl.int32, bitcast=True) & 0x7FFFFFFF, axis=1)
+    row_bits = tl.max(blk_bits, axis=0)
+    row_bad = row_bits >= 0x7F800000
+    amax = row_bits.to(tl.float32, bitcast=True)
+    a = tl.where(row_bad, 1.0, tl.maximum(amax, floor))
+    g = tl.math.div_rn(tl.full([NBP], 2688.0, tl.float32), tl.full([NBP], 1.0, tl.float32) * a)
+    inv_g = tl.math.div_rn(tl.full([NBP], 1.0, tl.float32), g)
+    bad = (blk_bits >= 0x7F800000) | row_bad
+    vmax = blk_bits.to(tl.float32, bitcast=True)
+    s = g * (vmax * rcp6)
+    sb = encode_e4m3(tl.minimum(s, 448.0), HW)
+    sv = decode_e4m3(sb, HW)
+    one = tl.full([NBP], 1.0, tl.float32)
+    out = tl.where(sv == 0.0, 0.0, tl.math.div_rn(one, sv * inv_g))
+    codes = encode_e2m1(x * out[:, None])
+    lo, hi = tl.split(tl.reshape(codes, [NBP, 8, 2]))
+    packed = (lo | (hi << 4)).to(tl.uint8) & tl.where(bad, 0, 0xFF).to(tl.uint8)[:, None]
+    tl.store(row_ptr + blk[:, None] * 8 + tl.arange(0, 8)[None, :], packed, mask=bm[:, None])
+    tl.store(row_ptr + scale_off + blk, tl.where(bad, 0x7F, sb).to(tl.uint8), mask=bm)
+    g_bits = tl.where(row_bad, 0x7FC00000, canonical_nan_bits(g))
+    first = blk == 0
+    tl.store((row_ptr + g_off).to(tl.pointer_type(tl.int32)) + blk * 0, g_bits, mask=first)
+    _zero_fill(row_ptr, NB * 8, scale_off)
+    _zero_fill(row_ptr, scale_off + NB, g_off)
+    _zero_fill(row_ptr, g_off + 4, row_bytes)
+
+
+@triton.jit
+def decode_sum_kernel(
+    rows_ptr,
+    srt,
+    index_ptr,
+    out_ptr,
+    sot,
+    H,
+    NB,
+    scale_off,
+    g_off,
+    KIND: tl.constexpr,
+    NBLK: tl.constexpr,
+    BLK: tl.constexpr,
+    NSRC: tl.constexpr,
+    OUT: tl.constexpr,
+    HW: tl.constexpr,
+):
+    """One program: ``NBLK`` blocks of token ``t``, summed over its ``NSRC`` sources."""
+    t = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1)
+    blk = c * NBLK + tl.arange(0, NBLK)
+    bm = blk < NB
+    idx = blk[:, None] * BLK + tl.arange(0, BLK)[None, :]
+    m = bm[:, None] & (idx < H)
+    acc = tl.zeros([NBLK, BLK], tl.float32)
+    for src in tl.static_range(NSRC):
+        r = tl.load(index_ptr + t * NSRC + src)
+        valid = r >= 0
+        row_ptr = rows_ptr + tl.maximum(r, 0) * srt
+        lm = m & valid
+        if KIND == KIND_FP8 or KIND == KIND_MXFP8:  # noqa: SIM109 (constexpr test in @jit)
+            vals = decode_e4m3(tl.load(row_ptr + idx, mask=lm, other=0), HW)
+            if KIND == KIND_FP8:
+                scale = tl.load((row_ptr + scale_off).to(tl.pointer_type(tl.float32)))
+                v = vals * scale
+            else:
+                sb = tl.load(row_ptr + scale_off + blk, mask=bm & valid, other=0).to(tl.int32)
+                v = vals * _e8m0_value(sb)[:, None]
+        else:
+            HALF: tl.constexpr = BLK // 2
+            j = tl.arange(0, HALF)
+            byte = tl.load(
+                row_ptr + blk[:, None] * HALF + j[None, :], mask=bm[:, None] & valid, other=0
+            ).to(tl.int32)
+            vals = decode_e2m1(tl.reshape(tl.join(byte & 0xF, byte >> 4), [NBLK, BLK]))
+            sb = tl.load(row_ptr + scale_off + blk, mask=bm & valid, other=0)
+            if KIND == KIND_NVFP4_DYN:
+                g = tl.load((row_ptr + g_off).to(tl.pointer_type(tl.float32)) + blk * 0)
+                inv_g = tl.math.div_rn(tl.full([NBLK], 1.0, tl.float32), g)
+                v = (vals * decode_e4m3(sb, HW)[:, None]) * inv_g[:, None]
+            else:
+                v = vals * _e8m0_value(sb.to(tl.int32))[:, None]
+        # an absent source adds +0.0, which leaves acc unchanged (acc is never -0.0)
+        acc = acc + tl.where(valid, v, 0.0)
+    _store_out(out_ptr + t * sot, idx, acc, m, OUT, HW)
