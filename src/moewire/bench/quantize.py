@@ -9,7 +9,9 @@ For each format and token count ``T`` (hidden ``H``, bf16 activations, no extras
 Correctness is checked first (Triton rows equal the torch reference's bytes, dequantized
 values equal bit for bit), then each op is timed with CUDA events around one call, after
 warm-up, with the L2 cache flushed before every call (so repeated calls cannot read their
-input from L2), and the median is reported. The device's copy bandwidth is a 1 GiB
+input from L2) and a short spin kernel queued before it (so the host's Python and launch
+overhead, tens of microseconds, overlaps GPU work and is not counted), and the median is
+reported. The device's copy bandwidth is a 1 GiB
 device-to-device ``copy_`` timed the same way (bytes read + written). At small ``T`` the
 time is launch latency: compare the ``x empty`` column, the kernel's time over one empty
 Triton kernel's, timed the same way.
@@ -36,10 +38,14 @@ HIDDEN = 7168
 #: Flushing this many bytes evicts the L2 cache of any current GPU (H200: 60 MB).
 _FLUSH_BYTES = 256 << 20
 _COPY_BYTES = 1 << 30
+#: GPU cycles of a spin kernel queued before each timed call (about 100 us at 2 GHz): the
+#: host enqueues the call meanwhile, so the events time the GPU work, not Python's launch.
+_HEAD_START_CYCLES = 200_000
 
 
 def _time_us(fn: Callable[[], object], iters: int, warmup: int, flush: torch.Tensor) -> float:
-    """Median GPU time of one ``fn()`` call in microseconds (CUDA events, L2 flushed)."""
+    """Median GPU time of one ``fn()`` call in microseconds (CUDA events, L2 flushed, the
+    host's launch overhead hidden behind a spin kernel)."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -47,6 +53,7 @@ def _time_us(fn: Callable[[], object], iters: int, warmup: int, flush: torch.Ten
     end = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
     for i in range(iters):
         flush.zero_()
+        torch.cuda._sleep(_HEAD_START_CYCLES)
         start[i].record()
         fn()
         end[i].record()
@@ -180,7 +187,8 @@ def format_table(results: Sequence[dict]) -> str:
         f"device: {r0['device']}; torch {r0['torch_version']}, triton {r0['triton_version']}; "
         f"copy bandwidth {r0['copy_gbps']:.0f} GB/s (1 GiB D2D copy, read + written); "
         f"empty kernel launch {r0['empty_us']:.1f} us; H = {r0['hidden']}, bf16 activations, "
-        f"no extras; median of CUDA-event timings, L2 flushed before each call",
+        f"no extras; median of CUDA-event timings of one call (GPU time: L2 flushed and host "
+        f"launch overhead hidden before each call)",
         "",
         "| format | T | op | MB moved | torch us | triton us | torch GB/s | triton GB/s "
         "| % of copy | speedup | x empty |",
