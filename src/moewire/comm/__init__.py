@@ -26,6 +26,7 @@ from torch.distributed import ProcessGroup
 from moewire.comm.allgather import AllGatherComm, AllGatherHandle
 from moewire.comm.alltoall import AllToAllComm, AllToAllHandle
 from moewire.comm.base import COMBINE_DTYPES, Comm, CommError, CommHandle, SendBuffer
+from moewire.comm.combine_wire import COMBINE_WIRES, CombineCodec, check_combine_wire
 from moewire.comm.grouped import GroupedComm
 from moewire.formats.spec import WireSpec
 
@@ -44,6 +45,7 @@ def make_comm(
     *,
     num_experts: int | None = None,
     spec: WireSpec | None = None,
+    combine_wire: str = "bf16",
     **kw: Any,
 ) -> Comm:
     """Build a dispatch/combine backend on a process group.
@@ -59,6 +61,11 @@ def make_comm(
             (section boundaries), optional otherwise (then dispatch checks
             ``rows.shape[1] == spec.row_bytes`` and that every rank uses the same format,
             hidden size, nvfp4 global scale and extras layout).
+        combine_wire: how ``combine`` moves the partial rows back, one of
+            :data:`COMBINE_WIRES`: ``"bf16"`` (default: unquantized, in the partial dtype),
+            ``"fp8"``, ``"mxfp8"``, ``"nvfp4"`` (dynamic per-row global scale) or
+            ``"mxfp4"``; see :mod:`moewire.comm.combine_wire`. ``"grouped"`` (the seed's
+            baseline) supports only ``"bf16"``.
         **kw: backend options: ``"alltoall"`` takes ``src_index: bool`` (fill
             ``handle.recv_src_index``, one more small collective per dispatch).
 
@@ -68,22 +75,35 @@ def make_comm(
     """
     if name not in _BACKENDS:
         raise ValueError(f"comm name must be one of {COMMS}, got {name!r}")
+    check_combine_wire(combine_wire)
     if name == "alltoall":
         if num_experts is None:
             raise ValueError("make_comm('alltoall') needs num_experts=E; got None")
-        return AllToAllComm(group, num_experts=num_experts, spec=spec, **kw)
+        return AllToAllComm(
+            group, num_experts=num_experts, spec=spec, combine_wire=combine_wire, **kw
+        )
     if kw:
         raise TypeError(f"make_comm({name!r}) got unexpected options {sorted(kw)}")
-    return _BACKENDS[name](group, spec=spec, num_experts=num_experts)
+    if name == "grouped":
+        if combine_wire != "bf16":
+            raise ValueError(
+                f"combine_wire={combine_wire!r}: the 'grouped' backend (the seed's baseline, "
+                "one reduce per rank) supports only combine_wire='bf16'; use 'allgather' or "
+                "'alltoall' for a quantized combine"
+            )
+        return GroupedComm(group, spec=spec, num_experts=num_experts)
+    return AllGatherComm(group, spec=spec, num_experts=num_experts, combine_wire=combine_wire)
 
 
 __all__ = [
     "COMBINE_DTYPES",
+    "COMBINE_WIRES",
     "COMMS",
     "AllGatherComm",
     "AllGatherHandle",
     "AllToAllComm",
     "AllToAllHandle",
+    "CombineCodec",
     "Comm",
     "CommError",
     "CommHandle",

@@ -21,9 +21,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.distributed import ProcessGroup
 
-from moewire.comm._collectives import all_gather, reduce_scatter
+from moewire.comm._collectives import all_gather, all_to_all, reduce_scatter
 from moewire.comm.base import Comm, CommHandle, SendBuffer
+from moewire.comm.combine_wire import check_combine_wire, combine_codec
+from moewire.formats.spec import WireSpec
 
 
 @dataclass(frozen=True, eq=False)
@@ -58,9 +61,31 @@ class AllGatherComm(Comm):
     ``dispatch`` returns every rank's rows in rank order (rank 0's ``T_0`` rows, then rank
     1's, ...); ``topk_ids`` is ignored. ``combine`` sums in ``partial``'s dtype (NCCL
     accumulates bf16 in bf16 steps, fp32 in fp32; the order is the library's).
+
+    ``combine_wire`` other than ``"bf16"`` (see :mod:`moewire.comm.combine_wire`): a
+    reduce-scatter cannot add quantized bytes, so combine quantizes the partial rows (they
+    are already grouped by owner rank), sends each owner its block with one
+    ``all_to_all_single`` (no padding), and the owner dequantizes and adds the ``W`` blocks
+    in fp32 in source-rank order, rounding once to ``partial``'s dtype.
     """
 
     name = "allgather"
+
+    def __init__(
+        self,
+        group: ProcessGroup | None = None,
+        *,
+        spec: WireSpec | None = None,
+        num_experts: int | None = None,
+        combine_wire: str = "bf16",
+    ):
+        super().__init__(group, spec=spec, num_experts=num_experts)
+        self._combine_wire = check_combine_wire(combine_wire)
+
+    @property
+    def combine_wire(self) -> str:
+        """How partial rows travel back (:data:`moewire.comm.combine_wire.COMBINE_WIRES`)."""
+        return self._combine_wire
 
     def _agree(self, row_bytes: int) -> dict[str, int]:
         return {"row width (bytes)": row_bytes}
@@ -115,8 +140,11 @@ class AllGatherComm(Comm):
         return recv_NR, handle
 
     def combine(self, partial: torch.Tensor, handle: AllGatherHandle) -> torch.Tensor:  # type: ignore[override]
-        """See :meth:`Comm.combine`: one reduce-scatter of the padded partial rows."""
+        """See :meth:`Comm.combine`: one reduce-scatter of the padded partial rows (or, with
+        a quantized ``combine_wire``, one all-to-all of combine rows)."""
         partial_NH = self._check_partial(partial, handle, AllGatherHandle)
+        if self._combine_wire != "bf16":
+            return self._combine_quantized(partial_NH, handle)
         m, h = handle.max_count, partial_NH.shape[1]
         if m == 0:
             return partial_NH.new_zeros((0, h))
@@ -128,3 +156,16 @@ class AllGatherComm(Comm):
         out_MH = partial_NH.new_empty((m, h))
         reduce_scatter(out_MH, in_WMH, self.group)
         return out_MH[: handle.num_tokens]
+
+    def _combine_quantized(self, partial_NH: torch.Tensor, handle: AllGatherHandle) -> torch.Tensor:
+        codec = combine_codec(self._combine_wire, partial_NH.shape[1])
+        w, t, device = self.world_size, handle.num_tokens, partial_NH.device
+        send_NR = codec.encode(partial_NH)
+        recv_XR = torch.empty((w * t, codec.row_bytes), dtype=torch.uint8, device=device)
+        if sum(handle.recv_counts):  # the same on every rank
+            self._step = f"all_to_all of {self._combine_wire} combine rows"
+            all_to_all(recv_XR, send_NR, [t] * w, list(handle.recv_counts), self.group)
+            self._step = None
+        src_W, tok_T = torch.arange(w, device=device), torch.arange(t, device=device)
+        index_TW = src_W[None, :] * t + tok_T[:, None]
+        return codec.decode_sum(recv_XR, index_TW, partial_NH.dtype)

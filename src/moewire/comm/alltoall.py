@@ -27,6 +27,7 @@ from torch.distributed import ProcessGroup
 
 from moewire.comm._collectives import all_to_all
 from moewire.comm.base import Comm, CommHandle, SendBuffer, offsets
+from moewire.comm.combine_wire import check_combine_wire, combine_codec
 from moewire.formats.spec import WireSpec
 
 #: Most distinct bad expert ids an error message lists.
@@ -88,6 +89,7 @@ class AllToAllComm(Comm):
         num_experts: int,
         spec: WireSpec | None = None,
         src_index: bool = False,
+        combine_wire: str = "bf16",
     ):
         if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
             raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
@@ -99,6 +101,12 @@ class AllToAllComm(Comm):
             )
         self._num_experts = num_experts
         self._src_index = bool(src_index)
+        self._combine_wire = check_combine_wire(combine_wire)
+
+    @property
+    def combine_wire(self) -> str:
+        """How partial rows travel back (:data:`moewire.comm.combine_wire.COMBINE_WIRES`)."""
+        return self._combine_wire
 
     @property
     def num_experts(self) -> int:
@@ -167,8 +175,12 @@ class AllToAllComm(Comm):
 
     def combine(self, partial: torch.Tensor, handle: AllToAllHandle) -> torch.Tensor:  # type: ignore[override]
         """See :meth:`Comm.combine`. Sums in fp32, by destination rank in rank order, then
-        rounds once to ``partial``'s dtype."""
+        rounds once to ``partial``'s dtype. With a quantized ``combine_wire`` the rows go
+        back as combine rows (:mod:`moewire.comm.combine_wire`) and the owner dequantizes
+        and adds them in the same order."""
         partial_NH = self._check_partial(partial, handle, AllToAllHandle)
+        if self._combine_wire != "bf16":
+            return self._combine_quantized(partial_NH, handle)
         h = partial_NH.shape[1]
         s = sum(handle.send_counts)
         back_SH = partial_NH.new_empty((s, h))
@@ -181,3 +193,18 @@ class AllToAllComm(Comm):
                 idx = handle.send_src_index[start : start + count]
                 out_TH.index_add_(0, idx, back_SH[start : start + count].float())
         return out_TH.to(partial_NH.dtype)
+
+    def _combine_quantized(self, partial_NH: torch.Tensor, handle: AllToAllHandle) -> torch.Tensor:
+        codec = combine_codec(self._combine_wire, partial_NH.shape[1])
+        device, w = partial_NH.device, self.world_size
+        send_NR = codec.encode(partial_NH)
+        s = sum(handle.send_counts)
+        back_SR = torch.empty((s, codec.row_bytes), dtype=torch.uint8, device=device)
+        self._step = f"all_to_all of {self._combine_wire} combine rows"
+        all_to_all(back_SR, send_NR, list(handle.send_counts), list(handle.recv_counts), self.group)
+        self._step = None
+        counts_W = torch.tensor(handle.send_counts, dtype=torch.int64, device=device)
+        dest_S = torch.repeat_interleave(torch.arange(w, device=device), counts_W)
+        index_TW = torch.full((handle.num_tokens, w), -1, dtype=torch.int64, device=device)
+        index_TW[handle.send_src_index, dest_S] = torch.arange(s, device=device)
+        return codec.decode_sum(back_SR, index_TW, partial_NH.dtype)

@@ -50,13 +50,24 @@ X_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 class _LocalComm:
-    """World size 1 without a process group: dispatch and combine are the identity."""
+    """World size 1 without a process group: dispatch is the identity; combine is too with
+    ``combine_wire="bf16"``, else the one source's quantize/dequantize round trip (exactly
+    what a one-rank ``allgather`` comm returns)."""
+
+    def __init__(self, combine_wire: str = "bf16") -> None:
+        self.combine_wire = combine_wire
 
     def dispatch(self, rows_TR: torch.Tensor, topk_ids_TK: torch.Tensor | None = None):
         return rows_TR, None
 
     def combine(self, partial_NH: torch.Tensor, handle: Any) -> torch.Tensor:
-        return partial_NH
+        if self.combine_wire == "bf16":
+            return partial_NH
+        from moewire.comm.combine_wire import combine_codec
+
+        codec = combine_codec(self.combine_wire, partial_NH.shape[1])
+        index_T1 = torch.arange(partial_NH.shape[0], device=partial_NH.device)[:, None]
+        return codec.decode_sum(codec.encode(partial_NH), index_T1, partial_NH.dtype)
 
 
 def _choice(name: str, value: object, allowed: tuple) -> None:
@@ -87,6 +98,12 @@ class EPMoE(nn.Module):
             the combine bytes, one more rounding).
         shared_expert: optional module ``[T, H] -> [T, H]`` run on this rank's unquantized
             ``x`` and added to the output (DeepSeek-V3's shared experts).
+        combine_wire: how the partial sums travel back (:func:`moewire.make_comm`):
+            ``"bf16"`` (default: unquantized, in ``combine_dtype``), ``"fp8"``, ``"mxfp8"``,
+            ``"nvfp4"`` (dynamic per-row scale) or ``"mxfp4"``: each rank's partial rows
+            (``combine_dtype``) are quantized, dequantized by the owner and added in fp32
+            in rank order. ``comm="grouped"`` supports only ``"bf16"``. With
+            ``comm="local"`` the full sum makes one round trip (a one-rank group's result).
 
     Call :meth:`load_experts` before the first forward.
     """
@@ -104,6 +121,7 @@ class EPMoE(nn.Module):
         experts: str = "auto",
         combine_dtype: torch.dtype = torch.float32,
         shared_expert: nn.Module | None = None,
+        combine_wire: str = "bf16",
     ) -> None:
         super().__init__()
         if not isinstance(config, MoEConfig):
@@ -112,6 +130,14 @@ class EPMoE(nn.Module):
         _choice("routing", routing, ROUTING_MODES)
         _choice("quantize", quantize, QUANTIZE_MODES)
         _choice("combine_dtype", combine_dtype, COMBINE_DTYPES)
+        from moewire.comm.combine_wire import check_combine_wire
+
+        check_combine_wire(combine_wire)
+        if comm == "grouped" and combine_wire != "bf16":
+            raise ValueError(
+                f"combine_wire={combine_wire!r}: comm='grouped' (the seed's baseline) "
+                "supports only combine_wire='bf16'"
+            )
         if experts not in ("auto", "loop", "grouped", *FP8_IMPLS):
             raise ValueError(
                 f"experts must be one of ('auto', 'loop', 'grouped', 'fp8', 'fp8_loop'), "
@@ -128,6 +154,7 @@ class EPMoE(nn.Module):
         self.combine_dtype = combine_dtype
         self.shared_expert = shared_expert
         self.comm_name = comm
+        self.combine_wire = combine_wire
 
         k, e = config.top_k, config.num_experts
         if routing == "logits":
@@ -141,7 +168,7 @@ class EPMoE(nn.Module):
 
         if comm == "local":
             self.world_size, self.rank = 1, 0
-            self.comm: Any = _LocalComm()
+            self.comm: Any = _LocalComm(combine_wire)
         else:
             self.world_size = dist.get_world_size(group)
             self.rank = dist.get_rank(group)
@@ -149,7 +176,9 @@ class EPMoE(nn.Module):
 
             # spec and E make every dispatch check that all ranks agree on the format,
             # hidden size, global scale, extras and expert count (in the count exchange).
-            self.comm = make_comm(comm, group, num_experts=e, spec=self.travel_spec)
+            self.comm = make_comm(
+                comm, group, num_experts=e, spec=self.travel_spec, combine_wire=combine_wire
+            )
         if e % self.world_size:
             raise ValueError(
                 f"num_experts={e} must be a multiple of the group size {self.world_size}"
@@ -299,5 +328,6 @@ class EPMoE(nn.Module):
         return (
             f"{self.config}, wire={self.spec.format!r}, comm={self.comm_name!r}, "
             f"routing={self.routing!r}, quantize={self.quantize!r}, "
-            f"experts={self.experts_impl!r}, rank={self.rank}/{self.world_size}"
+            f"experts={self.experts_impl!r}, combine_wire={self.combine_wire!r}, "
+            f"rank={self.rank}/{self.world_size}"
         )
