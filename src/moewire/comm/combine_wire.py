@@ -202,6 +202,8 @@ class CombineCodec:
             return self.spec.pack(partial_NH, out=out, backend=backend)
         n = partial_NH.shape[0]
         rows = self.spec._out_rows(out, n, partial_NH.device)
+        if n == 0:
+            return rows
         if self._use_triton(backend, partial_NH.device):
             from moewire.comm import _combine_triton
 
