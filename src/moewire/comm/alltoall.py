@@ -204,7 +204,7 @@ class AllToAllComm(Comm):
         all_to_all(back_SR, send_NR, list(handle.send_counts), list(handle.recv_counts), self.group)
         self._step = None
         counts_W = torch.tensor(handle.send_counts, dtype=torch.int64, device=device)
-        dest_S = torch.repeat_interleave(torch.arange(w, device=device), counts_W)
+        dest_S = torch.repeat_interleave(torch.arange(w, device=device), counts_W, output_size=s)
         index_TW = torch.full((handle.num_tokens, w), -1, dtype=torch.int64, device=device)
         index_TW[handle.send_src_index, dest_S] = torch.arange(s, device=device)
         return codec.decode_sum(back_SR, index_TW, partial_NH.dtype)

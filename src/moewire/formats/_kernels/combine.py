@@ -111,6 +111,8 @@ def decode_sum_kernel(
     idx = blk[:, None] * BLK + tl.arange(0, BLK)[None, :]
     m = bm[:, None] & (idx < H)
     acc = tl.zeros([NBLK, BLK], tl.float32)
+    HALF: tl.constexpr = BLK // 2
+    j = tl.arange(0, HALF)
     for src in tl.static_range(NSRC):
         r = tl.load(index_ptr + t * NSRC + src)
         valid = r >= 0
@@ -125,8 +127,6 @@ def decode_sum_kernel(
                 sb = tl.load(row_ptr + scale_off + blk, mask=bm & valid, other=0).to(tl.int32)
                 v = vals * _e8m0_value(sb)[:, None]
         else:
-            HALF: tl.constexpr = BLK // 2
-            j = tl.arange(0, HALF)
             byte = tl.load(
                 row_ptr + blk[:, None] * HALF + j[None, :], mask=bm[:, None] & valid, other=0
             ).to(tl.int32)
