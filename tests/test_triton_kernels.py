@@ -18,6 +18,7 @@ Shape legend: ``T`` tokens, ``H`` hidden, ``R`` row bytes, ``N`` rows.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -29,18 +30,39 @@ import pytest
 import torch
 
 _CUDA = torch.cuda.is_available()
+# Triton decides interpreter or compiler when a kernel is decorated, i.e. when the kernel
+# modules are imported: set the variable for those imports only, so that it does not leak
+# into other tests or the subprocesses they start.
+_saved = os.environ.get("TRITON_INTERPRET")
 if not _CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ["TRITON_INTERPRET"] = "1"
+try:
+    triton = pytest.importorskip("triton", reason="triton is not importable (pip install triton)")
+    import triton.language as tl
 
-triton = pytest.importorskip("triton", reason="triton is not importable (pip install triton)")
+    from moewire.formats import _triton
+    from moewire.formats._kernels.elements import encode_e2m1, encode_e4m3
 
-import triton.language as tl  # noqa: E402
+    # Triton imports this lazily at the first launch and checks the interpreter setting then
+    with contextlib.suppress(ImportError):
+        import triton.experimental.gluon
+
+    @triton.jit
+    def _encode_kernel(v_ptr, e2m1_ptr, e4m3_ptr, n, HW: tl.constexpr):
+        i = tl.program_id(0) * 4096 + tl.arange(0, 4096)
+        v = tl.load(v_ptr + i, mask=i < n)
+        tl.store(e2m1_ptr + i, encode_e2m1(v).to(tl.uint8), mask=i < n)
+        tl.store(e4m3_ptr + i, encode_e4m3(v, HW), mask=i < n)
+
+finally:
+    if _saved is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = _saved
 
 import moewire as mw  # noqa: E402
 from adversarial_data import adversarial  # noqa: E402
 from moewire.bench.data import heavy_tailed  # noqa: E402
-from moewire.formats import _triton  # noqa: E402
-from moewire.formats._kernels.elements import encode_e2m1, encode_e4m3  # noqa: E402
 from moewire.formats.elements import encode_e2m1 as ref_encode_e2m1  # noqa: E402
 from moewire.formats.elements import encode_e4m3 as ref_encode_e4m3  # noqa: E402
 
@@ -113,14 +135,6 @@ def check_dequantize(spec: mw.WireSpec, rows: torch.Tensor, *, hw=None):
 
 
 # ---------------------------------------------------------------- small shapes (CPU or GPU)
-@triton.jit
-def _encode_kernel(v_ptr, e2m1_ptr, e4m3_ptr, n, HW: tl.constexpr):
-    i = tl.program_id(0) * 4096 + tl.arange(0, 4096)
-    v = tl.load(v_ptr + i, mask=i < n)
-    tl.store(e2m1_ptr + i, encode_e2m1(v).to(tl.uint8), mask=i < n)
-    tl.store(e4m3_ptr + i, encode_e4m3(v, HW), mask=i < n)
-
-
 @pytest.mark.parametrize("hw", [False, True] if DEVICE == "cuda" else [False])
 def test_element_encoders_on_random_and_dense_fp32(hw):
     # Random fp32 bit patterns (all exponents, subnormals, NaN payloads of both signs) and a
@@ -132,7 +146,7 @@ def test_element_encoders_on_random_and_dense_fp32(hw):
     n = v.numel()
     e2m1, e4m3 = torch.empty(n, dtype=torch.uint8), torch.empty(n, dtype=torch.uint8)
     v, e2m1, e4m3 = v.to(DEVICE), e2m1.to(DEVICE), e4m3.to(DEVICE)
-    _encode_kernel[(triton.cdiv(n, 4096),)](v, e2m1, e4m3, n, HW=hw)
+    _encode_kernel[(-(-n // 4096),)](v, e2m1, e4m3, n, HW=hw)
     finite = ~torch.isnan(v)  # e2m1 of NaN is unspecified: formats replace NaN blocks
     assert torch.equal(e2m1[finite], ref_encode_e2m1(v[finite]))
     assert torch.equal(e4m3, ref_encode_e4m3(v))

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -73,7 +72,11 @@ def _next_pow2(n: int) -> int:
 
 
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+    """Whether the kernels were built for Triton's CPU interpreter (``TRITON_INTERPRET=1``
+    when this module was first imported)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(pack_kernel, InterpretedFunction)
 
 
 def _check_device(t: torch.Tensor, name: str) -> None:
