@@ -3,7 +3,9 @@
 ``dispatch`` times pack (quantization included) + dispatch, side by side, for:
 the seed's baseline (bf16 activations + fp32 router logits, one collective per tensor:
 ``grouped``), bf16 rows in one collective, and every quantized format in both routing
-modes over each backend. ``combine`` times the return trip of bf16/fp32 partial rows.
+modes over each backend. ``combine`` times the return trip: bf16/fp32 partial rows (the
+bf16 reduce-scatter first, the baseline) and each quantized ``combine_wire`` over
+allgather and alltoall.
 
 Before timing, every case is checked bitwise: each rank regenerates every other rank's
 tokens from the shared seed and compares the received rows with the rows it expects
@@ -25,17 +27,11 @@ import torch.distributed as dist
 from moewire.bench.data import heavy_tailed, sqnr_db
 from moewire.bench.presets import ModelShape
 from moewire.bench.runner import BenchContext
+from moewire.comm.combine_wire import COMBINE_WIRES
 from moewire.formats import WireSpec, format_class, nvfp4_global_scale
 
 #: The seed's path before the change: bf16 + fp32 logits, one collective per tensor.
 BASELINE = ("bf16", "logits", "grouped")
-#: Combine cases: (backend, partial dtype); the bf16 reduce-scatter first (the baseline).
-COMBINE_CASES = (
-    ("allgather", torch.bfloat16),
-    ("allgather", torch.float32),
-    ("alltoall", torch.bfloat16),
-    ("alltoall", torch.float32),
-)
 
 
 @dataclass(frozen=True)
@@ -259,8 +255,48 @@ def expected_combine(
     return out
 
 
+#: On CPU the quantized combines run the torch reference codec (slow, and not what the GPU
+#: figures are about), so ``moewire bench`` times them only up to this many tokens per rank.
+CPU_QUANTIZED_COMBINE_MAX_TOKENS = 128
+
+
+def combine_cases(
+    args, tokens: int = 0, is_cuda: bool = True
+) -> list[tuple[str, str, torch.dtype]]:
+    """``(backend, combine_wire, partial dtype)``: the bf16 reduce-scatter first (the
+    baseline), the other unquantized cases, then each quantized ``--combine-wires`` entry
+    (fp32 partials, EPMoE's default) over allgather and alltoall (on CPU only up to
+    :data:`CPU_QUANTIZED_COMBINE_MAX_TOKENS` tokens per rank)."""
+    cases = [
+        ("allgather", "bf16", torch.bfloat16),
+        ("allgather", "bf16", torch.float32),
+        ("alltoall", "bf16", torch.bfloat16),
+        ("alltoall", "bf16", torch.float32),
+    ]
+    wires = getattr(args, "combine_wires", None) or COMBINE_WIRES
+    if not is_cuda and tokens > CPU_QUANTIZED_COMBINE_MAX_TOKENS:
+        wires = ()
+    for wire in wires:
+        if wire != "bf16":
+            cases += [("allgather", wire, torch.float32), ("alltoall", wire, torch.float32)]
+    return cases
+
+
+def _combine_label(i: int, backend: str, wire: str, dtype: torch.dtype) -> str:
+    if i == 0:
+        return "baseline: bf16 reduce-scatter (allgather)"
+    if wire == "bf16":
+        return f"{str(dtype).removeprefix('torch.')} partials, {backend}"
+    return f"{wire} combine rows, {backend}"
+
+
 def run_combine(ctx: BenchContext, shape: ModelShape) -> list[dict]:
+    """Times the return trip. Unquantized cases are checked exactly with integer-valued
+    partials; quantized ones bitwise against the reference codec on CPU: every rank
+    regenerates every rank's partial rows, quantizes each source's rows for its tokens with
+    the torch codec, dequantizes and adds in fp32 in rank order."""
     from moewire.comm import make_comm
+    from moewire.comm.combine_wire import combine_codec
 
     args = ctx.args
     records = []
@@ -271,20 +307,30 @@ def run_combine(ctx: BenchContext, shape: ModelShape) -> list[dict]:
         ids = ids.to(ctx.device)
         base_time = None
         spec = WireSpec("bf16", shape.hidden)
-        for i, (backend, dtype) in enumerate(COMBINE_CASES):
-            label = f"{str(dtype).removeprefix('torch.')} partials, {backend}"
-            if i == 0:
-                label = "baseline: bf16 reduce-scatter (allgather)"
+        want_int = {}
+        for i, (backend, wire, dtype) in enumerate(combine_cases(args, tokens, ctx.is_cuda)):
+            label = _combine_label(i, backend, wire, dtype)
             ctx.progress(f"combine T={tokens} {label}")
-            comm = make_comm(backend, ctx.group, num_experts=shape.num_experts, spec=spec)
+            comm = make_comm(
+                backend, ctx.group, num_experts=shape.num_experts, spec=spec, combine_wire=wire
+            )
             rows = torch.zeros(
                 counts[ctx.rank], spec.row_bytes, dtype=torch.uint8, device=ctx.device
             )
             recv, handle = comm.dispatch(rows, ids)
             partial = combine_partials(ctx.rank, recv.shape[0], shape.hidden, args.seed)
+            if wire != "bf16":  # non-integer values, so the codec's rounding shows
+                partial = partial * 0.37 + 0.01
             partial = partial.to(dtype).to(ctx.device)
             out = comm.combine(partial, handle)
-            want = expected_combine(ctx, backend, shape, counts, args.seed).to(dtype)
+            if wire == "bf16":
+                if backend not in want_int:
+                    want_int[backend] = expected_combine(ctx, backend, shape, counts, args.seed)
+                want = want_int[backend].to(dtype)
+            else:
+                want = expected_quantized_combine(
+                    ctx, backend, shape, counts, args.seed, combine_codec(wire, shape.hidden)
+                ).to(dtype)
             ok = out.dtype == dtype and torch.equal(out.cpu(), want)
             if not ctx.all_true(ok):
                 raise RuntimeError(
@@ -296,17 +342,23 @@ def run_combine(ctx: BenchContext, shape: ModelShape) -> list[dict]:
             )
             if i == 0:
                 base_time = t
-            nbytes = max(counts) * ctx.world_size * shape.hidden * dtype.itemsize
+            row_b = (
+                shape.hidden * dtype.itemsize
+                if wire == "bf16"
+                else combine_codec(wire, shape.hidden).row_bytes
+            )
+            nbytes = max(counts) * ctx.world_size * row_b
             records.append(
                 {
                     "routine": "combine",
                     "case": label,
                     "backend": backend,
+                    "combine_wire": wire,
                     "dtype": str(dtype).removeprefix("torch."),
                     "baseline": i == 0,
                     "tokens": tokens,
                     "counts": "/".join(map(str, counts)),
-                    "bytes_per_token": shape.hidden * dtype.itemsize,
+                    "bytes_per_token": row_b,
                     "wire_bytes": nbytes,
                     "time_us": t * 1e6,
                     "busbw_GBps": nbytes * (ctx.world_size - 1) / ctx.world_size / t / 1e9,
@@ -314,3 +366,32 @@ def run_combine(ctx: BenchContext, shape: ModelShape) -> list[dict]:
                 }
             )
     return records
+
+
+def expected_quantized_combine(
+    ctx: BenchContext, backend: str, shape: ModelShape, counts: list[int], seed: int, codec
+) -> torch.Tensor:
+    """What a quantized combine must return on this rank (fp32 ``[T, H]``), from every
+    rank's regenerated partials and the torch reference codec, summed in rank order."""
+    w, me = ctx.world_size, ctx.rank
+    ids = [
+        topk_of(rank_inputs(shape, counts[q], q, seed, "cpu")[1], shape.top_k)[0] for q in range(w)
+    ]
+    out = torch.zeros(counts[me], shape.hidden)
+    for s in range(w):
+        if backend == "alltoall":
+            lo, hi = s * shape.num_experts // w, (s + 1) * shape.num_experts // w
+            hits = [((i >= lo) & (i < hi)).any(-1) for i in ids]
+            n_s = sum(int(h.sum()) for h in hits)
+            offset = sum(int(h.sum()) for h in hits[:me])
+            mine = hits[me].nonzero().flatten()
+        else:
+            n_s, offset = sum(counts), sum(counts[:me])
+            mine = torch.arange(counts[me])
+        partial = combine_partials(s, n_s, shape.hidden, seed) * 0.37 + 0.01
+        rows = partial[offset : offset + len(mine)].float()
+        vals = codec.decode(codec.encode(rows, backend="torch"), backend="torch")
+        add = torch.zeros_like(out)
+        add[mine] = vals
+        out = out + add
+    return out

@@ -8,6 +8,9 @@ Cases, the all-bf16 layer first (the baseline of the speedup column):
   (bf16 rows travel, the receiver quantizes to fp8, ``quantize="after"``);
 - ``fp8 rows quantized before dispatch, fp8 experts``: the seed's change on Hopper;
   the fp8 GEMM consumes the wire rows directly.
+- ``fp8 rows + fp8 experts + fp8 combine``: the same with the partial outputs quantized
+  to fp8 for the return trip (``combine_wire="fp8"``, the combine with the best measured
+  accuracy, BENCHMARKS.md "combine accuracy"); its SQNR column is its accuracy row.
 
 The fp8 cases run only where ``torch._scaled_grouped_mm`` does (CUDA, sm90+). Each
 iteration times the stages pack, dispatch, experts (routing included, and for
@@ -83,6 +86,10 @@ def layer_cases(ctx: BenchContext) -> list[tuple[str, dict]]:
             (
                 "fp8 before dispatch, fp8 experts",
                 {"wire": "fp8", "experts": "fp8", "quantize": "before"},
+            ),
+            (
+                "fp8 rows + fp8 experts + fp8 combine",
+                {"wire": "fp8", "experts": "fp8", "quantize": "before", "combine_wire": "fp8"},
             ),
         ]
     return cases

@@ -142,10 +142,14 @@ def bench_main(ctx: BenchContext) -> None:
     steps_per_t = {
         "quantize": 0,
         "dispatch": len(comm_bench.cases_for(args, shape)),
-        "combine": len(comm_bench.COMBINE_CASES),
+        "combine": 0,  # counted per token count below
         "layer": len(layer_bench.layer_cases(ctx)),
     }
     ctx.total_steps = len(args.tokens) * sum(steps_per_t[r] for r in routines)
+    if "combine" in routines:
+        ctx.total_steps += sum(
+            len(comm_bench.combine_cases(args, t, ctx.is_cuda)) for t in args.tokens
+        )
     records: list[dict] = []
     for routine in routines:
         if routine == "dispatch":
@@ -174,6 +178,7 @@ def bench_main(ctx: BenchContext) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from moewire.comm.combine_wire import COMBINE_WIRES
     from moewire.formats import FORMATS
 
     p.add_argument(
@@ -205,6 +210,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         choices=FORMATS,
         default=[f for f in FORMATS if f != "bf16"],
         help="quantized wire formats to measure (default: all)",
+    )
+    p.add_argument(
+        "--combine-wires",
+        nargs="+",
+        choices=COMBINE_WIRES,
+        default=[w for w in COMBINE_WIRES if w != "bf16"],
+        help="quantized combine wires the combine routine measures after the unquantized "
+        "cases (default: all)",
     )
     p.add_argument(
         "--backends",
