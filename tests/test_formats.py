@@ -380,3 +380,15 @@ def test_unpack_of_strided_rows_copies_correctly():
     view = spec.unpack(padded[:, 8:])
     assert torch.equal(view.extras["router_logits"], lg)
     assert torch.equal(spec.dequantize(padded[:, 8:]), spec.dequantize(rows))
+
+
+def test_spec_swizzled_scales():
+    spec = make_spec("nvfp4", 512)
+    rows = spec.pack(gaussian(130, 512))
+    sw = spec.swizzled_scales(rows)
+    assert sw.dtype == torch.float8_e4m3fn and sw.shape == (256, 32)
+    assert torch.equal(
+        sw.view(torch.uint8), mw.swizzle_128x4(spec.unpack(rows).scales).view(torch.uint8)
+    )
+    with pytest.raises(ValueError, match="needs format 'nvfp4'"):
+        make_spec("mxfp4", 512).swizzled_scales(rows)

@@ -73,6 +73,12 @@ def check_kernels() -> str:
             if not torch.equal(ref, got):
                 bad = (ref != got).any(dim=1).nonzero().flatten().tolist()[:5]
                 raise AssertionError(f"{fmt} {dtype}: triton rows differ at rows {bad}")
+            if fmt == "nvfp4":
+                sw_ref = spec.swizzled_scales(ref, backend="torch").view(torch.uint8)
+                if not torch.equal(
+                    spec.swizzled_scales(ref, backend="triton").view(torch.uint8), sw_ref
+                ):
+                    raise AssertionError(f"nvfp4 {dtype}: triton swizzled scales differ")
             for out in (torch.bfloat16, torch.float32):
                 d_ref = spec.dequantize(ref, out, backend="torch")
                 d_got = spec.dequantize(ref, out, backend="triton")

@@ -392,6 +392,26 @@ class WireSpec:
         view = self.unpack(rows)
         return self._format.dequantize(view.payload, view.scales, dtype)
 
+    def swizzled_scales(self, rows: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+        """nvfp4 only: the block scales of rows ``[N, R]`` in the 128x4 swizzled layout the
+        NVFP4 GEMMs want (see :func:`moewire.swizzle_128x4`), e.g. of the rows a dispatch
+        gathered. On CUDA one Triton kernel reads them straight out of the rows.
+
+        Returns:
+            float8_e4m3fn ``[Mp, Kp]``, contiguous, ``Mp = ceil(N/128)*128``,
+            ``Kp = ceil(H/16/4)*4``, zero-padded.
+        """
+        if self.format != "nvfp4":
+            raise ValueError(f"swizzled_scales needs format 'nvfp4', got {self.format!r}")
+        self.check_rows(rows)
+        if self._pick_backend(backend, rows.device) == "triton":
+            from moewire.formats import _triton
+
+            return _triton.gather_swizzled_scales(self, rows)
+        from moewire.formats.nvfp4 import swizzle_128x4
+
+        return swizzle_128x4(self.unpack(rows).scales)
+
 
 def _bytes_of(t: torch.Tensor, nbytes: int) -> torch.Tensor:
     t = t.contiguous()
