@@ -19,6 +19,7 @@ Shape legend: ``T`` tokens on a rank, ``N`` rows received, ``H`` hidden, ``E`` e
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -59,11 +60,13 @@ def token_counts(tokens: int, world_size: int, skew: str) -> list[int]:
     return counts
 
 
+@functools.lru_cache(maxsize=16)
 def rank_inputs(
-    shape: ModelShape, t: int, rank: int, seed: int, device: torch.device
+    shape: ModelShape, t: int, rank: int, seed: int, device: torch.device | str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rank ``rank``'s tokens ``x [t, H]`` bf16 and router logits ``[t, E]`` fp32,
-    reproducible on every rank from ``(seed, rank, t)``."""
+    reproducible on every rank from ``(seed, rank, t)``. Cached (the correctness checks
+    regenerate every rank's inputs for every case): callers must not modify them."""
     gen = torch.Generator().manual_seed(seed * 1_000_003 + rank * 7919 + t)
     x = heavy_tailed(t, shape.hidden, generator=gen).to(torch.bfloat16)
     logits = torch.randn(t, shape.num_experts, generator=gen)
