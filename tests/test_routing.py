@@ -94,7 +94,10 @@ def test_deepseek_v3_one_group_is_plain_sigmoid_topk():
     logits_TE = torch.randn(20, 8)
     ids, w = route(cfg, logits_TE)
     ref_w, ref_ids = logits_TE.sigmoid().sort(dim=-1, descending=True, stable=True)
-    assert torch.equal(ids, ref_ids[:, :3]) and torch.equal(w, ref_w[:, :3])
+    assert torch.equal(ids, ref_ids[:, :3])
+    # routing's own sigmoid (device-invariant exp, < 1 ulp) may differ from torch's in the
+    # last bit, so the weights agree to a few ulps, not bitwise
+    torch.testing.assert_close(w, ref_w[:, :3], rtol=1e-6, atol=0)
 
 
 # ----------------------------------------------------------------- determinism
