@@ -359,6 +359,8 @@ def _agreement_worker() -> dict[str, str]:
     out["backend"] = _catch(
         lambda: comm.dispatch(torch.zeros(2, 16, dtype=torch.uint8), ids[:, :1])
     )
+    comm = make_comm("allgather", None, combine_wire="fp8" if rank == 0 else "nvfp4")
+    out["combine_wire"] = _catch(lambda: comm.dispatch(torch.zeros(1, 16, dtype=torch.uint8)))
     spec0 = mw.WireSpec("fp8", 64)
     comm = make_comm("allgather", None, spec=spec0 if rank == 0 else None)
     out["spec_on_one_rank"] = _catch(lambda: comm.dispatch(spec0.pack(x[:, :64])))
@@ -408,6 +410,7 @@ def test_cross_rank_agreement_and_dispatch_input():
         "extras": "extras layout differs across ranks (rank 0: 0x",
         "num_experts": "num_experts differs across ranks (rank 0: 8, rank 1: 16)",
         "backend": "comm backend differs across ranks (rank 0: 'allgather', rank 1: 'alltoall')",
+        "combine_wire": "combine wire differs across ranks (rank 0: 'fp8', rank 1: 'nvfp4')",
         "spec_on_one_rank": "wire format differs across ranks (rank 0: 'fp8', rank 1: not given)",
         "layer": "wire format differs across ranks (rank 0: 'fp8', rank 1: 'mxfp8')",
     }

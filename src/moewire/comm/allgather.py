@@ -25,7 +25,7 @@ from torch.distributed import ProcessGroup
 
 from moewire.comm._collectives import all_gather, all_to_all, reduce_scatter
 from moewire.comm.base import Comm, CommHandle, SendBuffer
-from moewire.comm.combine_wire import check_combine_wire, combine_codec
+from moewire.comm.combine_wire import combine_codec
 from moewire.formats.spec import WireSpec
 
 
@@ -79,13 +79,7 @@ class AllGatherComm(Comm):
         num_experts: int | None = None,
         combine_wire: str = "bf16",
     ):
-        super().__init__(group, spec=spec, num_experts=num_experts)
-        self._combine_wire = check_combine_wire(combine_wire)
-
-    @property
-    def combine_wire(self) -> str:
-        """How partial rows travel back (:data:`moewire.comm.combine_wire.COMBINE_WIRES`)."""
-        return self._combine_wire
+        super().__init__(group, spec=spec, num_experts=num_experts, combine_wire=combine_wire)
 
     def _agree(self, row_bytes: int) -> dict[str, int]:
         return {"row width (bytes)": row_bytes}

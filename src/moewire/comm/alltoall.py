@@ -27,7 +27,7 @@ from torch.distributed import ProcessGroup
 
 from moewire.comm._collectives import all_to_all
 from moewire.comm.base import Comm, CommHandle, SendBuffer, offsets
-from moewire.comm.combine_wire import check_combine_wire, combine_codec
+from moewire.comm.combine_wire import combine_codec
 from moewire.formats.spec import WireSpec
 
 #: Most distinct bad expert ids an error message lists.
@@ -93,7 +93,7 @@ class AllToAllComm(Comm):
     ):
         if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
             raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
-        super().__init__(group, spec=spec, num_experts=num_experts)
+        super().__init__(group, spec=spec, num_experts=num_experts, combine_wire=combine_wire)
         if num_experts % self.world_size:
             raise ValueError(
                 f"num_experts={num_experts} must be a multiple of the group size "
@@ -101,12 +101,6 @@ class AllToAllComm(Comm):
             )
         self._num_experts = num_experts
         self._src_index = bool(src_index)
-        self._combine_wire = check_combine_wire(combine_wire)
-
-    @property
-    def combine_wire(self) -> str:
-        """How partial rows travel back (:data:`moewire.comm.combine_wire.COMBINE_WIRES`)."""
-        return self._combine_wire
 
     @property
     def num_experts(self) -> int:

@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
+from moewire.comm.combine_wire import COMBINE_WIRES, check_combine_wire
 from moewire.formats import FORMATS
 from moewire.formats.spec import WireSpec
 
@@ -55,6 +56,7 @@ AGREE_KEYS = (
     "extras layout",
     "num_experts",
     "src_index",
+    "combine wire",
 )
 _UNSET = -1
 
@@ -70,6 +72,8 @@ def _show(key: str, value: int) -> str:
         return repr(struct.unpack("<d", struct.pack("<q", value))[0])
     if key == "extras layout":
         return f"{value:#010x}"
+    if key == "combine wire" and 0 <= value < len(COMBINE_WIRES):
+        return repr(COMBINE_WIRES[value])
     return str(value)
 
 
@@ -222,6 +226,7 @@ class Comm(ABC):
         *,
         spec: WireSpec | None = None,
         num_experts: int | None = None,
+        combine_wire: str = "bf16",
     ):
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError(
@@ -253,9 +258,16 @@ class Comm(ABC):
             "src_index": 0,
             **_spec_agreement(spec),
             "num_experts": _UNSET if num_experts is None else num_experts,
+            "combine wire": COMBINE_WIRES.index(check_combine_wire(combine_wire)),
         }
+        self._combine_wire = combine_wire
         #: The collective running now, for :class:`CommError` messages.
         self._step: str | None = None
+
+    @property
+    def combine_wire(self) -> str:
+        """How partial rows travel back (:data:`moewire.comm.combine_wire.COMBINE_WIRES`)."""
+        return self._combine_wire
 
     @property
     def group(self) -> ProcessGroup:
