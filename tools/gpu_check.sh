@@ -10,7 +10,8 @@
 set -u
 what=${1:?usage: tools/gpu_check.sh tests|bench OUTDIR}
 out=${2:-gpu-check}
-mkdir -p "$out"
+files=${BENCH_FILES:-$out}  # where --json/--plot go
+mkdir -p "$out" "$files"
 # Leave NVLink multicast off (shared machines); harmless elsewhere.
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONPATH=src PYTHONUNBUFFERED=1
@@ -49,10 +50,10 @@ tests)
   ;;
 bench)
   step bench_comm 330 $py -m moewire bench dispatch combine --tokens 64 1024 8192 \
-    --formats nvfp4 fp8 mxfp4 --combine-wires fp8 nvfp4 --json "$out/bench_comm.json" \
-    --plot "$out/bench_comm.png"
+    --formats nvfp4 fp8 mxfp4 --combine-wires fp8 nvfp4 --json "$files/bench_comm.json" \
+    --plot "$files/bench_comm.png"
   step bench_layer 200 $py -m moewire bench layer --tokens 1024 8192 \
-    --json "$out/bench_layer.json"
+    --json "$files/bench_layer.json"
   ;;
 *)
   echo "unknown: $what" >&2
