@@ -172,9 +172,9 @@ def _cpu_without_onednn() -> None:
     the resident set grew +91 MiB by iteration 2000 and saturated near +150 MiB by iteration
     16000 with oneDNN on, and +2 MiB over 6000 iterations with it off; this soak with it off:
     +6.8 MiB over 4000 iterations, flat after the first few hundred. That is a bounded cache
-    of torch's CPU backend, not moewire's: a CPU deployment should budget for it. Turning it off here keeps the bound able to see a
-    leak in moewire (the computed values are the same up to GEMM summation order, and the
-    reference check runs on the same backend).
+    of torch's CPU backend, not moewire's: a CPU deployment should budget for it. Turning it
+    off here keeps the bound able to see a leak in moewire (the computed values are the same
+    up to GEMM summation order, and the reference check runs on the same backend).
     """
     torch.backends.mkldnn.enabled = False
 
