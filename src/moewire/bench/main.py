@@ -17,8 +17,8 @@ from moewire.bench.runner import (
     write_plot,
 )
 
-ROUTINES = ("quantize", "dispatch", "combine", "layer")
-DEFAULT_ROUTINES = ("quantize", "dispatch", "combine", "layer")
+ROUTINES = ("quantize", "dispatch", "combine", "layer", "model")
+DEFAULT_ROUTINES = ("quantize", "dispatch", "combine", "layer", "model")
 CPU_TOKENS = (16, 128, 512)
 GPU_TOKENS = (1, 64, 256, 1024, 4096, 8192, 16384)
 
@@ -109,6 +109,32 @@ def _print_report(ctx: BenchContext, shape: ModelShape, records: list[dict]) -> 
                 for r in recs
             ]
             print(render_table(headers, rows))
+        elif routine == "model":
+            print(recs[0]["model"])
+            headers = [
+                "case",
+                "layers",
+                "B x S /rank",
+                "tok/s total",
+                "ms/forward",
+                "speedup",
+                "peak GB",
+                "logits SQNR vs first dB",
+            ]
+            rows = [
+                [
+                    r["case"],
+                    r["layers"],
+                    f"{r['batch']} x {r['seq']}",
+                    fmt_num(r["tokens_per_s"], 0),
+                    fmt_num(r["time_us"] / 1e3, 2),
+                    f"{r['speedup']:.3f}x",
+                    fmt_num(r["peak_mem_GB"], 1),
+                    fmt_num(r["sqnr_vs_first_db"], 1),
+                ]
+                for r in recs
+            ]
+            print(render_table(headers, rows))
         elif routine == "quantize" and "triton_us" in recs[0]:
             from moewire.bench.quantize import format_table
 
@@ -134,18 +160,25 @@ def _print_report(ctx: BenchContext, shape: ModelShape, records: list[dict]) -> 
 def bench_main(ctx: BenchContext) -> None:
     args = ctx.args
     shape = resolve_shape(args, ctx.is_cuda)
+    if getattr(args, "model_tokens", None) is None:
+        from moewire.bench.model_bench import CPU_SEQ, GPU_SEQ
+
+        args.model_tokens = args.tokens or [GPU_SEQ if ctx.is_cuda else CPU_SEQ]
     if args.tokens is None:
         args.tokens = list(GPU_TOKENS if ctx.is_cuda else CPU_TOKENS)
     routines = args.routines or list(DEFAULT_ROUTINES)
-    from moewire.bench import comm_bench, layer_bench
+    from moewire.bench import comm_bench, layer_bench, model_bench
 
     steps_per_t = {
         "quantize": 0,
         "dispatch": len(comm_bench.cases_for(args, shape)),
         "combine": 0,  # counted per token count below
         "layer": len(layer_bench.layer_cases(ctx)),
+        "model": 0,  # counted below: its own sequence lengths
     }
     ctx.total_steps = len(args.tokens) * sum(steps_per_t[r] for r in routines)
+    if "model" in routines:
+        ctx.total_steps += len(args.model_tokens) * len(model_bench.model_cases(ctx))
     if "combine" in routines:
         ctx.total_steps += sum(
             len(comm_bench.combine_cases(args, t, ctx.is_cuda)) for t in args.tokens
@@ -162,6 +195,8 @@ def bench_main(ctx: BenchContext) -> None:
             records += run_quantize(ctx, shape)
         elif routine == "layer":
             records += layer_bench.run_layer(ctx, shape)
+        elif routine == "model":
+            records += model_bench.run_model(ctx, shape)
     if ctx.rank != 0:
         return
     _print_report(ctx, shape, records)
@@ -202,7 +237,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=int,
         nargs="+",
         help=f"tokens per rank (default: {' '.join(map(str, GPU_TOKENS))} on GPU, "
-        f"{' '.join(map(str, CPU_TOKENS))} on CPU)",
+        f"{' '.join(map(str, CPU_TOKENS))} on CPU); routine model: prompt length per rank "
+        "(default 2048 on GPU, 64 on CPU)",
+    )
+    p.add_argument(
+        "--layers",
+        type=int,
+        help="routine model: decoder layers (default: as many as fit in 60%% of GPU memory; "
+        "2 on CPU)",
+    )
+    p.add_argument(
+        "--batch", type=int, default=1, help="routine model: prompts per rank (default 1)"
     )
     p.add_argument(
         "--formats",
@@ -254,6 +299,9 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     on_gpu = args.device == "cuda" or (args.device is None and torch.cuda.is_available())
+    # Routine model: one forward is heavy, so fewer iterations unless asked.
+    args.model_iters = args.iters if args.iters is not None else (5 if on_gpu else 2)
+    args.model_warmup = args.warmup if args.warmup is not None else (2 if on_gpu else 1)
     if args.iters is None:
         args.iters = 50 if on_gpu else 20
     if args.warmup is None:
@@ -261,8 +309,8 @@ def run(args: argparse.Namespace) -> int:
     unknown = [r for r in args.routines if r not in ROUTINES]
     if unknown:
         raise ValueError(f"unknown routine(s) {unknown}; choose from {list(ROUTINES)}")
-    for name in ("iters", "hidden", "intermediate", "experts", "topk"):
-        v = getattr(args, name)
+    for name in ("iters", "hidden", "intermediate", "experts", "topk", "layers", "batch"):
+        v = getattr(args, name, None)
         if v is not None and v <= 0:
             raise ValueError(f"--{name} must be positive, got {v}")
     if args.tokens and any(t < 0 for t in args.tokens):

@@ -1,0 +1,432 @@
+"""Routine ``model`` of ``moewire bench``: prefill throughput of a DeepSeek-V3 model.
+
+What is measured: tokens per second of one prefill forward (input length ``--tokens``,
+default 2048; output length 1, so the LM head runs on the last position only) of the
+transformers implementation of DeepSeek-V3 (``DeepseekV3ForCausalLM``) with random
+weights, attention data-parallel (each rank runs its own ``--batch`` prompts, default 1)
+and every MoE layer replaced by moewire's :class:`~moewire.EPMoE` over all ranks
+(``comm="allgather"``, ``routing="logits"``, as in the seed). Throughput is
+``W * batch * seq / time``, with ``time`` the median forward time of the slowest rank.
+
+Cases, the seed's path before its change first (the baseline of the speedup column):
+
+1. ``bf16 rows (seed before), bf16 experts``: bf16 rows plus fp32 router logits gathered;
+2. ``nvfp4 rows, bf16 experts``: the seed's change (4-bit rows on the wire; on Hopper the
+   experts dequantize and run in bf16, there is no FP4 GEMM), one static global scale per
+   layer, calibrated on case 1's inputs of that layer (``448*6 / amax`` over all ranks);
+3. ``fp8 after dispatch (seed's old path), fp8 experts``: bf16 rows travel, the receiver
+   quantizes to fp8 for the fp8 grouped GEMM (the Hopper analogue of the seed's "before");
+4. ``fp8 before dispatch, fp8 experts``: fp8 rows on the wire, consumed by the fp8 GEMM.
+
+Cases 3 and 4 need ``torch._scaled_grouped_mm`` (CUDA sm90+) and are skipped elsewhere,
+with the reason printed. Before timing, every case's forward must complete on every rank
+with finite logits; the SQNR of each case's last-position logits against case 1 (same
+prompts, same weights) is reported, worst rank.
+
+The model: DeepSeek-R1's layer sizes on GPU (hidden 7168, 128 heads, q_lora_rank 1536,
+kv_lora_rank 512, qk_nope/rope 128/64, v_head_dim 128, 256 routed experts of width 2048,
+top-8 in 8 groups (top-4 groups), routed_scaling_factor 2.5, one shared expert, vocab
+129280), ``first_k_dense_replace=0`` (every layer MoE), RoPE without YaRN scaling (it
+changes nothing that is timed), and ``--layers`` layers (default: as many as fit in 60%
+of the GPU's memory, counting each rank's ``E/W`` experts per layer in bf16 plus their fp8
+copies, the full attention, router and shared expert per layer, and the embeddings and
+LM head; computed from parameter counts). On CPU: 2 layers of a tiny model (hidden 256,
+16 experts, top-4, 4 heads, vocab 512) unless the shape options say otherwise.
+
+The model is built on the meta device, its dense weights materialized with ``to_empty``
+and filled with seeded normal values (std ``initializer_range``, norms 1, the router's
+score correction bias 0; the same on every rank), and the routed experts never exist in
+full: each rank fills only its shard ``[E/W, 2I, H]`` (each expert from its own seed, so a
+shard is exactly the slice of the global weights) and the swap builds what
+:func:`moewire.integrations.transformers.expert_parallel` builds
+(``EPMoEBlock(gate, EPMoE(..., shared_expert=shared_experts), fp32_logits=True)``);
+tests/test_bench_model.py checks that the two give bitwise the same logits.
+
+How it differs from the seed's vLLM benchmark (69219 -> 73714 tok/s, +6.5%, 4x GB200,
+the full 61-layer model with FP4 weights): no serving engine (no KV cache, no batching
+scheduler, no CUDA graphs or fused attention/MLA kernels): transformers' own attention
+(``sdpa``) in eager PyTorch, bf16 (or fp8) expert weights, fewer layers; so the absolute
+tokens/s are not comparable, only the ratios between the cases of one run.
+
+Commands (NCCL on all visible GPUs; CPU with 4 gloo ranks when there is no GPU)::
+
+    python -m moewire bench model                       # 4 GPUs: W=4, 2048 tokens/rank
+    python -m moewire bench model --world-size 2        # or CUDA_VISIBLE_DEVICES=0,1
+
+Shape legend: ``B`` batch per rank, ``S`` sequence, ``V`` vocabulary, ``L`` local experts,
+``H`` hidden, ``I`` expert width.
+"""
+
+from __future__ import annotations
+
+import gc
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from moewire.bench.data import sqnr_db
+from moewire.bench.presets import PRESETS, ModelShape
+from moewire.bench.runner import BenchContext
+
+#: Fraction of GPU memory the default layer count fills with weights.
+MEMORY_FRACTION = 0.6
+#: Default sequence length per rank (the seed's input length) and the CPU default.
+GPU_SEQ, CPU_SEQ = 2048, 64
+#: The CPU default shape (when the preset is the unmodified ``cpu-small``).
+CPU_TINY = ModelShape("cpu-tiny-model", 256, 128, 16, 4, "deepseek_v3", 4, 2, 2.5)
+#: DeepSeek-R1's attention and vocabulary (config.json of deepseek-ai/DeepSeek-R1).
+R1_ATTENTION = {
+    "num_attention_heads": 128,
+    "num_key_value_heads": 128,
+    "q_lora_rank": 1536,
+    "kv_lora_rank": 512,
+    "qk_rope_head_dim": 64,
+    "qk_nope_head_dim": 128,
+    "v_head_dim": 128,
+    "vocab_size": 129280,
+    "intermediate_size": 18432,
+    "max_position_embeddings": 163840,
+}
+TINY_ATTENTION = {
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "q_lora_rank": 64,
+    "kv_lora_rank": 32,
+    "qk_rope_head_dim": 16,
+    "qk_nope_head_dim": 32,
+    "v_head_dim": 32,
+    "vocab_size": 512,
+    "intermediate_size": 512,
+    "max_position_embeddings": 4096,
+}
+
+
+def model_cases(ctx: BenchContext) -> list[tuple[str, dict]]:
+    """``(label, EPMoE keyword arguments)`` per case, the baseline first."""
+    cases = [
+        ("bf16 rows (seed before), bf16 experts", {"wire": "bf16", "experts": "auto"}),
+        ("nvfp4 rows, bf16 experts", {"wire": "nvfp4", "experts": "auto"}),
+    ]
+    if ctx.is_cuda and torch.cuda.get_device_capability(ctx.device)[0] >= 9:
+        cases += [
+            (
+                "fp8 after dispatch (seed's old path), fp8 experts",
+                {"wire": "fp8", "experts": "fp8", "quantize": "after"},
+            ),
+            ("fp8 before dispatch, fp8 experts", {"wire": "fp8", "experts": "fp8"}),
+        ]
+    return cases
+
+
+def fp8_skip_reason(ctx: BenchContext) -> str | None:
+    """Why the fp8 cases do not run here (None where they do)."""
+    if not ctx.is_cuda:
+        return "fp8 cases skipped: torch._scaled_grouped_mm needs CUDA sm90+ (running on CPU)"
+    major, minor = torch.cuda.get_device_capability(ctx.device)
+    if major < 9:
+        return (
+            f"fp8 cases skipped: torch._scaled_grouped_mm needs sm90+, this GPU is sm{major}{minor}"
+        )
+    return None
+
+
+def model_shape(shape: ModelShape, on_gpu: bool) -> ModelShape:
+    """The MoE shape of the model: the preset, except the tiny CPU default for an
+    unmodified ``cpu-small`` on CPU."""
+    return CPU_TINY if not on_gpu and shape == PRESETS["cpu-small"] else shape
+
+
+def model_config(shape: ModelShape, layers: int, on_gpu: bool):
+    """A ``transformers.DeepseekV3Config``: the MoE sizes of ``shape``, DeepSeek-R1's
+    attention and vocabulary on GPU (tiny ones on CPU), ``layers`` MoE layers, bf16."""
+    import transformers
+
+    if shape.router != "deepseek_v3":
+        raise ValueError(
+            f"bench model builds DeepSeek-V3 models; shape {shape.name!r} has router "
+            f"{shape.router!r} (use --model deepseek-r1 or cpu-small)"
+        )
+    if layers <= 0:
+        raise ValueError(f"--layers must be positive, got {layers}")
+    return transformers.DeepseekV3Config(
+        **(R1_ATTENTION if on_gpu else TINY_ATTENTION),
+        hidden_size=shape.hidden,
+        moe_intermediate_size=shape.intermediate,
+        n_routed_experts=shape.num_experts,
+        num_experts_per_tok=shape.top_k,
+        n_group=shape.n_group,
+        topk_group=shape.topk_group,
+        routed_scaling_factor=shape.routed_scaling_factor,
+        norm_topk_prob=shape.renormalize,
+        n_shared_experts=1,
+        first_k_dense_replace=0,
+        num_hidden_layers=layers,
+        attn_implementation="sdpa",
+        dtype=torch.bfloat16,
+    )
+
+
+def weight_bytes(cfg, world_size: int, fp8: bool) -> tuple[int, int]:
+    """``(fixed, per layer)`` bytes of weights one rank holds: embeddings, final norm and
+    LM head; and per layer the attention, norms, router and shared expert (bf16) plus the
+    rank's ``E/W`` routed experts (bf16, and their e4m3 copies and fp32 channel scales
+    when ``fp8``)."""
+    import transformers
+
+    one = transformers.DeepseekV3Config(**{**cfg.to_dict(), "num_hidden_layers": 1})
+    with torch.device("meta"):
+        m = transformers.DeepseekV3ForCausalLM(one)
+    layer = sum(p.numel() for n, p in m.model.layers[0].named_parameters() if ".experts." not in n)
+    fixed = sum(p.numel() for n, p in m.named_parameters() if ".layers." not in n)
+    h, i = cfg.hidden_size, cfg.moe_intermediate_size
+    local = cfg.n_routed_experts // world_size
+    experts = local * 3 * h * i * (2 + (1 if fp8 else 0)) + (local * 3 * h * 4 if fp8 else 0)
+    return 2 * fixed, 2 * layer + experts
+
+
+def fit_layers(ctx: BenchContext, shape: ModelShape, fp8: bool) -> int:
+    """Layers whose weights fit in :data:`MEMORY_FRACTION` of the smallest GPU (CPU: 2)."""
+    if not ctx.is_cuda:
+        return 2
+    cfg = model_config(shape, 1, True)
+    fixed, per_layer = weight_bytes(cfg, ctx.world_size, fp8)
+    total = torch.cuda.get_device_properties(ctx.device).total_memory
+    total = -ctx.max_over_ranks(-float(total))
+    n = int((MEMORY_FRACTION * total - fixed) // per_layer)
+    if n < 1:
+        raise ValueError(
+            f"bench model: one layer ({per_layer / 1e9:.1f} GB per rank) plus embeddings "
+            f"({fixed / 1e9:.1f} GB) do not fit in {MEMORY_FRACTION:.0%} of "
+            f"{total / 1e9:.1f} GB; use more ranks or --layers"
+        )
+    return n
+
+
+def build_model(cfg, device: torch.device, seed: int) -> nn.Module:
+    """``DeepseekV3ForCausalLM`` in bf16 on ``device`` without its routed experts.
+
+    Built on the meta device, then every remaining weight materialized and filled from a
+    generator seeded with ``seed`` (the same values on every rank): normal with std
+    ``initializer_range``, RMSNorm weights 1, score correction bias 0. Each MoE block
+    keeps its ``gate`` and ``shared_experts``; ``experts`` is deleted.
+    """
+    import transformers
+
+    with torch.device("meta"):
+        model = transformers.DeepseekV3ForCausalLM(cfg)
+    model.to(torch.bfloat16)
+    for layer in model.model.layers:
+        del layer.mlp.experts
+    model.to_empty(device=device)
+    rotary = type(model.model.rotary_emb)
+    with torch.device(device):
+        model.model.rotary_emb = rotary(cfg)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, cfg.initializer_range, generator=gen)
+        for layer in model.model.layers:
+            layer.mlp.gate.e_score_correction_bias.zero_()
+    return model.eval()
+
+
+def expert_shard(
+    cfg, layer: int, first: int, num: int, device: torch.device, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Experts ``[first, first + num)`` of layer ``layer``: bf16 ``w13 [L, 2I, H]`` (gate
+    rows, then up rows) and ``w2 [L, H, I]``, normal with std ``initializer_range``; expert
+    ``e`` comes from its own seed, so any shard is the slice of the global weights."""
+    h, i = cfg.hidden_size, cfg.moe_intermediate_size
+    w13 = torch.empty(num, 2 * i, h, dtype=torch.bfloat16, device=device)
+    w2 = torch.empty(num, h, i, dtype=torch.bfloat16, device=device)
+    gen = torch.Generator(device=device)
+    std = cfg.initializer_range
+    for j in range(num):
+        gen.manual_seed(((seed * 1000 + layer) * 100_000 + first + j) * 2 + 1)
+        w13[j].normal_(0.0, std, generator=gen)
+        w2[j].normal_(0.0, std, generator=gen)
+    return w13, w2
+
+
+def swap_in(
+    model: nn.Module,
+    blocks: list[nn.Module],
+    shards: list[tuple[torch.Tensor, torch.Tensor]],
+    group: dist.ProcessGroup,
+    scales: list[float] | None,
+    **layer_kwargs,
+) -> None:
+    """Put one ``EPMoEBlock`` per layer into ``model`` (what ``expert_parallel`` builds),
+    from the original blocks' ``gate``/``shared_experts`` and this rank's expert shards.
+    Each layer's previous block is released before the next one is built."""
+    from moewire.bench.layer_bench import layer_config
+    from moewire.integrations.transformers import EPMoEBlock
+    from moewire.moe import EPMoE
+    from moewire.moe.experts import LocalExperts
+
+    for idx, (layer, block, (w13, w2)) in enumerate(
+        zip(model.model.layers, blocks, shards, strict=True)
+    ):
+        layer.mlp = None
+        cfg = layer_config(_shape_of(model.config))
+        moe = EPMoE(
+            cfg,
+            group,
+            comm="allgather",
+            routing="logits",
+            global_scale=scales[idx] if scales else None,
+            shared_expert=block.shared_experts,
+            **layer_kwargs,
+        )
+        # load_experts takes the global [E, 2I, H] weights and keeps the slice; here
+        # only the slice exists (the global weights of a DeepSeek-R1 layer take 22 GB).
+        moe.local_experts = LocalExperts(
+            w13, w2, moe.first_expert, fp8=moe.experts_impl in ("fp8", "fp8_loop")
+        )
+        moe.router_bias_E = block.gate.e_score_correction_bias.detach().float()
+        layer.mlp = EPMoEBlock(block.gate, moe, fp32_logits=True)
+
+
+def _shape_of(cfg) -> ModelShape:
+    return ModelShape(
+        "model",
+        cfg.hidden_size,
+        cfg.moe_intermediate_size,
+        cfg.n_routed_experts,
+        cfg.num_experts_per_tok,
+        "deepseek_v3",
+        cfg.n_group,
+        cfg.topk_group,
+        float(cfg.routed_scaling_factor),
+        renormalize=bool(cfg.norm_topk_prob),
+    )
+
+
+def _moe_input_amax(model: nn.Module, fn) -> list[float]:
+    """Per layer, the largest |input| of the MoE block during ``fn()`` (this rank)."""
+    amax = [0.0] * len(model.model.layers)
+    hooks = []
+    for idx, layer in enumerate(model.model.layers):
+
+        def hook(_m, inputs, idx=idx):
+            x = inputs[0]
+            if x.numel():
+                amax[idx] = max(amax[idx], float(x.abs().max()))
+
+        hooks.append(layer.mlp.register_forward_pre_hook(hook))
+    try:
+        fn()
+    finally:
+        for h in hooks:
+            h.remove()
+    return amax
+
+
+def _describe(cfg, world_size: int) -> str:
+    return (
+        f"DeepSeek-V3 ({type(cfg).__name__}, random weights, bf16): "
+        f"{cfg.num_hidden_layers} layers (all MoE), hidden {cfg.hidden_size}, "
+        f"{cfg.num_attention_heads} heads, q/kv lora {cfg.q_lora_rank}/{cfg.kv_lora_rank}, "
+        f"vocab {cfg.vocab_size}, {cfg.n_routed_experts} experts x "
+        f"{cfg.moe_intermediate_size} ({cfg.n_routed_experts // world_size}/rank), "
+        f"top-{cfg.num_experts_per_tok}, 1 shared expert; attention {cfg._attn_implementation}"
+    )
+
+
+def run_model(ctx: BenchContext, shape: ModelShape) -> list[dict]:
+    """Prefill tokens/s of each case (see the module docstring) for each sequence length.
+
+    Options read from ``ctx.args``: ``model_tokens`` (sequence lengths per rank),
+    ``batch``, ``layers`` (None: fit), ``model_iters``, ``model_warmup``, ``seed``.
+    Returns one record per (sequence length, case).
+    """
+    from moewire.formats.nvfp4 import nvfp4_global_scale
+
+    args = ctx.args
+    shape = model_shape(shape, ctx.is_cuda)
+    cases = model_cases(ctx)
+    has_fp8 = any(kw["wire"] == "fp8" for _, kw in cases)
+    layers = args.layers or fit_layers(ctx, shape, has_fp8)
+    cfg = model_config(shape, layers, ctx.is_cuda)
+    batch = args.batch
+    seqs = list(args.model_tokens)
+    if batch <= 0 or any(s <= 0 for s in seqs):
+        raise ValueError(f"bench model: --batch and --tokens must be >= 1, got {batch}, {seqs}")
+    if max(seqs) > cfg.max_position_embeddings:
+        raise ValueError(
+            f"--tokens {max(seqs)} > max_position_embeddings {cfg.max_position_embeddings}"
+        )
+    if ctx.rank == 0 and (reason := fp8_skip_reason(ctx)):
+        print(reason, flush=True)
+    model = build_model(cfg, ctx.device, args.seed)
+    blocks = [layer.mlp for layer in model.model.layers]
+    local = cfg.n_routed_experts // ctx.world_size
+    first = ctx.rank * local
+    shards = [expert_shard(cfg, idx, first, local, ctx.device, args.seed) for idx in range(layers)]
+    ctx.barrier()
+    desc = _describe(cfg, ctx.world_size)
+    records = []
+    for seq in seqs:
+        gen = torch.Generator().manual_seed(args.seed * 7919 + ctx.rank)
+        ids_BS = torch.randint(0, cfg.vocab_size, (batch, seq), generator=gen).to(ctx.device)
+
+        def forward(ids=ids_BS) -> torch.Tensor:
+            return model(input_ids=ids, use_cache=False, logits_to_keep=1).logits
+
+        base_time, ref_BV, scales = None, None, None
+        for label, kw in cases:
+            ctx.progress(f"model S={seq} {label}")
+            if kw["wire"] == "nvfp4" and scales is None:
+                raise RuntimeError("internal: the nvfp4 case needs case 1's calibration")
+            swap_in(
+                model, blocks, shards, ctx.group, scales if kw["wire"] == "nvfp4" else None, **kw
+            )
+            with torch.inference_mode():
+                if ref_BV is None:
+                    out: dict = {}
+                    amax = _moe_input_amax(model, lambda o=out: o.setdefault("y", forward()))
+                    logits_BV = out["y"]
+                    scales = [nvfp4_global_scale(max(ctx.max_over_ranks(a), 1e-6)) for a in amax]
+                else:
+                    logits_BV = forward()
+                logits_BV = logits_BV[:, -1].float()
+                if not ctx.all_true(bool(torch.isfinite(logits_BV).all())):
+                    raise RuntimeError(f"bench model: {label}: non-finite logits on some rank")
+                if ref_BV is None:
+                    ref_BV = logits_BV
+                sq = -ctx.max_over_ranks(-sqnr_db(ref_BV, logits_BV))
+                if ctx.is_cuda:
+                    torch.cuda.reset_peak_memory_stats(ctx.device)
+                t = ctx.time(forward, args.model_iters, args.model_warmup)
+            peak = None
+            if ctx.is_cuda:
+                peak = ctx.max_over_ranks(float(torch.cuda.max_memory_allocated(ctx.device)))
+            base_time = base_time or t
+            records.append(
+                {
+                    "routine": "model",
+                    "case": label,
+                    "baseline": label == cases[0][0],
+                    "layers": layers,
+                    "batch": batch,
+                    "seq": seq,
+                    "tokens": batch * seq,
+                    "tokens_per_s": ctx.world_size * batch * seq / t,
+                    "time_us": t * 1e6,
+                    "speedup": base_time / t,
+                    "peak_mem_GB": peak / 1e9 if peak is not None else None,
+                    "sqnr_vs_first_db": sq,
+                    "bytes_per_token": model.model.layers[0].mlp.moe.travel_spec.row_bytes,
+                    "model": desc,
+                }
+            )
+    for layer in model.model.layers:
+        layer.mlp = None
+    del model, blocks, shards
+    gc.collect()
+    ctx.barrier()
+    return records
