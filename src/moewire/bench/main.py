@@ -110,7 +110,10 @@ def _print_report(ctx: BenchContext, shape: ModelShape, records: list[dict]) -> 
             ]
             print(render_table(headers, rows))
         elif routine == "model":
-            print(recs[0]["model"])
+            print(
+                f"{recs[0]['model']}\ntimes: median of {ctx.args.model_iters} forwards after "
+                f"{ctx.args.model_warmup} warm-up, slowest rank; speedup vs the first case"
+            )
             headers = [
                 "case",
                 "layers",

@@ -424,9 +424,9 @@ def run_model(ctx: BenchContext, shape: ModelShape) -> list[dict]:
                     "model": desc,
                 }
             )
-    for layer in model.model.layers:
+    for layer in model.model.layers:  # release the EPMoE layers (and their comms)
         layer.mlp = None
-    del model, blocks, shards
+    shards.clear()
     gc.collect()
     ctx.barrier()
     return records
