@@ -238,11 +238,23 @@ def expected_combine(
 ) -> torch.Tensor:
     """What combine must return on this rank, from every rank's regenerated partials:
     for each of this rank's tokens, the sum of the partial rows that belong to it."""
+    out = torch.zeros(counts[ctx.rank], shape.hidden, dtype=torch.int64)
+    for s, n_s, offset, mine in _partial_slices(ctx, backend, shape, counts, seed):
+        partial = combine_partials(s, n_s, shape.hidden, seed)
+        out[mine] += partial[offset : offset + len(mine)]
+    return out
+
+
+def _partial_slices(
+    ctx: BenchContext, backend: str, shape: ModelShape, counts: list[int], seed: int
+):
+    """For each source rank ``s``: ``(s, N_s, offset, mine)``, where rank ``s`` received
+    ``N_s`` rows and this rank's tokens ``mine`` are its rows ``[offset, offset+len(mine))``
+    (every token for allgather; those with an expert on ``s`` for alltoall)."""
     w, me = ctx.world_size, ctx.rank
     ids = [
         topk_of(rank_inputs(shape, counts[q], q, seed, "cpu")[1], shape.top_k)[0] for q in range(w)
     ]
-    out = torch.zeros(counts[me], shape.hidden, dtype=torch.int64)
     for s in range(w):
         if backend == "alltoall":
             lo, hi = s * shape.num_experts // w, (s + 1) * shape.num_experts // w
@@ -253,9 +265,7 @@ def expected_combine(
         else:
             n_s, offset = sum(counts), sum(counts[:me])
             mine = torch.arange(counts[me])
-        partial = combine_partials(s, n_s, shape.hidden, seed)
-        out[mine] += partial[offset : offset + len(mine)]
-    return out
+        yield s, n_s, offset, mine
 
 
 #: On CPU the quantized combines run the torch reference codec (slow, and not what the GPU
@@ -376,21 +386,8 @@ def expected_quantized_combine(
 ) -> torch.Tensor:
     """What a quantized combine must return on this rank (fp32 ``[T, H]``), from every
     rank's regenerated partials and the torch reference codec, summed in rank order."""
-    w, me = ctx.world_size, ctx.rank
-    ids = [
-        topk_of(rank_inputs(shape, counts[q], q, seed, "cpu")[1], shape.top_k)[0] for q in range(w)
-    ]
-    out = torch.zeros(counts[me], shape.hidden)
-    for s in range(w):
-        if backend == "alltoall":
-            lo, hi = s * shape.num_experts // w, (s + 1) * shape.num_experts // w
-            hits = [((i >= lo) & (i < hi)).any(-1) for i in ids]
-            n_s = sum(int(h.sum()) for h in hits)
-            offset = sum(int(h.sum()) for h in hits[:me])
-            mine = hits[me].nonzero().flatten()
-        else:
-            n_s, offset = sum(counts), sum(counts[:me])
-            mine = torch.arange(counts[me])
+    out = torch.zeros(counts[ctx.rank], shape.hidden)
+    for s, n_s, offset, mine in _partial_slices(ctx, backend, shape, counts, seed):
         partial = combine_partials(s, n_s, shape.hidden, seed) * 0.37 + 0.01
         rows = partial[offset : offset + len(mine)].float()
         vals = codec.decode(codec.encode(rows, backend="torch"), backend="torch")
