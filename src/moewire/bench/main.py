@@ -18,7 +18,7 @@ from moewire.bench.runner import (
 )
 
 ROUTINES = ("quantize", "dispatch", "combine", "layer", "model")
-DEFAULT_ROUTINES = ("quantize", "dispatch", "combine", "layer", "model")
+DEFAULT_ROUTINES = ("quantize", "dispatch", "combine", "layer")
 CPU_TOKENS = (16, 128, 512)
 GPU_TOKENS = (1, 64, 256, 1024, 4096, 8192, 16384)
 
@@ -322,6 +322,14 @@ def run(args: argparse.Namespace) -> int:
     from moewire.bench.layer_bench import layer_config
 
     layer_config(shape)
+    if "model" in args.routines:
+        from moewire.bench.model_bench import model_shape
+
+        if model_shape(shape, on_gpu).router != "deepseek_v3":
+            raise ValueError(
+                f"bench model builds DeepSeek-V3 models; shape {shape.name!r} has router "
+                f"{shape.router!r} (use --model deepseek-r1 or cpu-small)"
+            )
     _, world, _ = resolve_world(args)
     if shape.num_experts % world:
         raise ValueError(
