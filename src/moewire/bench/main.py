@@ -55,7 +55,7 @@ def _print_report(ctx: BenchContext, shape: ModelShape, records: list[dict]) -> 
         f"shape {shape.name}: hidden={shape.hidden} intermediate={shape.intermediate} "
         f"experts={shape.num_experts} top-k={shape.top_k}; "
         f"times are medians of {ctx.args.iters} iterations after {ctx.args.warmup} warm-up, "
-        "slowest rank"
+        "slowest rank (layer on CPU and model: fewer, stated with their tables)"
     )
     for routine in dict.fromkeys(r["routine"] for r in records):
         recs = [r for r in records if r["routine"] == routine]
