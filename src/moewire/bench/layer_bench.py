@@ -184,6 +184,8 @@ def run_layer(ctx: BenchContext, shape: ModelShape) -> list[dict]:
                     "speedup": base / total,
                     "peak_mem_GB": peak_max / 1e9 if peak_max is not None else None,
                     "sqnr_vs_bf16_db": sq,
+                    "iters": iters,
+                    "warmup": warmup,
                 }
             )
             del layer

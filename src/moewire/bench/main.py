@@ -81,6 +81,10 @@ def _print_report(ctx: BenchContext, shape: ModelShape, records: list[dict]) -> 
                 rows.append(row)
             print(render_table(headers, rows))
         elif routine == "layer":
+            print(
+                f"times: median of {recs[0]['iters']} forwards after {recs[0]['warmup']} "
+                "warm-up, slowest rank; speedup vs the first case"
+            )
             headers = [
                 "case",
                 "T/rank",
