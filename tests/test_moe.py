@@ -213,7 +213,7 @@ def test_layer_errors():
         ({"experts": "cutlass"}, "experts must be one of"),
         ({"experts": "fp8", "wire": "nvfp4", "global_scale": 1.0}, "consumes 'fp8' wire rows"),
         ({"combine_dtype": torch.float16}, "combine_dtype must be one of"),
-        ({"wire": "nvfp4"}, "needs a static global_scale"),
+        ({"wire": "nvfp4", "global_scale": -1.0}, "global_scale must be finite and > 0"),
         ({"wire": "fp4"}, "unknown format"),
     ):
         with pytest.raises(ValueError, match=match):
@@ -241,3 +241,29 @@ def test_received_ids_out_of_range_never_reach_an_index():
     x, logits = make_inputs(3)
     with pytest.raises(ValueError, match=r"received topk_ids: expert ids must be in \[0, 8\)"):
         layer(x, logits)
+
+
+def test_nvfp4_global_scale_calibrated_on_first_forward():
+    """wire='nvfp4' without a global scale: g = 448*6/max|x| from the first forward, then
+    fixed; the layer equals one built with that g."""
+    cfg = make_config()
+    w13, w2, _ = make_weights()
+    x = torch.randn(9, H) * 3
+    x[2, 5] = float("nan")  # non-finite values are left out of the calibration amax
+    logits = torch.randn(9, E)
+    lazy = mw.EPMoE(cfg, comm="local", wire="nvfp4")
+    lazy.load_experts(w13, w2)
+    assert lazy.spec is None
+    y = lazy(x, logits)
+    finite = torch.nan_to_num(x.to(torch.bfloat16).float().abs(), nan=0.0)
+    g = mw.nvfp4_global_scale(float(finite.max()))
+    assert lazy.spec.global_scale == g
+    fixed = mw.EPMoE(cfg, comm="local", wire="nvfp4", global_scale=g)
+    fixed.load_experts(w13, w2)
+    same = (y == fixed(x, logits)) | (torch.isnan(y) & torch.isnan(fixed(x, logits)))
+    assert bool(same.all())
+    assert lazy(x * 100, logits).shape == x.shape and lazy.spec.global_scale == g  # fixed now
+    zero = mw.EPMoE(cfg, comm="local", wire="nvfp4")
+    zero.load_experts(w13, w2)
+    with pytest.raises(ValueError, match="calibrates on the first forward"):
+        zero(torch.zeros(3, H), torch.randn(3, E))

@@ -107,3 +107,25 @@ def test_sharded_equals_unsharded(world_size):
                     if world_size == 1:
                         assert torch.equal(base, ref[sl]), (router, wire, comm)
                     assert ((base - first).abs() <= 2 * bound[sl]).all(), (router, wire, comm)
+
+
+def _calibration_worker() -> dict:
+    rank = dist.get_rank()
+    cfg = make_config()
+    w13, w2, _ = make_weights()
+    import moewire as mw
+
+    layer = mw.EPMoE(cfg, None, wire="nvfp4", comm="allgather")  # no global scale
+    layer.load_experts(w13, w2)
+    x = torch.full((3, w13.shape[2]), 2.0 if rank == 0 else 5.0)  # amax differs per rank
+    layer(x, torch.randn(3, cfg.num_experts))
+    return {"g": layer.spec.global_scale}
+
+
+def test_nvfp4_calibration_agrees_across_ranks():
+    """wire='nvfp4' without a global scale calibrates on the largest |x| of every rank, so
+    all ranks end up with the same g (the dispatch's agreement check would refuse others)."""
+    import moewire as mw
+
+    results = dist_helper.run_distributed(_calibration_worker, 2, timeout=120)
+    assert results[0]["g"] == results[1]["g"] == mw.nvfp4_global_scale(5.0)

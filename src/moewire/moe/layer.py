@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from moewire.formats import WireSpec
+from moewire.formats import WireSpec, nvfp4_global_scale
 from moewire.moe.config import MoEConfig
 from moewire.moe.experts import FP8_IMPLS, LocalExperts, resolve_impl
 from moewire.moe.routing import check_router_bias, check_topk_ids, route
@@ -87,7 +87,11 @@ class EPMoE(nn.Module):
             ``"local"`` (no communication; this process hosts all ``E`` experts).
         routing: ``"logits"`` (router logits travel, receivers route) or ``"topk"`` (senders
             route; ids and weights travel).
-        global_scale: the static fp32 global scale, required for ``wire="nvfp4"`` only.
+        global_scale: ``wire="nvfp4"`` only: the static fp32 global scale ``448*6/amax``
+            from calibration (:func:`moewire.nvfp4_global_scale`). None: calibrated once, on
+            the first forward, from the largest finite ``|x|`` over every rank (one extra
+            all-reduce, that forward only), then fixed; pass a calibrated scale in
+            production, where the first batch may not be representative.
         quantize: ``"before"`` (rows quantized before the dispatch) or ``"after"`` (bf16
             rows travel and the receiver quantizes them: the seed's old path, kept for
             measurement). Outputs are bitwise identical.
@@ -161,24 +165,21 @@ class EPMoE(nn.Module):
             extras = {"router_logits": (torch.float32, e)}
         else:
             extras = {"topk_ids": (torch.int32, k), "topk_weights": (torch.float32, k)}
-        self.spec = WireSpec(wire, config.hidden, global_scale=global_scale, extras=extras)
-        self.travel_spec = (
-            self.spec if quantize == "before" else WireSpec("bf16", config.hidden, extras=extras)
-        )
-
+        self._group = group
+        self._wire = wire
+        self._extras = extras
         if comm == "local":
             self.world_size, self.rank = 1, 0
-            self.comm: Any = _LocalComm(combine_wire)
         else:
             self.world_size = dist.get_world_size(group)
             self.rank = dist.get_rank(group)
-            from moewire.comm import make_comm
-
-            # spec and E make every dispatch check that all ranks agree on the format,
-            # hidden size, global scale, extras and expert count (in the count exchange).
-            self.comm = make_comm(
-                comm, group, num_experts=e, spec=self.travel_spec, combine_wire=combine_wire
-            )
+        self.spec: WireSpec | None = None
+        self.travel_spec: WireSpec | None = None
+        self.comm: Any = None
+        if wire == "nvfp4" and global_scale is None:
+            WireSpec(wire, config.hidden, global_scale=1.0, extras=extras)  # validate now
+        else:
+            self._build_wire(global_scale)
         if e % self.world_size:
             raise ValueError(
                 f"num_experts={e} must be a multiple of the group size {self.world_size}"
@@ -190,6 +191,44 @@ class EPMoE(nn.Module):
         #: Optional ``stage -> context manager`` hook around the stages "pack", "dispatch",
         #: "experts" (routing included) and "combine" of each forward (``moewire bench``).
         self.stage_timer: Callable[[str], AbstractContextManager] | None = None
+
+    def _build_wire(self, global_scale: float | torch.Tensor | None) -> None:
+        """The row layouts and the comm, once the wire format's parameters are known."""
+        hidden, extras = self.config.hidden, self._extras
+        self.spec = WireSpec(self._wire, hidden, global_scale=global_scale, extras=extras)
+        self.travel_spec = (
+            self.spec if self.quantize == "before" else WireSpec("bf16", hidden, extras=extras)
+        )
+        if self.comm_name == "local":
+            self.comm = _LocalComm(self.combine_wire)
+        else:
+            from moewire.comm import make_comm
+
+            # spec and E make every dispatch check that all ranks agree on the format,
+            # hidden size, global scale, extras and expert count (in the count exchange).
+            self.comm = make_comm(
+                self.comm_name,
+                self._group,
+                num_experts=self.config.num_experts,
+                spec=self.travel_spec,
+                combine_wire=self.combine_wire,
+            )
+
+    def _calibrate(self, x16_TH: torch.Tensor) -> None:
+        """nvfp4 without a global scale: ``g = 448*6 / max finite |x|`` over every rank."""
+        finite = torch.nan_to_num(x16_TH.float().abs(), nan=0.0, posinf=0.0)
+        amax = finite.amax() if finite.numel() else finite.new_zeros(())
+        amax = amax.reshape(1)
+        if self.comm_name != "local":
+            dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=self._group)
+        value = float(amax.item())
+        if value == 0:
+            raise ValueError(
+                "EPMoE(wire='nvfp4', global_scale=None) calibrates on the first forward, but "
+                "every rank's x was zero (or empty); pass global_scale=g, e.g. "
+                "moewire.nvfp4_global_scale(calibration_amax)"
+            )
+        self._build_wire(nvfp4_global_scale(value))
 
     def _stage(self, name: str) -> AbstractContextManager:
         return nullcontext() if self.stage_timer is None else self.stage_timer(name)
@@ -293,6 +332,8 @@ class EPMoE(nn.Module):
         else:
             extras = {"topk_ids": ids_TK.to(torch.int32), "topk_weights": weights_TK}
 
+        if self.spec is None:
+            self._calibrate(x16_TH)
         with self._stage("pack"):
             rows_TR = self.travel_spec.pack(x16_TH, **extras)
         with self._stage("dispatch"):
@@ -326,7 +367,7 @@ class EPMoE(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"{self.config}, wire={self.spec.format!r}, comm={self.comm_name!r}, "
+            f"{self.config}, wire={self._wire!r}, comm={self.comm_name!r}, "
             f"routing={self.routing!r}, quantize={self.quantize!r}, "
             f"experts={self.experts_impl!r}, combine_wire={self.combine_wire!r}, "
             f"rank={self.rank}/{self.world_size}"
