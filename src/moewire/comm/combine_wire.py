@@ -66,13 +66,12 @@ from moewire.formats.elements import (
     unpack_e2m1,
 )
 from moewire.formats.nvfp4 import RCP6
-from moewire.formats.spec import WireSpec
+from moewire.formats.spec import WireSpec, pick_backend
 
 #: ``combine_wire`` names, bf16 (no codec) first, then by bytes per row (largest first).
 COMBINE_WIRES: tuple[str, ...] = ("bf16", "fp8", "mxfp8", "nvfp4", "mxfp4")
 #: Partial dtypes a codec encodes, and the dtypes decode_sum returns.
 PARTIAL_DTYPES = (torch.bfloat16, torch.float32)
-_BACKENDS = ("torch", "triton")
 
 
 def check_combine_wire(combine_wire: object) -> str:
@@ -173,11 +172,7 @@ class CombineCodec:
         return partial
 
     def _use_triton(self, backend: str | None, device: torch.device) -> bool:
-        if backend is not None and backend not in _BACKENDS:
-            raise ValueError(f"backend must be one of {_BACKENDS} or None, got {backend!r}")
-        if backend is None:
-            return device.type == "cuda" and _triton_available()
-        return backend == "triton"
+        return pick_backend(backend, device) == "triton"
 
     def encode(
         self,
@@ -264,12 +259,3 @@ class CombineCodec:
 def combine_codec(wire: str, hidden: int) -> CombineCodec:
     """The (cached) :class:`CombineCodec` of ``wire`` and ``hidden``."""
     return CombineCodec(wire, hidden)
-
-
-@functools.cache
-def _triton_available() -> bool:
-    try:
-        from moewire.comm import _combine_triton  # noqa: F401
-    except ImportError:
-        return False
-    return True

@@ -251,13 +251,7 @@ class WireSpec:
         return out
 
     def _pick_backend(self, backend: str | None, device: torch.device) -> str:
-        if backend is None:
-            return "triton" if device.type == "cuda" and _triton_available() else "torch"
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
-        if backend == "triton" and not _triton_available():
-            raise RuntimeError("backend='triton' needs the triton package, which is not importable")
-        return backend
+        return pick_backend(backend, device)
 
     # ----------------------------------------------------------------- the API
     def quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -425,6 +419,18 @@ def _typed(rows: torch.Tensor, s: Section) -> torch.Tensor:
     if rows.shape[0] == 0:
         return torch.empty((0, s.numel), dtype=s.dtype, device=rows.device)
     return raw.view(s.dtype)
+
+
+def pick_backend(backend: str | None, device: torch.device) -> str:
+    """``"torch"`` or ``"triton"``: ``backend`` checked, or for None the Triton kernels on
+    CUDA tensors when triton is importable and the torch reference otherwise."""
+    if backend is None:
+        return "triton" if device.type == "cuda" and _triton_available() else "torch"
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+    if backend == "triton" and not _triton_available():
+        raise RuntimeError("backend='triton' needs the triton package, which is not importable")
+    return backend
 
 
 @functools.cache
