@@ -11,10 +11,20 @@ import torch
 
 from moewire.constants import COMBINE_NVFP4_AMAX_FLOOR, MX_BLOCK, NVFP4_BLOCK
 from moewire.formats import _triton as _fmt
-from moewire.formats._kernels.combine import decode_sum_kernel, nvfp4_dyn_pack_kernel
+from moewire.formats._kernels.combine import (
+    KIND_NVFP4_DYN,
+    decode_sum_kernel,
+    nvfp4_dyn_pack_kernel,
+)
+from moewire.formats._kernels.pack import KIND_FP8, KIND_MXFP4, KIND_MXFP8
 from moewire.formats.nvfp4 import RCP6
 
-_KIND = {"fp8": 1, "mxfp8": 2, "nvfp4": 3, "mxfp4": 4}
+_KIND = {
+    "fp8": KIND_FP8.value,
+    "mxfp8": KIND_MXFP8.value,
+    "nvfp4": KIND_NVFP4_DYN.value,
+    "mxfp4": KIND_MXFP4.value,
+}
 _BLK = {"fp8": 32, "mxfp8": MX_BLOCK, "nvfp4": NVFP4_BLOCK, "mxfp4": MX_BLOCK}
 #: Values one decode_sum program handles per source.
 _CHUNK_VALUES = 1024

@@ -36,12 +36,9 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
-from moewire.comm.combine_wire import COMBINE_WIRES, check_combine_wire
+from moewire.comm.combine_wire import COMBINE_DTYPES, COMBINE_WIRES, check_combine_wire
 from moewire.formats import FORMATS
 from moewire.formats.spec import WireSpec
-
-#: dtypes :meth:`Comm.combine` accepts (and returns): partial sums are added in this dtype.
-COMBINE_DTYPES = (torch.bfloat16, torch.float32)
 
 #: Backend names in the order of their agreement id (append only: the id is on the wire).
 _BACKEND_IDS = ("allgather", "alltoall", "grouped")

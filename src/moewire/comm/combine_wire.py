@@ -71,7 +71,8 @@ from moewire.formats.spec import WireSpec, pick_backend
 #: ``combine_wire`` names, bf16 (no codec) first, then by bytes per row (largest first).
 COMBINE_WIRES: tuple[str, ...] = ("bf16", "fp8", "mxfp8", "nvfp4", "mxfp4")
 #: Partial dtypes a codec encodes, and the dtypes decode_sum returns.
-PARTIAL_DTYPES = (torch.bfloat16, torch.float32)
+#: dtypes of the partial rows combine takes (and returns): sums are added in this dtype.
+COMBINE_DTYPES = (torch.bfloat16, torch.float32)
 
 
 def check_combine_wire(combine_wire: object) -> str:
@@ -163,7 +164,7 @@ class CombineCodec:
     def _check_partial(self, partial: object) -> torch.Tensor:
         if not isinstance(partial, torch.Tensor):
             raise TypeError(f"partial must be a torch.Tensor, got {type(partial).__name__}")
-        if partial.dtype not in PARTIAL_DTYPES:
+        if partial.dtype not in COMBINE_DTYPES:
             raise TypeError(f"partial must be bfloat16 or float32, got dtype {partial.dtype}")
         if partial.dim() != 2 or partial.shape[1] != self.hidden:
             raise ValueError(
@@ -234,7 +235,7 @@ class CombineCodec:
             ``[T, H]`` of ``dtype``: ``(((0 + d_0) + d_1) + ...)`` in fp32, rounded once.
         """
         self.spec.check_rows(rows_XR)
-        if dtype not in PARTIAL_DTYPES:
+        if dtype not in COMBINE_DTYPES:
             raise TypeError(f"dtype must be bfloat16 or float32, got {dtype}")
         if index_TW.dtype != torch.int64 or index_TW.dim() != 2:
             raise TypeError(f"index_TW must be int64 [T, W], got {index_TW.dtype} {index_TW.shape}")

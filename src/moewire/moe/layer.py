@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from moewire.comm.combine_wire import COMBINE_DTYPES
 from moewire.formats import WireSpec, nvfp4_global_scale
 from moewire.moe.config import MoEConfig
 from moewire.moe.experts import FP8_IMPLS, LocalExperts, resolve_impl
@@ -45,7 +46,6 @@ from moewire.moe.routing import check_router_bias, check_topk_ids, route
 LAYER_COMMS = ("allgather", "alltoall", "grouped", "local")
 ROUTING_MODES = ("logits", "topk")
 QUANTIZE_MODES = ("before", "after")
-COMBINE_DTYPES = (torch.float32, torch.bfloat16)
 X_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 

@@ -28,12 +28,10 @@ from moewire.formats._kernels.elements import (
     encode_e2m1,
     encode_e4m3,
 )
-from moewire.formats._kernels.pack import _load_x, _zero_fill
+from moewire.formats._kernels.pack import KIND_FP8, KIND_MXFP8, _load_x, _zero_fill
 
-KIND_FP8: tl.constexpr = tl.constexpr(1)
-KIND_MXFP8: tl.constexpr = tl.constexpr(2)
+#: nvfp4 with a per-row global scale read from the row (the combine-only codec).
 KIND_NVFP4_DYN: tl.constexpr = tl.constexpr(3)
-KIND_MXFP4: tl.constexpr = tl.constexpr(4)
 
 
 @triton.jit
