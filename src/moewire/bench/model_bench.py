@@ -66,6 +66,7 @@ import torch.distributed as dist
 from torch import nn
 
 from moewire.bench.data import sqnr_db
+from moewire.bench.layer_bench import fp8_skip_reason
 from moewire.bench.presets import PRESETS, ModelShape
 from moewire.bench.runner import BenchContext
 
@@ -108,7 +109,7 @@ def model_cases(ctx: BenchContext) -> list[tuple[str, dict]]:
         ("bf16 rows (seed before), bf16 experts", {"wire": "bf16", "experts": "auto"}),
         ("nvfp4 rows, bf16 experts", {"wire": "nvfp4", "experts": "auto"}),
     ]
-    if ctx.is_cuda and torch.cuda.get_device_capability(ctx.device)[0] >= 9:
+    if fp8_skip_reason(ctx) is None:
         cases += [
             (
                 "fp8 after dispatch (seed's old path), fp8 experts",
@@ -117,18 +118,6 @@ def model_cases(ctx: BenchContext) -> list[tuple[str, dict]]:
             ("fp8 before dispatch, fp8 experts", {"wire": "fp8", "experts": "fp8"}),
         ]
     return cases
-
-
-def fp8_skip_reason(ctx: BenchContext) -> str | None:
-    """Why the fp8 cases do not run here (None where they do)."""
-    if not ctx.is_cuda:
-        return "fp8 cases skipped: torch._scaled_grouped_mm needs CUDA sm90+ (running on CPU)"
-    major, minor = torch.cuda.get_device_capability(ctx.device)
-    if major < 9:
-        return (
-            f"fp8 cases skipped: torch._scaled_grouped_mm needs sm90+, this GPU is sm{major}{minor}"
-        )
-    return None
 
 
 def model_shape(shape: ModelShape, on_gpu: bool) -> ModelShape:
