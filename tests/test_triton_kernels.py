@@ -104,18 +104,21 @@ def same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
     return bool(torch.equal(an, bn) and torch.equal(ai[~an], bi[~bn]))
 
 
-def check_pack(spec: mw.WireSpec, x: torch.Tensor, extras: dict, *, hw=None, pad_rows: int = 2):
+def check_pack(
+    spec: mw.WireSpec, x: torch.Tensor, extras: dict, *, hw=None, words=True, pad_rows: int = 2
+):
     """Pack with both backends; the triton rows are a slice of a poisoned larger buffer whose
-    other bytes must stay untouched. Returns the reference rows."""
+    other bytes must stay untouched. Returns the reference rows. ``words=False``: bf16 ``x``
+    read one value at a time (the kernels' general path) instead of as int32 words."""
     ref = spec.pack(x, backend="torch", **extras)
     t, r = ref.shape
     for poison in POISONS:
         buf = torch.full((t + 2 * pad_rows, r + 32), poison, dtype=torch.uint8, device=x.device)
         out = buf[pad_rows : pad_rows + t, 16 : 16 + r]  # row stride R + 32, 16-byte aligned
-        if hw is None:
+        if hw is None and words:
             got = spec.pack(x, out=out, backend="triton", **extras)
         else:
-            got = _triton.pack(spec, x, out, extras, hw=hw)
+            got = _triton.pack(spec, x, out, extras, hw=hw, words=words)
         assert got.data_ptr() == out.data_ptr()
         assert torch.equal(got, ref), f"{spec}: rows differ from the torch reference"
         rest = buf.clone()
@@ -160,7 +163,27 @@ def test_pack_and_dequantize_adversarial(fmt, dtype):
     t, h = 6, 256
     x = adversarial(t, h, block=BLOCK[fmt]).to(dtype).to(DEVICE)
     spec = make_spec(fmt, h, EXTRAS, g=G_POW2)
-    rows = check_pack(spec, x, make_extras(t))
+    extras = make_extras(t)
+    rows = check_pack(spec, x, extras)
+    check_dequantize(spec, rows)
+    if dtype == torch.bfloat16:
+        assert _triton._words(_triton._layout(spec), x) == (fmt != "bf16")
+        check_pack(spec, x, extras, words=False)
+
+
+@pytest.mark.parametrize("fmt", mw.FORMATS)
+def test_bf16_bit_patterns(fmt):
+    # Random bf16 bit patterns: every exponent, subnormals, +-Inf and NaNs of both signs and
+    # any payload (torch's float -> bf16 cast only ever makes 0x7FC0), read as int32 words
+    # and one value at a time. A block holds a non-finite value with probability ~6-22%.
+    t, h = 4, 512
+    bits = torch.randint(-(2**15), 2**15, (t, h), dtype=torch.int16)
+    bits[0, :32] = torch.tensor([0x7F81, -127, 0x7FFF, -1, 0x7F80, -128] + [0] * 26)  # 0xFF80
+    x = bits.view(torch.bfloat16).to(DEVICE)
+    spec = make_spec(fmt, h, EXTRAS)
+    extras = make_extras(t)
+    for words in (True, False):
+        rows = check_pack(spec, x, extras, words=words)
     check_dequantize(spec, rows)
 
 
@@ -185,8 +208,15 @@ def test_non_contiguous_input(fmt):
     check_pack(spec, x, extras)
 
 
+def _bf16_neighbours(vals: torch.Tensor) -> torch.Tensor:
+    """The bf16 values one ulp below and above each (non-zero, finite) bf16 value."""
+    b = vals.to(torch.bfloat16).view(torch.int16)
+    return torch.cat([(b - 1).view(torch.bfloat16), (b + 1).view(torch.bfloat16)]).float()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("fmt", ["fp8", "mxfp8", "nvfp4"])
-def test_all_e4m3_ties(fmt):
+def test_all_e4m3_ties(fmt, dtype):
     # Every midpoint between adjacent e4m3 magnitudes (exact ties: round to the even code),
     # and the fp32 neighbours on both sides, reach the encoder unchanged: a token / block of
     # amax 448 has fp8 scale k = 448/448 = 1 and MX scale byte 127 (2**0). Beyond 448 the
@@ -194,38 +224,51 @@ def test_all_e4m3_ties(fmt):
     # within an ulp or two of the midpoints (RCP6 is inexact), with vmax = vals * 6 / g.
     mags = torch.arange(0, 127, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
     mid = (mags[:-1] + mags[1:]) / 2  # exact in fp32
-    vals = torch.cat([mid, mid.nextafter(torch.tensor(0.0)), mid.nextafter(torch.tensor(1e9))])
+    if dtype == torch.bfloat16:  # the midpoints are exact in bf16; their bf16 neighbours
+        vals = torch.cat([mid, _bf16_neighbours(mid[1:])])
+    else:
+        vals = torch.cat([mid, mid.nextafter(torch.tensor(0.0)), mid.nextafter(torch.tensor(1e9))])
     vals = torch.cat([vals, -vals, torch.tensor([448.0, 464.0, 1e30, -1e30])])  # >448 clamps
     if fmt == "nvfp4":
         # s = g * (vmax / 6) exactly when g = 6 * 2**k; each block is [vmax, 0, ...]
-        x = torch.zeros(len(vals), 16)
-        x[:, 0] = vals.abs() * 6.0 / 512.0
-        x = x.reshape(8, -1)  # 760 blocks in 8 tokens (fewer programs for the interpreter)
+        x = torch.zeros(-(-len(vals) // 8) * 8, 16)
+        x[: len(vals), 0] = vals.abs() * 6.0 / 512.0
+        x = x.reshape(8, -1)  # the blocks in 8 tokens (fewer programs for the interpreter)
         spec = make_spec(fmt, x.shape[1], g=512.0)
     else:
         n = -(-len(vals) // 31) * 31
         body = torch.cat([vals, torch.zeros(n - len(vals))]).reshape(-1, 31)
         x = torch.cat([torch.full((body.shape[0], 1), 448.0), body], dim=1)  # amax 448
         spec = make_spec(fmt, x.shape[1])
-    x = x.to(DEVICE)
+    x = x.to(dtype).to(DEVICE)
+    if dtype == torch.bfloat16:
+        assert bool((x.float() == x.float().cpu().to(DEVICE)).all())
     check_dequantize(spec, check_pack(spec, x, {}))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
-def test_all_e2m1_ties(fmt):
+def test_all_e2m1_ties(fmt, dtype):
     # Block amax 6 gives MX scale 2**0 and, with g = 256, nvfp4 s = 256 * fl(6 * RCP6) =
     # 256 * 1.0, S = 256 and out = 1/(256 * 2**-8) = 1: the values reach the e2m1 encoder
     # unchanged.
     # Ties: .25 -> 0, .75 -> 1, 1.25 -> 1, 1.75 -> 2, 2.5 -> 2, 3.5 -> 4, 5 -> 4 (even codes).
     ties = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
-    vals = torch.cat([ties, ties.nextafter(torch.tensor(0.0)), ties.nextafter(torch.tensor(9.0))])
-    vals = torch.cat([vals, -vals, torch.tensor([0.0, -0.0, 6.0, 7.0, -1e9, 1e-45])])
+    if dtype == torch.bfloat16:
+        near = _bf16_neighbours(ties)
+        tiny = 2.0**-133  # a bf16 subnormal
+    else:
+        near = torch.cat([ties.nextafter(torch.tensor(0.0)), ties.nextafter(torch.tensor(9.0))])
+        tiny = 1e-45
+    vals = torch.cat([ties, near])
+    vals = torch.cat([vals, -vals, torch.tensor([0.0, -0.0, 6.0, 7.0, -1e9, tiny])])
     blk = BLOCK[fmt]
     n = -(-len(vals) // (blk - 1)) * (blk - 1)
     body = torch.cat([vals, torch.zeros(n - len(vals))]).reshape(-1, blk - 1)
     x = torch.cat([torch.full((body.shape[0], 1), 6.0), body], dim=1).reshape(1, -1)
     spec = make_spec(fmt, x.shape[1], g=256.0)
-    x = x.to(DEVICE)
+    x = x.to(dtype).to(DEVICE)
+    assert bool((x.float().cpu()[0, 1 : 1 + len(ties)] == ties).all())  # ties are exact
     check_dequantize(spec, check_pack(spec, x, {}))
 
 
@@ -391,7 +434,8 @@ def test_full_matrix_gpu(fmt, dtype):
             x = pool[-t:, :h] if t else pool[:0, :h]  # starts on an odd or even row
             extras = make_extras(t, device="cuda")
             for hw in (True, False):
-                rows = check_pack(spec, x, extras, hw=hw)
+                for words in (True, False) if dtype == torch.bfloat16 else (True,):
+                    rows = check_pack(spec, x, extras, hw=hw, words=words)
                 check_dequantize(spec, rows, hw=hw)
             if fmt == "nvfp4":
                 ref = mw.swizzle_128x4(spec.unpack(rows).scales).view(torch.uint8)

@@ -172,8 +172,28 @@ def _extra_args(group, tensors, rows: torch.Tensor) -> list:
     return args
 
 
+def _words(lay: _Layout, x: torch.Tensor) -> bool:
+    """Whether the block formats can read bf16 ``x`` as int32 words of two values (see
+    ``_kernels/pack.py``): unit column stride, 4-byte aligned rows, whole words per block."""
+    return (
+        lay.kind != _KIND["bf16"]
+        and x.dtype == torch.bfloat16
+        and lay.blkp >= 8
+        and x.shape[1] % 2 == 0
+        and (x.stride(1) == 1 or x.shape[1] == 1)
+        and x.data_ptr() % 4 == 0
+        and (x.stride(0) % 2 == 0 or x.shape[0] == 1)
+    )
+
+
 def pack(
-    spec, x: torch.Tensor, rows: torch.Tensor, extras: dict, *, hw: bool | None = None
+    spec,
+    x: torch.Tensor,
+    rows: torch.Tensor,
+    extras: dict,
+    *,
+    hw: bool | None = None,
+    words: bool = True,
 ) -> torch.Tensor:
     """Quantize ``x`` and write complete rows into ``rows``; returns ``rows``.
 
@@ -188,6 +208,8 @@ def pack(
             stride) are packed into a temporary and copied.
         extras: name -> ``[T, width]`` tensor of the declared dtype (bytes copied verbatim).
         hw: private, for tests: force (True) or avoid (False) the hardware fp8 ``cvt``.
+        words: private, for tests: False reads bf16 ``x`` one value at a time even where
+            it could be read as int32 words.
     """
     _check_device(x, "x")
     t = x.shape[0]
@@ -231,7 +253,9 @@ def pack(
         EBLOCK=lay.eblock,
         EITER=lay.eiter,
         HW=hw,
+        WORDS=words and _words(lay, x),
         num_warps=lay.num_warps,
+        enable_fp_fusion=False,
     )
     # More than MAX_EXTRAS extras (unusual): one more small launch per group.
     for group in groups[1:]:

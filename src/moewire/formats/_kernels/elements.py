@@ -77,6 +77,20 @@ def encode_e2m1(v):
 
 
 @triton.jit
+def encode_e2m1_mag(v, SAT: tl.constexpr):
+    """``|v|`` -> e2m1 magnitude code (int32, 0..7), the same rounding as
+    :func:`encode_e2m1` in fewer instructions (float min/max instead of integer masks).
+    ``SAT``: saturate at 6 (without it, ``|v| <= 6`` must hold: MX blocks, by the scale
+    rule). NaN gives some code; callers replace non-finite blocks."""
+    a = tl.abs(v)
+    if SAT:
+        a = tl.minimum(a, 6.0)
+    m = (tl.maximum(a, 1.0).to(tl.int32, bitcast=True) & 0x7F800000) + (22 << 23)
+    q = (a + m.to(tl.float32, bitcast=True)).to(tl.int32, bitcast=True)
+    return q - m + (m >> 22) - 298
+
+
+@triton.jit
 def decode_e2m1(code):
     """e2m1 code (int32, low 4 bits) -> fp32 (code 8 is -0.0)."""
     mag = code & 7

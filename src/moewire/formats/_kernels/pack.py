@@ -9,6 +9,14 @@ next section). Every byte of the row is written exactly once.
 Rows are 16-byte aligned (the launcher guarantees it), so fp32 scales and bf16 payloads are
 stored through typed pointers at their section offsets.
 
+Two ways to read ``x``. The general one loads ``x[t, i]`` one value at a time (any dtype, any
+strides). With ``WORDS`` (bfloat16 ``x`` with unit column stride and 4-byte aligned rows,
+the common case, chosen by the launcher) the block formats read ``x`` as int32 words of two
+bf16 values, shaped ``[NBLK, P, 4]`` (``P`` = words per block / 4), so that one thread owns
+whole scale blocks: the block's absmax is a reduction in registers, its scale is computed by
+one thread, and the two values of a word give one packed byte (fp4) or one e4m3 pair (fp8)
+without reshuffling values between threads. Same fp32 operations, same bytes.
+
 Shape legend: ``T`` tokens, ``H`` hidden, ``R`` row bytes, ``NB`` scale blocks per token,
 ``NBLK`` blocks per program, ``BLKP`` values per block padded to a power of two.
 """
@@ -24,6 +32,7 @@ from moewire.formats._kernels.elements import (
     decode_e4m3,
     encode_bf16,
     encode_e2m1,
+    encode_e2m1_mag,
     encode_e4m3,
     exp2i,
     mx_scale_byte,
@@ -48,6 +57,142 @@ def _load_x(x_ptr, t, sxt, sxh, idx, mask, HW: tl.constexpr):
     else:
         x = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
     return x
+
+
+@triton.jit
+def _absmax(a, b):
+    # |.| max that propagates NaN (as torch's amax): a block with a NaN is non-finite
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _load_words(x_ptr, t, sxt, blk, bm, NW, P: tl.constexpr, FULL: tl.constexpr):
+    """bf16 ``x[t]`` as int32 words ``[NBLK, P, 4]`` (block ``blk``: words ``4P*blk ..``):
+    returns the low and high values as fp32 (exact), the word index and the mask."""
+    widx = (
+        blk[:, None, None] * (4 * P)
+        + tl.arange(0, P)[None, :, None] * 4
+        + tl.arange(0, 4)[None, None, :]
+    )
+    m = bm[:, None, None]
+    if not FULL:  # fp8: one block of NW words, padded to 4P
+        m = m & (widx < NW)
+    w = tl.load((x_ptr + t * sxt).to(tl.pointer_type(tl.int32)) + widx, mask=m, other=0)
+    lo = (w << 16).to(tl.float32, bitcast=True)
+    hi = (w & -65536).to(tl.float32, bitcast=True)
+    return w, lo, hi, widx, m
+
+
+@triton.jit
+def _words_amax_bits(lo, hi):
+    """Bits of each block's largest ``|x|`` (``[NBLK]``; a NaN if the block has one)."""
+    a = _absmax(tl.abs(lo), tl.abs(hi))
+    a = tl.reduce(tl.reduce(a, 2, _absmax), 1, _absmax)
+    return a.to(tl.int32, bitcast=True)
+
+
+@triton.jit
+def _e4m3_pair(lo, hi, HW: tl.constexpr):
+    """Two fp32 -> two e4m3 bytes in an int16 (``lo`` in the low byte). ``HW``: one
+    ``cvt.rn.satfinite.e4m3x2.f32``; its saturation to +-448 is the clamp of the integer
+    encoder, and a NaN product is the GPU's canonical NaN, encoded 0x7F (the tests check
+    both paths byte for byte)."""
+    if HW:
+        q = tl.inline_asm_elementwise(
+            "cvt.rn.satfinite.e4m3x2.f32 $0, $2, $1;",
+            "=h,r,r",
+            [lo, hi],
+            dtype=tl.int16,
+            is_pure=True,
+            pack=1,
+        )
+    else:
+        q = encode_e4m3(lo, False).to(tl.int16) | (encode_e4m3(hi, False).to(tl.int16) << 8)
+    return q
+
+
+@triton.jit
+def _quant_e4m3_words(
+    x_ptr,
+    t,
+    sxt,
+    row_ptr,
+    c,
+    NW,
+    NB,
+    scale_off,
+    KIND: tl.constexpr,
+    NBLK: tl.constexpr,
+    P: tl.constexpr,
+    FULL: tl.constexpr,
+    HW: tl.constexpr,
+):
+    blk = c * NBLK + tl.arange(0, NBLK)
+    bm = blk < NB
+    w, lo, hi, widx, m = _load_words(x_ptr, t, sxt, blk, bm, NW, P, FULL)
+    amax_bits = _words_amax_bits(lo, hi)
+    if KIND == KIND_FP8:
+        amax = amax_bits.to(tl.float32, bitcast=True)
+        a = tl.where(amax_bits > 0x7F800000, amax, tl.maximum(amax, 1e-4))
+        k = tl.math.div_rn(tl.full([NBLK], 448.0, tl.float32), a)[:, None, None]
+        q = _e4m3_pair(lo * k, hi * k, HW)
+        s = tl.math.div_rn(a, tl.full([NBLK], 448.0, tl.float32))
+        s_ptr = (row_ptr + scale_off).to(tl.pointer_type(tl.int32))
+        tl.store(s_ptr + blk, canonical_nan_bits(s), mask=bm)
+    else:
+        bad = amax_bits >= 0x7F800000
+        b = mx_scale_byte(tl.where(bad, 0, amax_bits), 9, 0x600000)  # 448 = 0.875 * 2**9
+        k = exp2i(127 - b)[:, None, None]
+        q = _e4m3_pair(lo * k, hi * k, HW) & tl.where(bad, 0, -1).to(tl.int16)[:, None, None]
+        tl.store(row_ptr + scale_off + blk, tl.where(bad, 0xFF, b).to(tl.uint8), mask=bm)
+    tl.store(row_ptr.to(tl.pointer_type(tl.int16)) + widx, q, mask=m)
+
+
+@triton.jit
+def _quant_e2m1_words(
+    x_ptr,
+    t,
+    sxt,
+    row_ptr,
+    c,
+    NB,
+    scale_off,
+    g,
+    inv_g,
+    rcp6,
+    KIND: tl.constexpr,
+    NBLK: tl.constexpr,
+    P: tl.constexpr,
+    HW: tl.constexpr,
+):
+    blk = c * NBLK + tl.arange(0, NBLK)
+    bm = blk < NB
+    w, lo, hi, widx, m = _load_words(x_ptr, t, sxt, blk, bm, 0, P, True)
+    amax_bits = _words_amax_bits(lo, hi)
+    bad = amax_bits >= 0x7F800000
+    if KIND == KIND_NVFP4:
+        vmax = amax_bits.to(tl.float32, bitcast=True)
+        s = g * (vmax * rcp6)
+        sb = encode_e4m3(tl.minimum(s, 448.0), HW)
+        sv = decode_e4m3(sb, HW)
+        one = tl.full([NBLK], 1.0, tl.float32)
+        k = tl.where(sv == 0.0, 0.0, tl.math.div_rn(one, sv * inv_g))[:, None, None]
+        sb = tl.where(bad, 0x7F, sb).to(tl.uint8)
+        code_lo = encode_e2m1_mag(lo * k, True)
+        code_hi = encode_e2m1_mag(hi * k, True)
+    else:
+        b = mx_scale_byte(tl.where(bad, 0, amax_bits), 3, 0x400000)  # 6 = 0.75 * 2**3
+        k = exp2i(127 - b)[:, None, None]
+        sb = tl.where(bad, 0xFF, b).to(tl.uint8)
+        # |x| * 2**(127-b) <= 6 by the choice of b: no saturation needed
+        code_lo = encode_e2m1_mag(lo * k, False)
+        code_hi = encode_e2m1_mag(hi * k, False)
+    # the products' signs are the inputs' (k >= 0): bf16 sign bits 15 and 31 -> 3 and 7
+    sign = w.to(tl.uint32, bitcast=True) & 0x80008000
+    byte = (code_lo + (code_hi << 4)).to(tl.uint32, bitcast=True) | (sign >> 12) | (sign >> 24)
+    byte = byte.to(tl.uint8) & tl.where(bad, 0, 0xFF).to(tl.uint8)[:, None, None]
+    tl.store(row_ptr + widx, byte, mask=m)
+    tl.store(row_ptr + scale_off + blk, sb, mask=bm)
 
 
 @triton.jit
@@ -251,6 +396,7 @@ def pack_kernel(
     EBLOCK: tl.constexpr,
     EITER: tl.constexpr,
     HW: tl.constexpr,
+    WORDS: tl.constexpr,
 ):
     """One program: NBLK blocks of one token, or (c == n_chunks) that token's tail bytes."""
     t = tl.program_id(0).to(tl.int64)
@@ -260,8 +406,17 @@ def pack_kernel(
         if KIND == KIND_BF16:
             _quant_bf16(x_ptr, t, sxt, sxh, row_ptr, c, H, BLKP, HW)
         elif KIND == KIND_FP8 or KIND == KIND_MXFP8:  # noqa: SIM109 (constexpr test in @jit)
-            _quant_e4m3_blocks(
-                x_ptr, t, sxt, sxh, row_ptr, c, H, NB, scale_off, KIND, NBLK, BLKP, FULL, HW
+            if WORDS:
+                _quant_e4m3_words(
+                    x_ptr, t, sxt, row_ptr, c, H // 2, NB, scale_off, KIND, NBLK, BLKP // 8, FULL, HW
+                )
+            else:
+                _quant_e4m3_blocks(
+                    x_ptr, t, sxt, sxh, row_ptr, c, H, NB, scale_off, KIND, NBLK, BLKP, FULL, HW
+                )
+        elif WORDS:
+            _quant_e2m1_words(
+                x_ptr, t, sxt, row_ptr, c, NB, scale_off, g, inv_g, rcp6, KIND, NBLK, BLKP // 8, HW
             )
         else:
             _quant_e2m1_blocks(
