@@ -129,7 +129,7 @@ def _quant_e4m3_words(
 ):
     blk = c * NBLK + tl.arange(0, NBLK)
     bm = blk < NB
-    w, lo, hi, widx, m = _load_words(x_ptr, t, sxt, blk, bm, NW, P, FULL)
+    _, lo, hi, widx, m = _load_words(x_ptr, t, sxt, blk, bm, NW, P, FULL)
     amax_bits = _words_amax_bits(lo, hi)
     if KIND == KIND_FP8:
         amax = amax_bits.to(tl.float32, bitcast=True)
@@ -408,7 +408,19 @@ def pack_kernel(
         elif KIND == KIND_FP8 or KIND == KIND_MXFP8:  # noqa: SIM109 (constexpr test in @jit)
             if WORDS:
                 _quant_e4m3_words(
-                    x_ptr, t, sxt, row_ptr, c, H // 2, NB, scale_off, KIND, NBLK, BLKP // 8, FULL, HW
+                    x_ptr,
+                    t,
+                    sxt,
+                    row_ptr,
+                    c,
+                    H // 2,
+                    NB,
+                    scale_off,
+                    KIND,
+                    NBLK,
+                    BLKP // 8,
+                    FULL,
+                    HW,
                 )
             else:
                 _quant_e4m3_blocks(
