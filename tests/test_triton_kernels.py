@@ -187,6 +187,21 @@ def test_bf16_bit_patterns(fmt):
     check_dequantize(spec, rows)
 
 
+@pytest.mark.parametrize("fmt", ["fp8", "mxfp8", "nvfp4", "bf16"])
+def test_several_tokens_per_program(fmt, monkeypatch):
+    # Force the largest token group, with T not a multiple of it (the last group is partial)
+    # and chunks per token > 1 (the tail bytes come from the last chunk's program).
+    monkeypatch.setattr(_triton, "_MIN_PROGRAMS_PER_SM", 0)
+    assert _triton._tokens_per_program(13, 2, torch.device(DEVICE)) == _triton._MAX_TPB > 1
+    h = 2048 if fmt != "fp8" else 72
+    spec = make_spec(fmt, h, EXTRAS)
+    for t in (1, 13):
+        x = (heavy_tailed(t, h) * 3).to(torch.bfloat16).to(DEVICE)
+        extras = make_extras(t)
+        check_pack(spec, x, extras)
+        check_pack(spec, x.float(), extras)
+
+
 @pytest.mark.parametrize("fmt", mw.FORMATS)
 def test_pack_heavy_tailed_fp16_and_no_extras(fmt):
     t, h = 3, 512

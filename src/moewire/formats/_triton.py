@@ -57,6 +57,9 @@ _TUNED = {
     "nvfp4": (1024, 32),
     "mxfp4": (1024, 32),
 }
+#: Most tokens one pack program handles, and the fewest programs per SM worth keeping.
+_MAX_TPB = 8
+_MIN_PROGRAMS_PER_SM = 8
 #: Use the GPU's fp8 ``cvt`` instructions on CUDA (False: the integer path everywhere).
 _HW_E4M3 = True
 #: 512-byte swizzled tiles written by one program of the swizzle kernel.
@@ -172,6 +175,24 @@ def _extra_args(group, tensors, rows: torch.Tensor) -> list:
     return args
 
 
+@functools.lru_cache(maxsize=16)
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # the interpreter: a few programs per token group, like a small GPU
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _tokens_per_program(t: int, n_chunks: int, device: torch.device) -> int:
+    """Tokens one pack program handles (a power of two up to :data:`_MAX_TPB`): as many as
+    keep at least :data:`_MIN_PROGRAMS_PER_SM` programs per SM. GPUs start thread blocks at
+    a limited rate, so one small program per (token, chunk) costs time at large ``T``."""
+    tpb = 1
+    target = _MIN_PROGRAMS_PER_SM * _sm_count(device)
+    while tpb < _MAX_TPB and -(-t // (2 * tpb)) * n_chunks >= target:
+        tpb *= 2
+    return tpb
+
+
 def _words(lay: _Layout, x: torch.Tensor) -> bool:
     """Whether the block formats can read bf16 ``x`` as int32 words of two values (see
     ``_kernels/pack.py``): unit column stride, 4-byte aligned rows, whole words per block."""
@@ -228,12 +249,14 @@ def pack(
     groups = [lay.extras[i : i + MAX_EXTRAS] for i in range(0, len(lay.extras), MAX_EXTRAS)]
     first = groups[0] if groups else ()
     has_tail = bool(lay.extras) or lay.pad0[1] > lay.pad0[0] or lay.pad1[1] > lay.pad1[0]
-    pack_kernel[(t, lay.n_chunks + int(has_tail))](
+    tpb = _tokens_per_program(t, lay.n_chunks, x.device)
+    pack_kernel[(-(-t // tpb), lay.n_chunks)](
         x,
         x.stride(0),
         x.stride(1),
         target,
         target.stride(0),
+        t,
         spec.hidden,
         lay.nb,
         lay.scale_off,
@@ -254,6 +277,7 @@ def pack(
         EITER=lay.eiter,
         HW=hw,
         WORDS=words and _words(lay, x),
+        TPB=tpb,
         num_warps=lay.num_warps,
         enable_fp_fusion=False,
     )
