@@ -77,59 +77,17 @@ def encode_e2m1(v):
 
 
 @triton.jit
-def _sat(v):
-    return tl.minimum(tl.maximum(v, 0.0), 1.0)
-
-
-@triton.jit
-def e2m1_code_sum(a, HW: tl.constexpr):
-    """``a = |v|`` (fp32) -> int32 whose low byte is the e2m1 magnitude code of ``a`` (0..7,
-    saturated at 6, ties to the even code); the bits above the low byte are not zero, so
-    callers keep the low byte. NaN gives some code (callers replace non-finite blocks).
-
-    The code is a sum of three fixed-grid roundings, with ``h = a/2`` and ``sat`` = clamp
-    to [0, 1]: ``round(4*sat(h)) + round(2*sat(h-1)) + round(sat(h-2))``. The first counts
-    the 0.5 steps of [0, 2], the second the 1 steps of [2, 4], the third the 2 steps of
-    [4, 6], and each rounds to nearest even, which gives the even code at every tie (.25 ->
-    0, .75 -> 1, 1.25 -> 1, 1.75 -> 2, 2.5 -> 2, 3.5 -> 4, 5 -> 4), as the integer encoder.
-    ``a/2`` is exact (below 2**-125 it may not be, where every term is 0 anyway), and so are
-    ``h - 1`` and ``h - 2`` wherever they are not clamped. ``round(n*t)`` is
-    ``bits(t + M) - bits(M)`` with ``M = 2**(23 - log2 n)`` (fp32 addition rounds to nearest
-    even, and ``M``'s ulp is the grid step); the three ``M``'s bits have zero low bytes, so
-    the sum's low byte is the code without subtracting them. All steps are floating-point
-    adds and multiplies, which the GPU issues to its FMA pipe, not to the integer pipe the
-    other encoder loads. ``HW``: each ``sat(a*0.5 + c)`` is one ``fma.rn.sat`` (its product
-    is exact, so the fused operation rounds exactly as the separate multiply and add)."""
-    if HW:
-        t = tl.inline_asm_elementwise(
-            """{
-            .reg .f32 t1, t2, t3;
-            .reg .b32 b2, b3;
-            mul.rn.sat.f32 t1, $1, 0f3F000000;
-            fma.rn.sat.f32 t2, $1, 0f3F000000, 0fBF800000;
-            fma.rn.sat.f32 t3, $1, 0f3F000000, 0fC0000000;
-            add.rn.f32 t1, t1, 0f4A000000;
-            add.rn.f32 t2, t2, 0f4A800000;
-            add.rn.f32 t3, t3, 0f4B000000;
-            mov.b32 $0, t1;
-            mov.b32 b2, t2;
-            mov.b32 b3, t3;
-            add.u32 $0, $0, b2;
-            add.u32 $0, $0, b3;
-            }""",
-            "=r,r",
-            [a],
-            dtype=tl.int32,
-            is_pure=True,
-            pack=1,
-        )
-    else:
-        h = a * 0.5
-        t1 = (_sat(h) + 2097152.0).to(tl.int32, bitcast=True)  # 2**21: step 1/4
-        t2 = (_sat(h - 1.0) + 4194304.0).to(tl.int32, bitcast=True)  # 2**22: step 1/2
-        t3 = (_sat(h - 2.0) + 8388608.0).to(tl.int32, bitcast=True)  # 2**23: step 1
-        t = t1 + t2 + t3
-    return t
+def encode_e2m1_mag(v, SAT: tl.constexpr):
+    """``|v|`` -> e2m1 magnitude code (int32, 0..7), the same rounding as
+    :func:`encode_e2m1` in fewer instructions (float min/max instead of integer masks).
+    ``SAT``: saturate at 6 (without it, ``|v| <= 6`` must hold: MX blocks, by the scale
+    rule). NaN gives some code; callers replace non-finite blocks."""
+    a = tl.abs(v)
+    if SAT:
+        a = tl.minimum(a, 6.0)
+    m = (tl.maximum(a, 1.0).to(tl.int32, bitcast=True) & 0x7F800000) + (22 << 23)
+    q = (a + m.to(tl.float32, bitcast=True)).to(tl.int32, bitcast=True)
+    return q - m + (m >> 22) - 298
 
 
 @triton.jit

@@ -30,9 +30,9 @@ from moewire.formats._kernels.elements import (
     canonical_nan_bits,
     decode_bf16,
     decode_e4m3,
-    e2m1_code_sum,
     encode_bf16,
     encode_e2m1,
+    encode_e2m1_mag,
     encode_e4m3,
     exp2i,
     mx_scale_byte,
@@ -176,19 +176,21 @@ def _quant_e2m1_words(
         sb = encode_e4m3(tl.minimum(s, 448.0), HW)
         sv = decode_e4m3(sb, HW)
         one = tl.full([NBLK], 1.0, tl.float32)
-        k = tl.where(sv == 0.0, 0.0, tl.math.div_rn(one, sv * inv_g))
+        k = tl.where(sv == 0.0, 0.0, tl.math.div_rn(one, sv * inv_g))[:, None, None]
         sb = tl.where(bad, 0x7F, sb).to(tl.uint8)
+        code_lo = encode_e2m1_mag(lo * k, True)
+        code_hi = encode_e2m1_mag(hi * k, True)
     else:
         b = mx_scale_byte(tl.where(bad, 0, amax_bits), 3, 0x400000)  # 6 = 0.75 * 2**3
-        k = exp2i(127 - b)
+        k = exp2i(127 - b)[:, None, None]
         sb = tl.where(bad, 0xFF, b).to(tl.uint8)
-    k = k[:, None, None]
-    s = e2m1_code_sum(tl.abs(lo) * k, HW) + (e2m1_code_sum(tl.abs(hi) * k, HW) << 4)
-    # the products' signs are the inputs' (k >= 0): bf16 sign bits 15 and 31 -> bits 3 and 7
-    # of the byte, as the high word of sign * (2**20 + 2**8) (no carries: disjoint bits)
+        # |x| * 2**(127-b) <= 6 by the choice of b: no saturation needed
+        code_lo = encode_e2m1_mag(lo * k, False)
+        code_hi = encode_e2m1_mag(hi * k, False)
+    # the products' signs are the inputs' (k >= 0): bf16 sign bits 15 and 31 -> 3 and 7
     sign = w.to(tl.uint32, bitcast=True) & 0x80008000
-    byte = s.to(tl.uint32, bitcast=True) + tl.umulhi(sign, tl.full([], 0x100100, tl.uint32))
-    byte = byte.to(tl.uint8) * tl.where(bad, 0, 1).to(tl.uint8)[:, None, None]
+    byte = (code_lo + (code_hi << 4)).to(tl.uint32, bitcast=True) | (sign >> 12) | (sign >> 24)
+    byte = byte.to(tl.uint8) & tl.where(bad, 0, 0xFF).to(tl.uint8)[:, None, None]
     tl.store(row_ptr + widx, byte, mask=m)
     tl.store(row_ptr + scale_off + blk, sb, mask=bm)
 
