@@ -188,13 +188,12 @@ def test_bf16_bit_patterns(fmt):
 
 
 @pytest.mark.parametrize("fmt", ["fp8", "mxfp8", "nvfp4", "bf16"])
-def test_several_tokens_per_program(fmt, monkeypatch):
-    # Force the largest token group, with T not a multiple of it (the last group is partial)
-    # and chunks per token > 1 (the tail bytes come from the last chunk's program).
-    monkeypatch.setattr(_triton, "_MIN_PROGRAMS_PER_SM", 0)
-    assert _triton._tokens_per_program(13, 2, torch.device(DEVICE)) == _triton._MAX_TPB > 1
-    h = 2048 if fmt != "fp8" else 72
+def test_several_chunks_per_token(fmt):
+    # More than one program per token: the tail bytes (padding, extras) come from the program
+    # of the last chunk. fp8 at H = 72: one padded block (a masked word tail).
+    h = {"fp8": 72, "bf16": 8192}.get(fmt, 2048)
     spec = make_spec(fmt, h, EXTRAS)
+    assert fmt == "fp8" or _triton._layout(spec).n_chunks > 1
     for t in (1, 13):
         x = (heavy_tailed(t, h) * 3).to(torch.bfloat16).to(DEVICE)
         extras = make_extras(t)
@@ -389,9 +388,9 @@ _PTX_SCRIPT = textwrap.dedent(
 
     tiles = {0: (1, 2048), 1: (16, 128), 2: (64, 32), 3: (128, 16), 4: (64, 32)}
     for kind, (nblk, blkp) in tiles.items():
-        for hw in (True, False):
+        for hw, words in ((True, True), (True, False), (False, True), (False, False)):
             common = dict(KIND=kind, NBLK=nblk, BLKP=blkp, FULL=True, HW=hw)
-            ce = dict(common, HAS_TAIL=True, NUM_EXTRAS=1, EBLOCK=16, EITER=1)
+            ce = dict(common, HAS_TAIL=True, NUM_EXTRAS=1, EBLOCK=16, EITER=1, WORDS=words)
             ptr = lambda n: "*bf16" if n == "x_ptr" else "*u8"
             kernels = [(pack_kernel, sig(pack_kernel, ptr, ce), ce)]
             ce = dict(common, OUT=1)

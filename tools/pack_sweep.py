@@ -2,11 +2,10 @@
 
     PYTHONPATH=src python tools/pack_sweep.py [--tokens 8192] [--formats nvfp4 ...]
 
-For each format and each (values per program, values per thread, most tokens per
-program), packs bf16 ``x [T, 7168]`` into rows, checks the bytes against the committed
-tiles' output, and prints the median time of one call (timed as ``moewire bench quantize``
-does) and its share of the device's copy bandwidth. The committed table is the best of
-such a sweep.
+For each format and each (values per program, values per thread) pair, packs bf16
+``x [T, 7168]`` into rows, checks the bytes against the committed tiles' output, and prints
+the median time of one call (timed as ``moewire bench quantize`` does) and its share of the
+device's copy bandwidth. The committed table is the best of such a sweep.
 """
 
 from __future__ import annotations
@@ -30,7 +29,6 @@ def main() -> None:
     )
     p.add_argument("--chunks", type=int, nargs="+", default=[512, 1024, 2048, 4096])
     p.add_argument("--per-thread", type=int, nargs="+", default=[8, 16, 32, 64])
-    p.add_argument("--tpb", type=int, nargs="+", default=[_triton._MAX_TPB])
     p.add_argument("--iters", type=int, default=30)
     a = p.parse_args()
     dev = torch.device("cuda")
@@ -41,14 +39,13 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name(dev)}: copy {copy:.0f} GB/s, T={a.tokens}, H={a.hidden}")
     for fmt in a.formats:
         spec = WireSpec(fmt, a.hidden, global_scale=g if fmt == "nvfp4" else None)
-        committed, max_tpb = _triton._TUNED[fmt], _triton._MAX_TPB
+        committed = _triton._TUNED[fmt]
         ref = spec.pack(x, backend="triton")
         rows = torch.empty_like(ref)
         nbytes = x.numel() * 2 + rows.numel()
         chunks = [0] if fmt == "fp8" else a.chunks
-        for chunk, pt, tpb in itertools.product(chunks, a.per_thread, a.tpb):
+        for chunk, pt in itertools.product(chunks, a.per_thread):
             _triton._TUNED[fmt] = (chunk, pt)
-            _triton._MAX_TPB = tpb
             _triton._layout.cache_clear()
             lay = _triton._layout(spec)
             spec.pack(x, out=rows, backend="triton")
@@ -58,15 +55,14 @@ def main() -> None:
                 spec.pack(x, out=rows, backend="triton")
 
             us = qb._time_us(call, a.iters, 3, flush)
-            mark = " (committed)" if (chunk, pt, tpb) == (*committed, max_tpb) else ""
+            mark = " (committed)" if (chunk, pt) == committed else ""
             print(
                 f"{fmt:13s} chunk={chunk:5d} per_thread={pt:3d} warps={lay.num_warps:2d} "
-                f"tokens/program<={tpb:2d} "
                 f"{us:7.1f} us {100 * nbytes / us / 1e3 / copy:5.1f}% of copy"
                 f"{'' if ok else ' WRONG BYTES'}{mark}",
                 flush=True,
             )
-        _triton._TUNED[fmt], _triton._MAX_TPB = committed, max_tpb
+        _triton._TUNED[fmt] = committed
         _triton._layout.cache_clear()
 
 

@@ -45,21 +45,20 @@ _KIND = {"bf16": 0, "fp8": 1, "fp8_block128": 1, "mxfp8": 2, "nvfp4": 3, "mxfp4"
 _BLOCK = {"fp8_block128": FP8_BLOCK128, "mxfp8": MX_BLOCK, "nvfp4": NVFP4_BLOCK, "mxfp4": MX_BLOCK}
 _OUT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 #: format -> (activation values one program handles, values per thread, which sets
-#: ``num_warps = values / (32 * it)``, clamped to 1..16). Swept on an H200 at T=8192,
-#: H=7168 over {1024, 2048, 4096} x {8, 16, 32}: more values per thread always won (fewer
-#: cross-thread reductions and more independent work per thread). fp8's program is one
-#: whole token (its scale block), so only the second number applies to it.
+#: ``num_warps = values / (32 * it)``, clamped to 1..16). Swept with ``tools/pack_sweep.py``
+#: on an H200 at T=8192, H=7168 (bf16 x read as words) over {512, 1024, 2048, 4096} x
+#: {8, 16, 32, 64}: 1024 values per program won for every block format (7168 = 7 * 1024, no
+#: masked lanes; fewer thread blocks per token did not pay for the longer programs); values
+#: per thread 16 for nvfp4 and mxfp8, 32 for the rest. fp8's program is one whole token
+#: (its scale block), so only the second number applies to it.
 _TUNED = {
     "bf16": (4096, 16),
     "fp8": (0, 32),
     "fp8_block128": (1024, 32),
-    "mxfp8": (1024, 32),
-    "nvfp4": (1024, 32),
+    "mxfp8": (1024, 16),
+    "nvfp4": (1024, 16),
     "mxfp4": (1024, 32),
 }
-#: Most tokens one pack program handles, and the fewest programs per SM worth keeping.
-_MAX_TPB = 8
-_MIN_PROGRAMS_PER_SM = 8
 #: Use the GPU's fp8 ``cvt`` instructions on CUDA (False: the integer path everywhere).
 _HW_E4M3 = True
 #: 512-byte swizzled tiles written by one program of the swizzle kernel.
@@ -175,24 +174,6 @@ def _extra_args(group, tensors, rows: torch.Tensor) -> list:
     return args
 
 
-@functools.lru_cache(maxsize=16)
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4  # the interpreter: a few programs per token group, like a small GPU
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def _tokens_per_program(t: int, n_chunks: int, device: torch.device) -> int:
-    """Tokens one pack program handles (a power of two up to :data:`_MAX_TPB`): as many as
-    keep at least :data:`_MIN_PROGRAMS_PER_SM` programs per SM. GPUs start thread blocks at
-    a limited rate, so one small program per (token, chunk) costs time at large ``T``."""
-    tpb = 1
-    target = _MIN_PROGRAMS_PER_SM * _sm_count(device)
-    while tpb < _MAX_TPB and -(-t // (2 * tpb)) * n_chunks >= target:
-        tpb *= 2
-    return tpb
-
-
 def _words(lay: _Layout, x: torch.Tensor) -> bool:
     """Whether the block formats can read bf16 ``x`` as int32 words of two values (see
     ``_kernels/pack.py``): unit column stride, 4-byte aligned rows, whole words per block."""
@@ -249,14 +230,12 @@ def pack(
     groups = [lay.extras[i : i + MAX_EXTRAS] for i in range(0, len(lay.extras), MAX_EXTRAS)]
     first = groups[0] if groups else ()
     has_tail = bool(lay.extras) or lay.pad0[1] > lay.pad0[0] or lay.pad1[1] > lay.pad1[0]
-    tpb = _tokens_per_program(t, lay.n_chunks, x.device)
-    pack_kernel[(-(-t // tpb), lay.n_chunks)](
+    pack_kernel[(t, lay.n_chunks)](
         x,
         x.stride(0),
         x.stride(1),
         target,
         target.stride(0),
-        t,
         spec.hidden,
         lay.nb,
         lay.scale_off,
@@ -277,7 +256,6 @@ def pack(
         EITER=lay.eiter,
         HW=hw,
         WORDS=words and _words(lay, x),
-        TPB=tpb,
         num_warps=lay.num_warps,
         enable_fp_fusion=False,
     )

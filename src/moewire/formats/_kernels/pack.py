@@ -1,10 +1,10 @@
 """Fused quantize + pack: activations ``x [T, H]`` -> complete wire rows ``[T, R]``, one pass.
 
-Grid ``(T, n_chunks + has_tail)``. Program ``(t, c)`` with ``c < n_chunks`` reads ``NBLK``
-scale blocks of token ``t`` once, and writes their payload and scale bytes; program
-``(t, n_chunks)`` writes the rest of row ``t``: the zero padding after the payload and after
-the scales, and up to :data:`MAX_EXTRAS` extras (their bytes verbatim, then zeros up to the
-next section). Every byte of the row is written exactly once.
+Grid ``(T, n_chunks)``. Program ``(t, c)`` reads ``NBLK`` scale blocks of token ``t`` once,
+and writes their payload and scale bytes; the program of the last chunk also writes the rest
+of row ``t``: the zero padding after the payload and after the scales, and up to
+:data:`MAX_EXTRAS` extras (their bytes verbatim, then zeros up to the next section). Every
+byte of the row is written exactly once.
 
 Rows are 16-byte aligned (the launcher guarantees it), so fp32 scales and bf16 payloads are
 stored through typed pointers at their section offsets.
@@ -356,7 +356,6 @@ def pack_kernel(
     sxh,
     rows_ptr,
     srt,
-    T,
     H,
     NB,
     scale_off,
@@ -398,104 +397,101 @@ def pack_kernel(
     EITER: tl.constexpr,
     HW: tl.constexpr,
     WORDS: tl.constexpr,
-    TPB: tl.constexpr,
 ):
-    """Program ``(g, c)``: chunk ``c`` (NBLK blocks) of tokens ``g*TPB .. g*TPB+TPB-1``; the
-    program of the last chunk also writes those tokens' tail bytes."""
+    """Program ``(t, c)``: chunk ``c`` (NBLK blocks) of token ``t``; the program of the last
+    chunk also writes the token's tail bytes (one thread block fewer per token)."""
+    t = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
-    for i in range(TPB):
-        t = tl.program_id(0).to(tl.int64) * TPB + i
-        if t < T:
-            row_ptr = rows_ptr + t * srt
-            if KIND == KIND_BF16:
-                _quant_bf16(x_ptr, t, sxt, sxh, row_ptr, c, H, BLKP, HW)
-            elif KIND == KIND_FP8 or KIND == KIND_MXFP8:  # noqa: SIM109 (constexpr test in @jit)
-                if WORDS:
-                    _quant_e4m3_words(
-                        x_ptr,
-                        t,
-                        sxt,
-                        row_ptr,
-                        c,
-                        H // 2,
-                        NB,
-                        scale_off,
-                        KIND,
-                        NBLK,
-                        BLKP // 8,
-                        FULL,
-                        HW,
-                    )
-                else:
-                    _quant_e4m3_blocks(
-                        x_ptr, t, sxt, sxh, row_ptr, c, H, NB, scale_off, KIND, NBLK, BLKP, FULL, HW
-                    )
-            elif WORDS:
-                _quant_e2m1_words(
-                    x_ptr,
-                    t,
-                    sxt,
-                    row_ptr,
-                    c,
-                    NB,
-                    scale_off,
-                    g,
-                    inv_g,
-                    rcp6,
-                    KIND,
-                    NBLK,
-                    BLKP // 8,
-                    HW,
-                )
-            else:
-                _quant_e2m1_blocks(
-                    x_ptr,
-                    t,
-                    sxt,
-                    sxh,
-                    row_ptr,
-                    c,
-                    NB,
-                    scale_off,
-                    g,
-                    inv_g,
-                    rcp6,
-                    KIND,
-                    NBLK,
-                    BLKP,
-                    HW,
-                )
-            if HAS_TAIL:  # noqa: SIM102 (a constexpr test, then a runtime one)
-                if c == n_chunks - 1:
-                    _zero_fill(row_ptr, pad0_lo, pad0_hi)
-                    _zero_fill(row_ptr, pad1_lo, pad1_hi)
-                    _copy_extras(
-                        row_ptr,
-                        t,
-                        e0_ptr,
-                        e0_st,
-                        e0_off,
-                        e0_nb,
-                        e0_span,
-                        e1_ptr,
-                        e1_st,
-                        e1_off,
-                        e1_nb,
-                        e1_span,
-                        e2_ptr,
-                        e2_st,
-                        e2_off,
-                        e2_nb,
-                        e2_span,
-                        e3_ptr,
-                        e3_st,
-                        e3_off,
-                        e3_nb,
-                        e3_span,
-                        NUM_EXTRAS,
-                        EBLOCK,
-                        EITER,
-                    )
+    row_ptr = rows_ptr + t * srt
+    if KIND == KIND_BF16:
+        _quant_bf16(x_ptr, t, sxt, sxh, row_ptr, c, H, BLKP, HW)
+    elif KIND == KIND_FP8 or KIND == KIND_MXFP8:  # noqa: SIM109 (constexpr test in @jit)
+        if WORDS:
+            _quant_e4m3_words(
+                x_ptr,
+                t,
+                sxt,
+                row_ptr,
+                c,
+                H // 2,
+                NB,
+                scale_off,
+                KIND,
+                NBLK,
+                BLKP // 8,
+                FULL,
+                HW,
+            )
+        else:
+            _quant_e4m3_blocks(
+                x_ptr, t, sxt, sxh, row_ptr, c, H, NB, scale_off, KIND, NBLK, BLKP, FULL, HW
+            )
+    elif WORDS:
+        _quant_e2m1_words(
+            x_ptr,
+            t,
+            sxt,
+            row_ptr,
+            c,
+            NB,
+            scale_off,
+            g,
+            inv_g,
+            rcp6,
+            KIND,
+            NBLK,
+            BLKP // 8,
+            HW,
+        )
+    else:
+        _quant_e2m1_blocks(
+            x_ptr,
+            t,
+            sxt,
+            sxh,
+            row_ptr,
+            c,
+            NB,
+            scale_off,
+            g,
+            inv_g,
+            rcp6,
+            KIND,
+            NBLK,
+            BLKP,
+            HW,
+        )
+    if HAS_TAIL:  # noqa: SIM102 (a constexpr test, then a runtime one)
+        if c == n_chunks - 1:
+            _zero_fill(row_ptr, pad0_lo, pad0_hi)
+            _zero_fill(row_ptr, pad1_lo, pad1_hi)
+            _copy_extras(
+                row_ptr,
+                t,
+                e0_ptr,
+                e0_st,
+                e0_off,
+                e0_nb,
+                e0_span,
+                e1_ptr,
+                e1_st,
+                e1_off,
+                e1_nb,
+                e1_span,
+                e2_ptr,
+                e2_st,
+                e2_off,
+                e2_nb,
+                e2_span,
+                e3_ptr,
+                e3_st,
+                e3_off,
+                e3_nb,
+                e3_span,
+                NUM_EXTRAS,
+                EBLOCK,
+                EITER,
+            )
 
 
 @triton.jit
