@@ -39,7 +39,7 @@ cat "$out/env.txt"
 
 case $what in
 tests)
-  step gpu_tests 240 $py -m pytest -q -m gpu tests
+  step gpu_tests 600 $py -m pytest -q -m gpu tests
   step check 120 $py -m moewire check
   if [ "$ngpu" -ge 2 ]; then
     step multigpu 150 torchrun --standalone --nproc_per_node="$ngpu" -m pytest -q -m multigpu \
