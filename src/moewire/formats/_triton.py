@@ -182,7 +182,7 @@ def _words(lay: _Layout, x: torch.Tensor) -> bool:
         and x.dtype == torch.bfloat16
         and lay.blkp >= 8
         and x.shape[1] % 2 == 0
-        and (x.stride(1) == 1 or x.shape[1] == 1)
+        and x.stride(1) == 1
         and x.data_ptr() % 4 == 0
         and (x.stride(0) % 2 == 0 or x.shape[0] == 1)
     )
