@@ -30,6 +30,13 @@ def main() -> None:
     p.add_argument("--chunks", type=int, nargs="+", default=[512, 1024, 2048, 4096])
     p.add_argument("--per-thread", type=int, nargs="+", default=[8, 16, 32, 64])
     p.add_argument("--iters", type=int, default=30)
+    p.add_argument(
+        "--orders",
+        nargs="+",
+        default=["chunk"],
+        choices=["chunk", "token"],
+        help="grid order: chunk index fastest (1-D grid) or token fastest (2-D grid)",
+    )
     a = p.parse_args()
     dev = torch.device("cuda")
     flush = torch.empty(qb._FLUSH_BYTES, dtype=torch.uint8, device=dev)
@@ -44,8 +51,8 @@ def main() -> None:
         rows = torch.empty_like(ref)
         nbytes = x.numel() * 2 + rows.numel()
         chunks = [0] if fmt == "fp8" else a.chunks
-        for chunk, pt in itertools.product(chunks, a.per_thread):
-            _triton._TUNED[fmt] = (chunk, pt)
+        for order, chunk, pt in itertools.product(a.orders, chunks, a.per_thread):
+            _triton._TUNED[fmt] = (chunk, pt, order == "chunk")
             _triton._layout.cache_clear()
             lay = _triton._layout(spec)
             spec.pack(x, out=rows, backend="triton")
@@ -55,9 +62,10 @@ def main() -> None:
                 spec.pack(x, out=rows, backend="triton")
 
             us = qb._time_us(call, a.iters, 3, flush)
-            mark = " (committed)" if (chunk, pt) == committed else ""
+            mark = " (committed)" if (chunk, pt, order == "chunk") == committed else ""
             print(
-                f"{fmt:13s} chunk={chunk:5d} per_thread={pt:3d} warps={lay.num_warps:2d} "
+                f"{fmt:13s} {order:5s} chunk={chunk:5d} per_thread={pt:3d} "
+                f"warps={lay.num_warps:2d} "
                 f"{us:7.1f} us {100 * nbytes / us / 1e3 / copy:5.1f}% of copy"
                 f"{'' if ok else ' WRONG BYTES'}{mark}",
                 flush=True,
