@@ -187,13 +187,51 @@ def test_bf16_bit_patterns(fmt):
     check_dequantize(spec, rows)
 
 
+@pytest.mark.parametrize(
+    ("chunk_fast", "depth"), [(True, 1), (False, 1), (True, 2)], ids=["chunk1", "token1", "chunk2"]
+)
+@pytest.mark.parametrize("group", [2, 3, 7])
+@pytest.mark.parametrize("fmt", ["bf16", "fp8_block128", "mxfp8", "nvfp4", "mxfp4"])
+def test_chunk_groups_and_grid_orders(fmt, group, chunk_fast, depth, monkeypatch):
+    # Seven chunks per token (256 values each at H = 1792) in programs of `group` chunks:
+    # 3 leaves a last program with one real chunk and two past the last block (they must
+    # write nothing); 7 is one program per token. Both grid orders, one or two chunks loaded
+    # ahead; words and values paths.
+    h = 1792
+    monkeypatch.setitem(_triton._TUNED, fmt, (256, 8, chunk_fast, group, depth))
+    _triton._layout.cache_clear()
+    try:
+        spec = make_spec(fmt, h, EXTRAS)
+        lay = _triton._layout(spec)
+        assert (lay.n_chunks, lay.group) == (7, group)
+        for t in (1, 5):
+            x = (heavy_tailed(t, h) * 3).to(torch.bfloat16).to(DEVICE)
+            extras = make_extras(t)
+            for words in (True, False):
+                check_pack(spec, x, extras, words=words)
+    finally:
+        _triton._layout.cache_clear()
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "mxfp8", "nvfp4"])
+def test_token_slices_of_a_chunk_fastest_grid(fmt, monkeypatch):
+    # The grid (n_groups, T) holds at most 65535 tokens; more are packed in slices of that
+    # many (here 4, so 13 tokens take four launches, the last of one token), extras sliced
+    # alongside.
+    monkeypatch.setattr(_triton, "_MAX_GRID_Y", 4)
+    spec = make_spec(fmt, 256, EXTRAS)
+    assert _triton._layout(spec).chunk_fast
+    x = (heavy_tailed(13, 256) * 3).to(torch.bfloat16).to(DEVICE)
+    check_pack(spec, x, make_extras(13))
+
+
 @pytest.mark.parametrize("fmt", ["fp8", "mxfp8", "nvfp4", "bf16"])
 def test_several_chunks_per_token(fmt):
     # More than one program per token: the tail bytes (padding, extras) come from the program
     # of the last chunk. fp8 at H = 72: one padded block (a masked word tail).
-    h = {"fp8": 72, "bf16": 8192}.get(fmt, 2048)
+    h = {"fp8": 72, "bf16": 8192, "nvfp4": 16384}.get(fmt, 2048)
     spec = make_spec(fmt, h, EXTRAS)
-    assert fmt == "fp8" or _triton._layout(spec).n_chunks > 1
+    assert fmt == "fp8" or _triton._layout(spec).n_groups > 1
     for t in (1, 13):
         x = (heavy_tailed(t, h) * 3).to(torch.bfloat16).to(DEVICE)
         extras = make_extras(t)
@@ -390,7 +428,8 @@ _PTX_SCRIPT = textwrap.dedent(
     for kind, (nblk, blkp) in tiles.items():
         for hw, words in ((True, True), (True, False), (False, True), (False, False)):
             common = dict(KIND=kind, NBLK=nblk, BLKP=blkp, FULL=True, HW=hw)
-            ce = dict(common, HAS_TAIL=True, NUM_EXTRAS=1, EBLOCK=16, EITER=1, WORDS=words)
+            ce = dict(common, HAS_TAIL=True, NUM_EXTRAS=1, EBLOCK=16, EITER=1, WORDS=words,
+                      CHUNK_FAST=words, GROUP=3, DEPTH=2 if words else 1)
             ptr = lambda n: "*bf16" if n == "x_ptr" else "*u8"
             kernels = [(pack_kernel, sig(pack_kernel, ptr, ce), ce)]
             ce = dict(common, OUT=1)

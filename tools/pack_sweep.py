@@ -30,10 +30,12 @@ def main() -> None:
     p.add_argument("--chunks", type=int, nargs="+", default=[512, 1024, 2048, 4096])
     p.add_argument("--per-thread", type=int, nargs="+", default=[8, 16, 32, 64])
     p.add_argument("--iters", type=int, default=30)
+    p.add_argument("--groups", type=int, nargs="+", default=[1], help="chunks per program")
+    p.add_argument("--depths", type=int, nargs="+", default=[1], help="chunks loaded ahead")
     p.add_argument(
         "--orders",
         nargs="+",
-        default=["chunk"],
+        default=["chunk", "token"],
         choices=["chunk", "token"],
         help="grid order: chunk index fastest (1-D grid) or token fastest (2-D grid)",
     )
@@ -51,8 +53,10 @@ def main() -> None:
         rows = torch.empty_like(ref)
         nbytes = x.numel() * 2 + rows.numel()
         chunks = [0] if fmt == "fp8" else a.chunks
-        for order, chunk, pt in itertools.product(a.orders, chunks, a.per_thread):
-            _triton._TUNED[fmt] = (chunk, pt, order == "chunk")
+        grid = itertools.product(a.orders, chunks, a.per_thread, a.groups, a.depths)
+        for order, chunk, pt, grp, depth in grid:
+            tile = (chunk, pt, order == "chunk", grp, depth)
+            _triton._TUNED[fmt] = tile
             _triton._layout.cache_clear()
             lay = _triton._layout(spec)
             spec.pack(x, out=rows, backend="triton")
@@ -62,10 +66,10 @@ def main() -> None:
                 spec.pack(x, out=rows, backend="triton")
 
             us = qb._time_us(call, a.iters, 3, flush)
-            mark = " (committed)" if (chunk, pt, order == "chunk") == committed else ""
+            mark = " (committed)" if tile == committed else ""
             print(
-                f"{fmt:13s} {order:5s} chunk={chunk:5d} per_thread={pt:3d} "
-                f"warps={lay.num_warps:2d} "
+                f"{fmt:13s} {order:5s} chunk={chunk:5d} per_thread={pt:3d} group={grp} "
+                f"depth={depth} warps={lay.num_warps:2d} "
                 f"{us:7.1f} us {100 * nbytes / us / 1e3 / copy:5.1f}% of copy"
                 f"{'' if ok else ' WRONG BYTES'}{mark}",
                 flush=True,

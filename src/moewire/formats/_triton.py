@@ -44,26 +44,27 @@ __all__ = ["dequantize", "gather_swizzled_scales", "pack"]
 _KIND = {"bf16": 0, "fp8": 1, "fp8_block128": 1, "mxfp8": 2, "nvfp4": 3, "mxfp4": 4}
 _BLOCK = {"fp8_block128": FP8_BLOCK128, "mxfp8": MX_BLOCK, "nvfp4": NVFP4_BLOCK, "mxfp4": MX_BLOCK}
 _OUT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-#: format -> (activation values one program handles, values per thread, which sets
-#: ``num_warps = values / (32 * it)``, clamped to 1..16; grid order: True launches
-#: ``T * n_chunks`` programs with the chunk index fastest, so consecutive programs walk along
-#: one row, False the 2-D grid ``(T, n_chunks)``, token index fastest). Swept with
-#: ``tools/pack_sweep.py`` on an H200 at T=8192, H=7168 (bf16 x read as words) over
-#: {512, 1024, 2048, 4096, 8192} x {8, 16, 32, 64} and both orders: 1024 values per program
-#: won for every block format (7168 = 7 * 1024, no masked lanes); chunk-fastest order won
-#: for the fp8 family (mxfp8 89.0% vs 83.6% of copy), token-fastest for nvfp4 and mxfp4
-#: (70.2% vs 66.5%, 75.2% vs 72.1%). fp8's program is one whole token (its scale block),
-#: so only the per-thread number applies to it.
+#: format -> (activation values per chunk, values per thread, which sets
+#: ``num_warps = values / (32 * it)``, clamped to 1..16; grid order: True launches one
+#: program per (token, group) in the grid ``(n_groups, T)``, group index fastest, so
+#: consecutive programs walk along one row, False the grid ``(T, n_groups)``; chunks per
+#: program; chunks loaded ahead, 1 or 2: a program with several chunks loads the next one
+#: (or two) while it quantizes the current one).
+#: Swept with ``tools/pack_sweep.py`` on an H200 at T=8192, H=7168, bf16 x read as words.
+#: fp8's chunk is one whole token (its scale block), so only the values per thread and the
+#: order apply to it.
 _TUNED = {
-    "bf16": (4096, 16, True),
-    "fp8": (0, 32, True),
-    "fp8_block128": (1024, 32, True),
-    "mxfp8": (1024, 16, True),
-    "nvfp4": (1024, 16, False),
-    "mxfp4": (1024, 32, False),
+    "bf16": (4096, 16, True, 1, 1),
+    "fp8": (0, 32, True, 1, 1),
+    "fp8_block128": (1024, 32, True, 1, 1),
+    "mxfp8": (1024, 16, True, 1, 1),
+    "nvfp4": (2048, 16, True, 4, 2),
+    "mxfp4": (2048, 32, True, 2, 1),
 }
 #: Use the GPU's fp8 ``cvt`` instructions on CUDA (False: the integer path everywhere).
 _HW_E4M3 = True
+#: CUDA's limit on a grid's second dimension (the token axis of a chunk-fastest pack grid).
+_MAX_GRID_Y = 65535
 #: 512-byte swizzled tiles written by one program of the swizzle kernel.
 _SWIZZLE_TILES = 8
 
@@ -110,7 +111,10 @@ class _Layout:
     nblk: int  # blocks per program
     blkp: int  # values per block, padded to a power of two
     full: bool  # no column mask (only fp8 with H not a power of two has one)
-    n_chunks: int  # programs per token that quantize
+    n_chunks: int  # chunks per token (dequantize: programs per token)
+    group: int  # chunks per pack program
+    n_groups: int  # pack programs per token
+    depth: int  # chunks a pack program loads ahead
     scale_off: int
     pad0: tuple[int, int]  # zero bytes between payload and scales
     pad1: tuple[int, int]  # zero bytes after the scales (up to the first extra or R)
@@ -124,7 +128,7 @@ class _Layout:
 @functools.lru_cache(maxsize=256)
 def _layout(spec) -> _Layout:
     fmt, h = spec.format, spec.hidden
-    chunk, per_thread, chunk_fast = _TUNED[fmt]
+    chunk, per_thread, chunk_fast, group, depth = _TUNED[fmt]
     if fmt == "bf16":
         blkp = min(chunk, _next_pow2(h))
         nb = n_chunks = -(-h // blkp)
@@ -153,6 +157,9 @@ def _layout(spec) -> _Layout:
         blkp=blkp,
         full=full,
         n_chunks=n_chunks,
+        group=min(group, n_chunks),
+        n_groups=-(-n_chunks // min(group, n_chunks)),
+        depth=depth,
         scale_off=s.offset,
         pad0=(p.end, s.offset),
         pad1=(s.end, s.offset + span["scales"]),
@@ -223,6 +230,13 @@ def pack(
     if t == 0:
         return rows
     lay = _layout(spec)
+    if lay.chunk_fast and t > _MAX_GRID_Y:
+        # the grid (n_groups, T) holds at most 65535 tokens: pack in slices of that many
+        for i in range(0, t, _MAX_GRID_Y):
+            sl = slice(i, i + _MAX_GRID_Y)
+            part = {name: e[sl] for name, e in extras.items()}
+            pack(spec, x[sl], rows[sl], part, hw=hw, words=words)
+        return rows
     target = (
         rows if _aligned(rows) else torch.empty_like(rows, memory_format=torch.contiguous_format)
     )
@@ -235,7 +249,7 @@ def pack(
     groups = [lay.extras[i : i + MAX_EXTRAS] for i in range(0, len(lay.extras), MAX_EXTRAS)]
     first = groups[0] if groups else ()
     has_tail = bool(lay.extras) or lay.pad0[1] > lay.pad0[0] or lay.pad1[1] > lay.pad1[0]
-    grid = (t * lay.n_chunks,) if lay.chunk_fast else (t, lay.n_chunks)
+    grid = (lay.n_groups, t) if lay.chunk_fast else (t, lay.n_groups)
     pack_kernel[grid](
         x,
         x.stride(0),
@@ -245,7 +259,7 @@ def pack(
         spec.hidden,
         lay.nb,
         lay.scale_off,
-        lay.n_chunks,
+        lay.n_groups,
         g,
         inv_g,
         RCP6,
@@ -263,6 +277,8 @@ def pack(
         HW=hw,
         WORDS=words and _words(lay, x),
         CHUNK_FAST=lay.chunk_fast,
+        GROUP=lay.group,
+        DEPTH=lay.depth,
         num_warps=lay.num_warps,
         enable_fp_fusion=False,
     )

@@ -1,10 +1,11 @@
 """Fused quantize + pack: activations ``x [T, H]`` -> complete wire rows ``[T, R]``, one pass.
 
-Grid ``(T, n_chunks)``. Program ``(t, c)`` reads ``NBLK`` scale blocks of token ``t`` once,
-and writes their payload and scale bytes; the program of the last chunk also writes the rest
-of row ``t``: the zero padding after the payload and after the scales, and up to
-:data:`MAX_EXTRAS` extras (their bytes verbatim, then zeros up to the next section). Every
-byte of the row is written exactly once.
+A token's blocks are cut into chunks of ``NBLK`` blocks; one program quantizes ``GROUP``
+consecutive chunks of one token (reading each value once, writing its payload and scale
+bytes), and the program of the last chunk also writes the rest of row ``t``: the zero
+padding after the payload and after the scales, and up to :data:`MAX_EXTRAS` extras (their
+bytes verbatim, then zeros up to the next section). Every byte of the row is written
+exactly once.
 
 Rows are 16-byte aligned (the launcher guarantees it), so fp32 scales and bf16 payloads are
 stored through typed pointers at their section offsets.
@@ -18,7 +19,8 @@ one thread, and the two values of a word give one packed byte (fp4) or one e4m3 
 without reshuffling values between threads. Same fp32 operations, same bytes.
 
 Shape legend: ``T`` tokens, ``H`` hidden, ``R`` row bytes, ``NB`` scale blocks per token,
-``NBLK`` blocks per program, ``BLKP`` values per block padded to a power of two.
+``NBLK`` blocks per chunk, ``GROUP`` chunks per program, ``BLKP`` values per block padded
+to a power of two.
 """
 
 from __future__ import annotations
@@ -66,9 +68,13 @@ def _absmax(a, b):
 
 
 @triton.jit
-def _load_words(x_ptr, t, sxt, blk, bm, NW, P: tl.constexpr, FULL: tl.constexpr):
-    """bf16 ``x[t]`` as int32 words ``[NBLK, P, 4]`` (block ``blk``: words ``4P*blk ..``):
-    returns the low and high values as fp32 (exact), the word index and the mask."""
+def _load_words(x_ptr, t, sxt, c, NB, NW, NBLK: tl.constexpr, P: tl.constexpr, FULL: tl.constexpr):
+    """Chunk ``c`` of bf16 ``x[t]`` as int32 words ``[NBLK, P, 4]`` (block ``blk``: words
+    ``4P*blk ..``). Returns the tile ``(w, widx, m, blk, bm)``: the words, their index in
+    the row, their mask, the chunk's block indices and the blocks' mask (a chunk past the
+    last block loads nothing)."""
+    blk = c * NBLK + tl.arange(0, NBLK)
+    bm = blk < NB
     widx = (
         blk[:, None, None] * (4 * P)
         + tl.arange(0, P)[None, :, None] * 4
@@ -78,9 +84,15 @@ def _load_words(x_ptr, t, sxt, blk, bm, NW, P: tl.constexpr, FULL: tl.constexpr)
     if not FULL:  # fp8: one block of NW words, padded to 4P
         m = m & (widx < NW)
     w = tl.load((x_ptr + t * sxt).to(tl.pointer_type(tl.int32)) + widx, mask=m, other=0)
+    return w, widx, m, blk, bm
+
+
+@triton.jit
+def _split_words(w):
+    """int32 words of two bf16 values -> the low and high values as fp32 (exact)."""
     lo = (w << 16).to(tl.float32, bitcast=True)
     hi = (w & -65536).to(tl.float32, bitcast=True)
-    return w, lo, hi, widx, m
+    return lo, hi
 
 
 @triton.jit
@@ -171,23 +183,10 @@ def _e2m1_bytes_hw(w, code_lo, code_hi, keep):
 
 @triton.jit
 def _quant_e4m3_words(
-    x_ptr,
-    t,
-    sxt,
-    row_ptr,
-    c,
-    NW,
-    NB,
-    scale_off,
-    KIND: tl.constexpr,
-    NBLK: tl.constexpr,
-    P: tl.constexpr,
-    FULL: tl.constexpr,
-    HW: tl.constexpr,
+    tile, row_ptr, scale_off, KIND: tl.constexpr, NBLK: tl.constexpr, HW: tl.constexpr
 ):
-    blk = c * NBLK + tl.arange(0, NBLK)
-    bm = blk < NB
-    _, lo, hi, widx, m = _load_words(x_ptr, t, sxt, blk, bm, NW, P, FULL)
+    w, widx, m, blk, bm = tile
+    lo, hi = _split_words(w)
     amax_bits = _words_amax_bits(lo, hi)
     if KIND == KIND_FP8:
         amax = amax_bits.to(tl.float32, bitcast=True)
@@ -208,24 +207,18 @@ def _quant_e4m3_words(
 
 @triton.jit
 def _quant_e2m1_words(
-    x_ptr,
-    t,
-    sxt,
+    tile,
     row_ptr,
-    c,
-    NB,
     scale_off,
     g,
     inv_g,
     rcp6,
     KIND: tl.constexpr,
     NBLK: tl.constexpr,
-    P: tl.constexpr,
     HW: tl.constexpr,
 ):
-    blk = c * NBLK + tl.arange(0, NBLK)
-    bm = blk < NB
-    w, lo, hi, widx, m = _load_words(x_ptr, t, sxt, blk, bm, 0, P, True)
+    w, widx, m, blk, bm = tile
+    lo, hi = _split_words(w)
     amax_bits = _words_amax_bits(lo, hi)
     bad = amax_bits >= 0x7F800000
     if KIND == KIND_NVFP4:
@@ -424,7 +417,7 @@ def pack_kernel(
     H,
     NB,
     scale_off,
-    n_chunks,
+    n_groups,
     g,
     inv_g,
     rcp6,
@@ -463,80 +456,73 @@ def pack_kernel(
     HW: tl.constexpr,
     WORDS: tl.constexpr,
     CHUNK_FAST: tl.constexpr,
+    GROUP: tl.constexpr,
+    DEPTH: tl.constexpr,
 ):
-    """Program ``(t, c)``: chunk ``c`` (NBLK blocks) of token ``t``; the program of the last
-    chunk also writes the token's tail bytes (one thread block fewer per token).
-    ``CHUNK_FAST``: a 1-D grid of ``T * n_chunks`` programs, chunk index fastest (program
-    ``t * n_chunks + c``), so consecutive programs walk along one row; otherwise the grid
-    is ``(T, n_chunks)``."""
+    """Program ``(t, p)``: chunks ``p * GROUP ..`` (``GROUP`` chunks of NBLK blocks each) of
+    token ``t``; the program of the last chunk also writes the token's tail bytes (one
+    thread block fewer per token). On the word path the program loads its next chunk (or
+    next two: ``DEPTH``) before it quantizes the current one, so loads are in flight
+    during the arithmetic.
+    ``CHUNK_FAST``: the grid is ``(n_groups, T)`` (consecutive programs walk along one row;
+    the launcher keeps ``T`` within the grid's second dimension); otherwise ``(T, n_groups)``."""
     if CHUNK_FAST:
-        pid = tl.program_id(0)
-        t = (pid // n_chunks).to(tl.int64)
-        c = pid % n_chunks
+        grp = tl.program_id(0)
+        t = tl.program_id(1).to(tl.int64)
     else:
         t = tl.program_id(0).to(tl.int64)
-        c = tl.program_id(1)
+        grp = tl.program_id(1)
     row_ptr = rows_ptr + t * srt
-    if KIND == KIND_BF16:
-        _quant_bf16(x_ptr, t, sxt, sxh, row_ptr, c, H, BLKP, HW)
-    elif KIND == KIND_FP8 or KIND == KIND_MXFP8:  # noqa: SIM109 (constexpr test in @jit)
-        if WORDS:
-            _quant_e4m3_words(
-                x_ptr,
-                t,
-                sxt,
-                row_ptr,
-                c,
-                H // 2,
-                NB,
-                scale_off,
-                KIND,
-                NBLK,
-                BLKP // 8,
-                FULL,
-                HW,
-            )
-        else:
-            _quant_e4m3_blocks(
-                x_ptr, t, sxt, sxh, row_ptr, c, H, NB, scale_off, KIND, NBLK, BLKP, FULL, HW
-            )
-    elif WORDS:
-        _quant_e2m1_words(
-            x_ptr,
-            t,
-            sxt,
-            row_ptr,
-            c,
-            NB,
-            scale_off,
-            g,
-            inv_g,
-            rcp6,
-            KIND,
-            NBLK,
-            BLKP // 8,
-            HW,
-        )
+    c0 = grp * GROUP
+    if WORDS:
+        NW = H // 2
+        P: tl.constexpr = BLKP // 8
+        # tile: the chunk to quantize now; nxt, nxt2: the next ones, already loading
+        tile = _load_words(x_ptr, t, sxt, c0, NB, NW, NBLK, P, FULL)
+        if DEPTH > 1 and GROUP > 1:
+            nxt = _load_words(x_ptr, t, sxt, c0 + 1, NB, NW, NBLK, P, FULL)
+        for i in tl.static_range(GROUP):
+            if DEPTH > 1 and i + 2 < GROUP:
+                nxt2 = _load_words(x_ptr, t, sxt, c0 + i + 2, NB, NW, NBLK, P, FULL)
+            elif DEPTH == 1 and i + 1 < GROUP:
+                nxt = _load_words(x_ptr, t, sxt, c0 + i + 1, NB, NW, NBLK, P, FULL)
+            if KIND == KIND_FP8 or KIND == KIND_MXFP8:  # noqa: SIM109 (constexpr test)
+                _quant_e4m3_words(tile, row_ptr, scale_off, KIND, NBLK, HW)
+            else:
+                _quant_e2m1_words(tile, row_ptr, scale_off, g, inv_g, rcp6, KIND, NBLK, HW)
+            if i + 1 < GROUP:
+                tile = nxt
+            if DEPTH > 1 and i + 2 < GROUP:
+                nxt = nxt2
     else:
-        _quant_e2m1_blocks(
-            x_ptr,
-            t,
-            sxt,
-            sxh,
-            row_ptr,
-            c,
-            NB,
-            scale_off,
-            g,
-            inv_g,
-            rcp6,
-            KIND,
-            NBLK,
-            BLKP,
-            HW,
-        )
+        for i in tl.static_range(GROUP):
+            c = c0 + i
+            if KIND == KIND_BF16:
+                _quant_bf16(x_ptr, t, sxt, sxh, row_ptr, c, H, BLKP, HW)
+            elif KIND == KIND_FP8 or KIND == KIND_MXFP8:  # noqa: SIM109 (constexpr test)
+                _quant_e4m3_blocks(
+                    x_ptr, t, sxt, sxh, row_ptr, c, H, NB, scale_off, KIND, NBLK, BLKP, FULL, HW
+                )
+            else:
+                _quant_e2m1_blocks(
+                    x_ptr,
+                    t,
+                    sxt,
+                    sxh,
+                    row_ptr,
+                    c,
+                    NB,
+                    scale_off,
+                    g,
+                    inv_g,
+                    rcp6,
+                    KIND,
+                    NBLK,
+                    BLKP,
+                    HW,
+                )
     if HAS_TAIL:  # noqa: SIM102 (a constexpr test, then a runtime one)
-        if c == n_chunks - 1:
+        if grp == n_groups - 1:
             _zero_fill(row_ptr, pad0_lo, pad0_hi)
             _zero_fill(row_ptr, pad1_lo, pad1_hi)
             _copy_extras(
