@@ -198,7 +198,9 @@ def test_chunk_groups_and_grid_orders(fmt, group, chunk_fast, depth, monkeypatch
     # write nothing); 7 is one program per token. Both grid orders, one or two chunks loaded
     # ahead; words and values paths.
     h = 1792
-    monkeypatch.setitem(_triton._TUNED, fmt, (256, 8, chunk_fast, group, depth))
+    p_major = fmt in ("fp8_block128", "mxfp8") and chunk_fast
+    tile = _triton._Tile(256, 8, chunk_fast, group, depth, p_major)
+    monkeypatch.setitem(_triton._TUNED, fmt, tile)
     _triton._layout.cache_clear()
     try:
         spec = make_spec(fmt, h, EXTRAS)
@@ -429,7 +431,8 @@ _PTX_SCRIPT = textwrap.dedent(
         for hw, words in ((True, True), (True, False), (False, True), (False, False)):
             common = dict(KIND=kind, NBLK=nblk, BLKP=blkp, FULL=True, HW=hw)
             ce = dict(common, HAS_TAIL=True, NUM_EXTRAS=1, EBLOCK=16, EITER=1, WORDS=words,
-                      CHUNK_FAST=words, GROUP=3, DEPTH=2 if words else 1)
+                      CHUNK_FAST=words, GROUP=3, DEPTH=2 if words else 1,
+                      PMAJ=words and kind in (1, 2))
             ptr = lambda n: "*bf16" if n == "x_ptr" else "*u8"
             kernels = [(pack_kernel, sig(pack_kernel, ptr, ce), ce)]
             ce = dict(common, OUT=1)

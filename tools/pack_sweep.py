@@ -33,6 +33,14 @@ def main() -> None:
     p.add_argument("--groups", type=int, nargs="+", default=[1], help="chunks per program")
     p.add_argument("--depths", type=int, nargs="+", default=[1], help="chunks loaded ahead")
     p.add_argument(
+        "--p-major",
+        type=int,
+        nargs="+",
+        default=[0],
+        choices=[0, 1],
+        help="e4m3 word tiles with the block axis second (1) or first (0)",
+    )
+    p.add_argument(
         "--orders",
         nargs="+",
         default=["chunk", "token"],
@@ -53,9 +61,10 @@ def main() -> None:
         rows = torch.empty_like(ref)
         nbytes = x.numel() * 2 + rows.numel()
         chunks = [0] if fmt == "fp8" else a.chunks
-        grid = itertools.product(a.orders, chunks, a.per_thread, a.groups, a.depths)
-        for order, chunk, pt, grp, depth in grid:
-            tile = (chunk, pt, order == "chunk", grp, depth)
+        pm = a.p_major if fmt in ("fp8", "fp8_block128", "mxfp8") else [0]
+        grid = itertools.product(a.orders, chunks, a.per_thread, a.groups, a.depths, pm)
+        for order, chunk, pt, grp, depth, pmaj in grid:
+            tile = _triton._Tile(chunk, pt, order == "chunk", grp, depth, bool(pmaj))
             _triton._TUNED[fmt] = tile
             _triton._layout.cache_clear()
             lay = _triton._layout(spec)
@@ -69,7 +78,7 @@ def main() -> None:
             mark = " (committed)" if tile == committed else ""
             print(
                 f"{fmt:13s} {order:5s} chunk={chunk:5d} per_thread={pt:3d} group={grp} "
-                f"depth={depth} warps={lay.num_warps:2d} "
+                f"depth={depth} p_major={pmaj} warps={lay.num_warps:2d} "
                 f"{us:7.1f} us {100 * nbytes / us / 1e3 / copy:5.1f}% of copy"
                 f"{'' if ok else ' WRONG BYTES'}{mark}",
                 flush=True,

@@ -12,9 +12,11 @@ warm-up, with the L2 cache flushed before every call (so repeated calls cannot r
 input from L2) and a short spin kernel queued before it (so the host's Python and launch
 overhead, tens of microseconds, overlaps GPU work and is not counted), and the median is
 reported. The device's copy bandwidth is a 1 GiB
-device-to-device ``copy_`` timed the same way (bytes read + written). At small ``T`` the
-time is launch latency: compare the ``x empty`` column, the kernel's time over one empty
-Triton kernel's, timed the same way.
+device-to-device ``copy_`` timed the same way (bytes read + written). The ``copy same``
+column is what a plain device-to-device copy moving the op's bytes (half read, half
+written) reaches, as a share of that bandwidth: the ceiling that the fixed cost of one
+launch leaves at that size. At small ``T`` the time is launch latency: compare the
+``x empty`` column, the kernel's time over one empty Triton kernel's, timed the same way.
 
 Run standalone: ``python -m moewire.bench.quantize [--tokens ...] [--json PATH]``.
 
@@ -78,6 +80,13 @@ def _copy_gbps(iters: int, warmup: int, flush: torch.Tensor) -> float:
     return 2 * _COPY_BYTES / _time_us(lambda: dst.copy_(src), iters, warmup, flush) / 1e3
 
 
+def _same_size_copy_us(nbytes: int, iters: int, warmup: int, flush: torch.Tensor) -> float:
+    """GPU time of a device-to-device copy that reads and writes ``nbytes`` in all."""
+    src = torch.empty(nbytes // 2, dtype=torch.uint8, device=flush.device)
+    dst = torch.empty_like(src)
+    return _time_us(lambda: dst.copy_(src), iters, warmup, flush)
+
+
 def _ops(spec: WireSpec, x: torch.Tensor, rows: torch.Tensor) -> dict:
     """op -> backend -> a call of it (pack writes into ``rows``)."""
     return {
@@ -114,7 +123,8 @@ def run_quantize_bench(
 
     Returns:
         One dict per (format, T, op) with ``format, tokens, hidden, op, bytes, torch_us,
-        triton_us, triton_gbps, torch_gbps, frac_of_copy, speedup, x_empty`` and the
+        triton_us, triton_gbps, torch_gbps, frac_of_copy, same_copy_frac, speedup, x_empty``
+        (``same_copy_frac``: a copy of the same bytes, as a share of the copy bandwidth) and the
         device-level ``device, copy_gbps, empty_us, torch_version, triton_version``.
 
     Raises:
@@ -139,6 +149,7 @@ def run_quantize_bench(
     x_all = (heavy_tailed(max(tokens), hidden) * 3).to(dev, torch.bfloat16)
     g = nvfp4_global_scale(x_all.float().abs().amax())
     results = []
+    same_copy: dict[int, float] = {}  # bytes moved -> us of a copy moving them
     for fmt in formats:
         spec = WireSpec(fmt, hidden, global_scale=g if fmt == "nvfp4" else None)
         for t in tokens:
@@ -154,6 +165,8 @@ def run_quantize_bench(
             del ref, deq
             x_bytes = t * hidden * x.element_size()
             nbytes = x_bytes + rows.numel()
+            if nbytes not in same_copy:
+                same_copy[nbytes] = _same_size_copy_us(nbytes, iters, warmup, flush)
             for op, fns in _ops(spec, x, rows).items():
                 torch_us = _time_us(fns["torch"], iters, warmup, flush)
                 triton_us = _time_us(fns["triton"], iters, warmup, flush)
@@ -169,6 +182,7 @@ def run_quantize_bench(
                         "torch_gbps": nbytes / torch_us / 1e3,
                         "triton_gbps": nbytes / triton_us / 1e3,
                         "frac_of_copy": nbytes / triton_us / 1e3 / copy_gbps,
+                        "same_copy_frac": nbytes / same_copy[nbytes] / 1e3 / copy_gbps,
                         "speedup": torch_us / triton_us,
                         "x_empty": triton_us / empty_us,
                         **meta,
@@ -191,14 +205,15 @@ def format_table(results: Sequence[dict]) -> str:
         f"launch overhead hidden before each call)",
         "",
         "| format | T | op | MB moved | torch us | triton us | torch GB/s | triton GB/s "
-        "| % of copy | speedup | x empty |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| % of copy | copy same | speedup | x empty |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         lines.append(
             f"| {r['format']} | {r['tokens']} | {r['op']} | {r['bytes'] / 1e6:.1f} "
             f"| {r['torch_us']:.1f} | {r['triton_us']:.1f} | {r['torch_gbps']:.0f} "
-            f"| {r['triton_gbps']:.0f} | {100 * r['frac_of_copy']:.1f} | {r['speedup']:.2f}x "
+            f"| {r['triton_gbps']:.0f} | {100 * r['frac_of_copy']:.1f} "
+            f"| {100 * r['same_copy_frac']:.1f} | {r['speedup']:.2f}x "
             f"| {r['x_empty']:.1f} |"
         )
     return "\n".join(lines)

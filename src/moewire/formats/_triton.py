@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -44,22 +45,29 @@ __all__ = ["dequantize", "gather_swizzled_scales", "pack"]
 _KIND = {"bf16": 0, "fp8": 1, "fp8_block128": 1, "mxfp8": 2, "nvfp4": 3, "mxfp4": 4}
 _BLOCK = {"fp8_block128": FP8_BLOCK128, "mxfp8": MX_BLOCK, "nvfp4": NVFP4_BLOCK, "mxfp4": MX_BLOCK}
 _OUT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-#: format -> (activation values per chunk, values per thread, which sets
-#: ``num_warps = values / (32 * it)``, clamped to 1..16; grid order: True launches one
-#: program per (token, group) in the grid ``(n_groups, T)``, group index fastest, so
-#: consecutive programs walk along one row, False the grid ``(T, n_groups)``; chunks per
-#: program; chunks loaded ahead, 1 or 2: a program with several chunks loads the next one
-#: (or two) while it quantizes the current one).
-#: Swept with ``tools/pack_sweep.py`` on an H200 at T=8192, H=7168, bf16 x read as words.
-#: fp8's chunk is one whole token (its scale block), so only the values per thread and the
-#: order apply to it.
+
+
+class _Tile(NamedTuple):
+    """How the pack kernel tiles one format (see ``_kernels/pack.py``)."""
+
+    chunk: int  # activation values per chunk (fp8: 0, the chunk is the whole token)
+    per_thread: int  # values per thread: num_warps = chunk / (32 * per_thread), 1..16
+    chunk_fast: bool = True  # grid (n_groups, T), consecutive programs along a row
+    group: int = 1  # chunks per program
+    depth: int = 1  # chunks a program loads ahead of the one it quantizes (1 or 2)
+    p_major: bool = False  # e4m3 word tiles with the block axis second (coalesced lanes)
+
+
+#: The tiles, swept with ``tools/pack_sweep.py`` on an H200 at T=8192, H=7168, bf16 ``x``
+#: read as words (BENCHMARKS.md has the figures). fp8's chunk is one whole token (its
+#: scale block), so only the values per thread and the grid order apply to it.
 _TUNED = {
-    "bf16": (4096, 16, True, 1, 1),
-    "fp8": (0, 32, True, 1, 1),
-    "fp8_block128": (1024, 32, True, 1, 1),
-    "mxfp8": (1024, 16, True, 1, 1),
-    "nvfp4": (2048, 16, True, 4, 2),
-    "mxfp4": (2048, 32, True, 2, 1),
+    "bf16": _Tile(1024, 32),
+    "fp8": _Tile(0, 32),
+    "fp8_block128": _Tile(1024, 32, p_major=True),
+    "mxfp8": _Tile(1024, 16, p_major=True),
+    "nvfp4": _Tile(2048, 16, group=4, depth=2),
+    "mxfp4": _Tile(2048, 32, group=2),
 }
 #: Use the GPU's fp8 ``cvt`` instructions on CUDA (False: the integer path everywhere).
 _HW_E4M3 = True
@@ -115,6 +123,7 @@ class _Layout:
     group: int  # chunks per pack program
     n_groups: int  # pack programs per token
     depth: int  # chunks a pack program loads ahead
+    p_major: bool  # e4m3 word tiles with the block axis second
     scale_off: int
     pad0: tuple[int, int]  # zero bytes between payload and scales
     pad1: tuple[int, int]  # zero bytes after the scales (up to the first extra or R)
@@ -128,7 +137,9 @@ class _Layout:
 @functools.lru_cache(maxsize=256)
 def _layout(spec) -> _Layout:
     fmt, h = spec.format, spec.hidden
-    chunk, per_thread, chunk_fast, group, depth = _TUNED[fmt]
+    chunk, per_thread, chunk_fast, group, depth, p_major = _TUNED[fmt]
+    if p_major and fmt not in ("fp8", "fp8_block128", "mxfp8"):
+        raise ValueError(f"p_major is for the e4m3 formats, not {fmt}")
     if fmt == "bf16":
         blkp = min(chunk, _next_pow2(h))
         nb = n_chunks = -(-h // blkp)
@@ -160,6 +171,7 @@ def _layout(spec) -> _Layout:
         group=min(group, n_chunks),
         n_groups=-(-n_chunks // min(group, n_chunks)),
         depth=depth,
+        p_major=p_major,
         scale_off=s.offset,
         pad0=(p.end, s.offset),
         pad1=(s.end, s.offset + span["scales"]),
@@ -279,6 +291,7 @@ def pack(
         CHUNK_FAST=lay.chunk_fast,
         GROUP=lay.group,
         DEPTH=lay.depth,
+        PMAJ=lay.p_major,
         num_warps=lay.num_warps,
         enable_fp_fusion=False,
     )

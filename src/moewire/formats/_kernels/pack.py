@@ -68,23 +68,50 @@ def _absmax(a, b):
 
 
 @triton.jit
-def _load_words(x_ptr, t, sxt, c, NB, NW, NBLK: tl.constexpr, P: tl.constexpr, FULL: tl.constexpr):
+def _load_words(
+    x_ptr,
+    t,
+    sxt,
+    c,
+    NB,
+    NW,
+    NBLK: tl.constexpr,
+    P: tl.constexpr,
+    FULL: tl.constexpr,
+    PMAJ: tl.constexpr,
+):
     """Chunk ``c`` of bf16 ``x[t]`` as int32 words ``[NBLK, P, 4]`` (block ``blk``: words
-    ``4P*blk ..``). Returns the tile ``(w, widx, m, blk, bm)``: the words, their index in
-    the row, their mask, the chunk's block indices and the blocks' mask (a chunk past the
-    last block loads nothing)."""
+    ``4P*blk ..``), or ``[P, NBLK, 4]`` with ``PMAJ``: the same words, the block axis second,
+    so that Triton spreads consecutive lanes along a block (coalesced loads and stores) rather
+    than across blocks; the block reductions then cross lanes. Returns the tile
+    ``(w, widx, m, blk, bm)``: the words, their index in the row, their mask, the chunk's
+    block indices and the blocks' mask (a chunk past the last block loads nothing)."""
     blk = c * NBLK + tl.arange(0, NBLK)
     bm = blk < NB
-    widx = (
-        blk[:, None, None] * (4 * P)
-        + tl.arange(0, P)[None, :, None] * 4
-        + tl.arange(0, 4)[None, None, :]
-    )
-    m = bm[:, None, None]
+    if PMAJ:
+        widx = (
+            tl.arange(0, P)[:, None, None] * 4
+            + blk[None, :, None] * (4 * P)
+            + tl.arange(0, 4)[None, None, :]
+        )
+    else:
+        widx = (
+            blk[:, None, None] * (4 * P)
+            + tl.arange(0, P)[None, :, None] * 4
+            + tl.arange(0, 4)[None, None, :]
+        )
+    m = _per_block(bm, PMAJ)
     if not FULL:  # fp8: one block of NW words, padded to 4P
         m = m & (widx < NW)
     w = tl.load((x_ptr + t * sxt).to(tl.pointer_type(tl.int32)) + widx, mask=m, other=0)
     return w, widx, m, blk, bm
+
+
+@triton.jit
+def _per_block(v, PMAJ: tl.constexpr):
+    """``[NBLK]`` -> broadcastable against a word tile (see :func:`_load_words`)."""
+    r = v[None, :, None] if PMAJ else v[:, None, None]
+    return r
 
 
 @triton.jit
@@ -96,10 +123,11 @@ def _split_words(w):
 
 
 @triton.jit
-def _words_amax_bits(lo, hi):
+def _words_amax_bits(lo, hi, PMAJ: tl.constexpr):
     """Bits of each block's largest ``|x|`` (``[NBLK]``; a NaN if the block has one)."""
     a = _absmax(tl.abs(lo), tl.abs(hi))
-    a = tl.reduce(tl.reduce(a, 2, _absmax), 1, _absmax)
+    a = tl.reduce(a, 2, _absmax)
+    a = tl.reduce(a, 0, _absmax) if PMAJ else tl.reduce(a, 1, _absmax)
     return a.to(tl.int32, bitcast=True)
 
 
@@ -183,15 +211,21 @@ def _e2m1_bytes_hw(w, code_lo, code_hi, keep):
 
 @triton.jit
 def _quant_e4m3_words(
-    tile, row_ptr, scale_off, KIND: tl.constexpr, NBLK: tl.constexpr, HW: tl.constexpr
+    tile,
+    row_ptr,
+    scale_off,
+    KIND: tl.constexpr,
+    NBLK: tl.constexpr,
+    HW: tl.constexpr,
+    PMAJ: tl.constexpr,
 ):
     w, widx, m, blk, bm = tile
     lo, hi = _split_words(w)
-    amax_bits = _words_amax_bits(lo, hi)
+    amax_bits = _words_amax_bits(lo, hi, PMAJ)
     if KIND == KIND_FP8:
         amax = amax_bits.to(tl.float32, bitcast=True)
         a = tl.where(amax_bits > 0x7F800000, amax, tl.maximum(amax, 1e-4))
-        k = tl.math.div_rn(tl.full([NBLK], 448.0, tl.float32), a)[:, None, None]
+        k = _per_block(tl.math.div_rn(tl.full([NBLK], 448.0, tl.float32), a), PMAJ)
         q = _e4m3_pair(lo * k, hi * k, HW)
         s = tl.math.div_rn(a, tl.full([NBLK], 448.0, tl.float32))
         s_ptr = (row_ptr + scale_off).to(tl.pointer_type(tl.int32))
@@ -199,8 +233,8 @@ def _quant_e4m3_words(
     else:
         bad = amax_bits >= 0x7F800000
         b = mx_scale_byte(tl.where(bad, 0, amax_bits), 9, 0x600000)  # 448 = 0.875 * 2**9
-        k = exp2i(127 - b)[:, None, None]
-        q = _e4m3_pair(lo * k, hi * k, HW) & tl.where(bad, 0, -1).to(tl.int16)[:, None, None]
+        k = _per_block(exp2i(127 - b), PMAJ)
+        q = _e4m3_pair(lo * k, hi * k, HW) & _per_block(tl.where(bad, 0, -1).to(tl.int16), PMAJ)
         tl.store(row_ptr + scale_off + blk, tl.where(bad, 0xFF, b).to(tl.uint8), mask=bm)
     tl.store(row_ptr.to(tl.pointer_type(tl.int16)) + widx, q, mask=m)
 
@@ -219,7 +253,7 @@ def _quant_e2m1_words(
 ):
     w, widx, m, blk, bm = tile
     lo, hi = _split_words(w)
-    amax_bits = _words_amax_bits(lo, hi)
+    amax_bits = _words_amax_bits(lo, hi, False)
     bad = amax_bits >= 0x7F800000
     if KIND == KIND_NVFP4:
         vmax = amax_bits.to(tl.float32, bitcast=True)
@@ -458,12 +492,14 @@ def pack_kernel(
     CHUNK_FAST: tl.constexpr,
     GROUP: tl.constexpr,
     DEPTH: tl.constexpr,
+    PMAJ: tl.constexpr,
 ):
     """Program ``(t, p)``: chunks ``p * GROUP ..`` (``GROUP`` chunks of NBLK blocks each) of
     token ``t``; the program of the last chunk also writes the token's tail bytes (one
     thread block fewer per token). On the word path the program loads its next chunk (or
     next two: ``DEPTH``) before it quantizes the current one, so loads are in flight
-    during the arithmetic.
+    during the arithmetic. ``PMAJ``: the word tiles' block axis second (e4m3 formats only;
+    see :func:`_load_words`).
     ``CHUNK_FAST``: the grid is ``(n_groups, T)`` (consecutive programs walk along one row;
     the launcher keeps ``T`` within the grid's second dimension); otherwise ``(T, n_groups)``."""
     if CHUNK_FAST:
@@ -478,16 +514,16 @@ def pack_kernel(
         NW = H // 2
         P: tl.constexpr = BLKP // 8
         # tile: the chunk to quantize now; nxt, nxt2: the next ones, already loading
-        tile = _load_words(x_ptr, t, sxt, c0, NB, NW, NBLK, P, FULL)
+        tile = _load_words(x_ptr, t, sxt, c0, NB, NW, NBLK, P, FULL, PMAJ)
         if DEPTH > 1 and GROUP > 1:
-            nxt = _load_words(x_ptr, t, sxt, c0 + 1, NB, NW, NBLK, P, FULL)
+            nxt = _load_words(x_ptr, t, sxt, c0 + 1, NB, NW, NBLK, P, FULL, PMAJ)
         for i in tl.static_range(GROUP):
             if DEPTH > 1 and i + 2 < GROUP:
-                nxt2 = _load_words(x_ptr, t, sxt, c0 + i + 2, NB, NW, NBLK, P, FULL)
+                nxt2 = _load_words(x_ptr, t, sxt, c0 + i + 2, NB, NW, NBLK, P, FULL, PMAJ)
             elif DEPTH == 1 and i + 1 < GROUP:
-                nxt = _load_words(x_ptr, t, sxt, c0 + i + 1, NB, NW, NBLK, P, FULL)
+                nxt = _load_words(x_ptr, t, sxt, c0 + i + 1, NB, NW, NBLK, P, FULL, PMAJ)
             if KIND == KIND_FP8 or KIND == KIND_MXFP8:  # noqa: SIM109 (constexpr test)
-                _quant_e4m3_words(tile, row_ptr, scale_off, KIND, NBLK, HW)
+                _quant_e4m3_words(tile, row_ptr, scale_off, KIND, NBLK, HW, PMAJ)
             else:
                 _quant_e2m1_words(tile, row_ptr, scale_off, g, inv_g, rcp6, KIND, NBLK, HW)
             if i + 1 < GROUP:
