@@ -13,10 +13,13 @@ stored through typed pointers at their section offsets.
 Two ways to read ``x``. The general one loads ``x[t, i]`` one value at a time (any dtype, any
 strides). With ``WORDS`` (bfloat16 ``x`` with unit column stride and 4-byte aligned rows,
 the common case, chosen by the launcher) the block formats read ``x`` as int32 words of two
-bf16 values, shaped ``[NBLK, P, 4]`` (``P`` = words per block / 4), so that one thread owns
-whole scale blocks: the block's absmax is a reduction in registers, its scale is computed by
-one thread, and the two values of a word give one packed byte (fp4) or one e4m3 pair (fp8)
-without reshuffling values between threads. Same fp32 operations, same bytes.
+bf16 values, shaped ``[NBLK, P, 4]`` (``P`` = words per block / 4), so that a thread holds
+whole runs of a scale block (for the fp4 formats' small blocks, whole blocks: the absmax is a
+reduction in registers), and the two values of a word give one packed byte (fp4) or one
+e4m3 pair (fp8) without reshuffling values between threads. The e4m3 formats can use the
+tile ``[P, NBLK, 4]`` instead (``PMAJ``): Triton then puts consecutive lanes along a block,
+which coalesces their loads and stores (the block reductions cross lanes). Same fp32
+operations, same bytes.
 
 Shape legend: ``T`` tokens, ``H`` hidden, ``R`` row bytes, ``NB`` scale blocks per token,
 ``NBLK`` blocks per chunk, ``GROUP`` chunks per program, ``BLKP`` values per block padded
