@@ -69,6 +69,16 @@ _TUNED = {
     "nvfp4": _Tile(2048, 16, group=4, depth=2),
     "mxfp4": _Tile(2048, 32, group=2),
 }
+#: The dequantize kernel's tiles: (values per program, values per thread), as the pack
+#: kernel's were at commit 091212b (BENCHMARKS.md's table of 2026-11-28 measured them).
+_DEQ_TUNED = {
+    "bf16": (4096, 16),
+    "fp8": (0, 32),
+    "fp8_block128": (1024, 32),
+    "mxfp8": (1024, 16),
+    "nvfp4": (1024, 16),
+    "mxfp4": (1024, 32),
+}
 #: Use the GPU's fp8 ``cvt`` instructions on CUDA (False: the integer path everywhere).
 _HW_E4M3 = True
 #: CUDA's limit on a grid's second dimension (the token axis of a chunk-fastest pack grid).
@@ -132,6 +142,14 @@ class _Layout:
     eiter: int  # steps per extra (compile-time)
     num_warps: int
     chunk_fast: bool  # pack grid order (see _TUNED)
+    # the dequantize kernel's own cut of the row (_DEQ_TUNED): nb, nblk, blkp, full as
+    # above, programs per row, warps per program
+    dq_nb: int
+    dq_nblk: int
+    dq_blkp: int
+    dq_full: bool
+    dq_n_chunks: int
+    dq_warps: int
 
 
 @functools.lru_cache(maxsize=256)
@@ -140,19 +158,8 @@ def _layout(spec) -> _Layout:
     chunk, per_thread, chunk_fast, group, depth, p_major = _TUNED[fmt]
     if p_major and fmt not in ("fp8", "fp8_block128", "mxfp8"):
         raise ValueError(f"p_major is for the e4m3 formats, not {fmt}")
-    if fmt == "bf16":
-        blkp = min(chunk, _next_pow2(h))
-        nb = n_chunks = -(-h // blkp)
-        nblk, full, values = 1, True, blkp
-    elif fmt == "fp8":  # one block: the whole token
-        blkp, nb, nblk, n_chunks = _next_pow2(h), 1, 1, 1
-        full, values = blkp == h, blkp
-    else:
-        blkp = _BLOCK[fmt]
-        nb = h // blkp
-        nblk = min(_next_pow2(nb), max(1, chunk // blkp))
-        n_chunks = -(-nb // nblk)
-        full, values = True, nblk * blkp
+    nb, nblk, blkp, full, n_chunks, warps = _chunking(fmt, h, chunk, per_thread)
+    dq = _chunking(fmt, h, *_DEQ_TUNED[fmt])
     sec = spec.sections
     order = list(sec.values())
     nxt = [s.offset for s in order[1:]] + [spec.row_bytes]
@@ -178,9 +185,34 @@ def _layout(spec) -> _Layout:
         extras=extras,
         eblock=eblock,
         eiter=-(-max_span // eblock),
-        num_warps=_warps(values, per_thread),
+        num_warps=warps,
         chunk_fast=chunk_fast,
+        dq_nb=dq[0],
+        dq_nblk=dq[1],
+        dq_blkp=dq[2],
+        dq_full=dq[3],
+        dq_n_chunks=dq[4],
+        dq_warps=dq[5],
     )
+
+
+def _chunking(fmt: str, h: int, chunk: int, per_thread: int):
+    """``(nb, nblk, blkp, full, n_chunks, num_warps)`` of one format's row cut into chunks of
+    ``chunk`` values (see :class:`_Layout`)."""
+    if fmt == "bf16":
+        blkp = min(chunk, _next_pow2(h))
+        nb = n_chunks = -(-h // blkp)
+        nblk, full, values = 1, True, blkp
+    elif fmt == "fp8":  # one block: the whole token
+        blkp, nb, nblk, n_chunks = _next_pow2(h), 1, 1, 1
+        full, values = blkp == h, blkp
+    else:
+        blkp = _BLOCK[fmt]
+        nb = h // blkp
+        nblk = min(_next_pow2(nb), max(1, chunk // blkp))
+        n_chunks = -(-nb // nblk)
+        full, values = True, nblk * blkp
+    return nb, nblk, blkp, full, n_chunks, _warps(values, per_thread)
 
 
 def _extra_args(group, tensors, rows: torch.Tensor) -> list:
@@ -335,22 +367,22 @@ def dequantize(
     lay = _layout(spec)
     hw = (rows.device.type == "cuda" and _HW_E4M3) if hw is None else hw
     inv_g = float(spec.wire_format.inv_global_scale) if spec.format == "nvfp4" else 1.0
-    dequant_kernel[(n, lay.n_chunks)](
+    dequant_kernel[(n, lay.dq_n_chunks)](
         rows,
         rows.stride(0),
         out,
         out.stride(0),
         h,
-        lay.nb,
+        lay.dq_nb,
         lay.scale_off,
         inv_g,
         KIND=lay.kind,
-        NBLK=lay.nblk,
-        BLKP=lay.blkp,
-        FULL=lay.full,
+        NBLK=lay.dq_nblk,
+        BLKP=lay.dq_blkp,
+        FULL=lay.dq_full,
         OUT=_OUT[dtype],
         HW=hw,
-        num_warps=lay.num_warps,
+        num_warps=lay.dq_warps,
     )
     return out
 
