@@ -45,7 +45,7 @@ def main() -> None:
         nargs="+",
         default=["chunk", "token"],
         choices=["chunk", "token"],
-        help="grid order: chunk index fastest (1-D grid) or token fastest (2-D grid)",
+        help="grid order: (n_groups, T), along a row first, or (T, n_groups), tokens first",
     )
     a = p.parse_args()
     dev = torch.device("cuda")

@@ -120,6 +120,17 @@ def _warps(values: int, per_thread: int) -> int:
     return max(1, min(16, values // (32 * per_thread)))
 
 
+class _Cut(NamedTuple):
+    """One format's row cut into chunks of values (see :func:`_chunking`)."""
+
+    nb: int  # scale blocks per token (bf16: chunks)
+    nblk: int  # blocks per chunk
+    blkp: int  # values per block, padded to a power of two
+    full: bool  # no column mask (only fp8 with H not a power of two has one)
+    n_chunks: int  # chunks per token
+    num_warps: int
+
+
 @dataclass(frozen=True)
 class _Layout:
     """How the kernels tile one format's row (derived from a WireSpec once, cached)."""
@@ -142,14 +153,7 @@ class _Layout:
     eiter: int  # steps per extra (compile-time)
     num_warps: int
     chunk_fast: bool  # pack grid order (see _TUNED)
-    # the dequantize kernel's own cut of the row (_DEQ_TUNED): nb, nblk, blkp, full as
-    # above, programs per row, warps per program
-    dq_nb: int
-    dq_nblk: int
-    dq_blkp: int
-    dq_full: bool
-    dq_n_chunks: int
-    dq_warps: int
+    dq: _Cut  # the dequantize kernel's own cut of the row (_DEQ_TUNED)
 
 
 @functools.lru_cache(maxsize=256)
@@ -158,8 +162,9 @@ def _layout(spec) -> _Layout:
     chunk, per_thread, chunk_fast, group, depth, p_major = _TUNED[fmt]
     if p_major and fmt not in ("fp8", "fp8_block128", "mxfp8"):
         raise ValueError(f"p_major is for the e4m3 formats, not {fmt}")
+    if depth not in (1, 2):
+        raise ValueError(f"depth (chunks loaded ahead) must be 1 or 2, got {depth}")
     nb, nblk, blkp, full, n_chunks, warps = _chunking(fmt, h, chunk, per_thread)
-    dq = _chunking(fmt, h, *_DEQ_TUNED[fmt])
     sec = spec.sections
     order = list(sec.values())
     nxt = [s.offset for s in order[1:]] + [spec.row_bytes]
@@ -187,18 +192,13 @@ def _layout(spec) -> _Layout:
         eiter=-(-max_span // eblock),
         num_warps=warps,
         chunk_fast=chunk_fast,
-        dq_nb=dq[0],
-        dq_nblk=dq[1],
-        dq_blkp=dq[2],
-        dq_full=dq[3],
-        dq_n_chunks=dq[4],
-        dq_warps=dq[5],
+        dq=_chunking(fmt, h, *_DEQ_TUNED[fmt]),
     )
 
 
-def _chunking(fmt: str, h: int, chunk: int, per_thread: int):
-    """``(nb, nblk, blkp, full, n_chunks, num_warps)`` of one format's row cut into chunks of
-    ``chunk`` values (see :class:`_Layout`)."""
+def _chunking(fmt: str, h: int, chunk: int, per_thread: int) -> _Cut:
+    """One format's row of ``h`` values cut into chunks of ``chunk`` values, with
+    ``per_thread`` values per thread."""
     if fmt == "bf16":
         blkp = min(chunk, _next_pow2(h))
         nb = n_chunks = -(-h // blkp)
@@ -212,7 +212,7 @@ def _chunking(fmt: str, h: int, chunk: int, per_thread: int):
         nblk = min(_next_pow2(nb), max(1, chunk // blkp))
         n_chunks = -(-nb // nblk)
         full, values = True, nblk * blkp
-    return nb, nblk, blkp, full, n_chunks, _warps(values, per_thread)
+    return _Cut(nb, nblk, blkp, full, n_chunks, _warps(values, per_thread))
 
 
 def _extra_args(group, tensors, rows: torch.Tensor) -> list:
@@ -367,22 +367,22 @@ def dequantize(
     lay = _layout(spec)
     hw = (rows.device.type == "cuda" and _HW_E4M3) if hw is None else hw
     inv_g = float(spec.wire_format.inv_global_scale) if spec.format == "nvfp4" else 1.0
-    dequant_kernel[(n, lay.dq_n_chunks)](
+    dequant_kernel[(n, lay.dq.n_chunks)](
         rows,
         rows.stride(0),
         out,
         out.stride(0),
         h,
-        lay.dq_nb,
+        lay.dq.nb,
         lay.scale_off,
         inv_g,
         KIND=lay.kind,
-        NBLK=lay.dq_nblk,
-        BLKP=lay.dq_blkp,
-        FULL=lay.dq_full,
+        NBLK=lay.dq.nblk,
+        BLKP=lay.dq.blkp,
+        FULL=lay.dq.full,
         OUT=_OUT[dtype],
         HW=hw,
-        num_warps=lay.dq_warps,
+        num_warps=lay.dq.num_warps,
     )
     return out
 
