@@ -326,29 +326,55 @@ def test_all_e2m1_ties(fmt, dtype):
     check_dequantize(spec, check_pack(spec, x, {}))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("fmt", ["mxfp8", "mxfp4"])
-def test_mx_extreme_scale_bytes(fmt):
+def test_mx_extreme_scale_bytes(fmt, dtype):
     # Largest and smallest scale bytes a finite block can produce: b = 0 needs a tiny amax
-    # (fp32 subnormals; v = x * 2**127), the top one the largest fp32 values
+    # (subnormals; v = x * 2**127), the top one the largest finite values
     # (mxfp4: b = 253, v = x * 2**-126). Plus blocks right at amax = M * 2**E and just above.
+    # bf16 input takes the word path (on the GPU, mxfp4's bf16-pair encoder).
     m = 448.0 if fmt == "mxfp8" else 6.0
-    f32 = torch.finfo(torch.float32)
+    fin = torch.finfo(dtype)
+    at = torch.full((32,), m * 2.0**-130)
+    big = torch.full((32,), m * 2.0**5)
+    if dtype == torch.bfloat16:
+        tiny, above = 2.0**-133, _bf16_neighbours(torch.stack([at, big]))[2:]
+    else:
+        tiny = 1e-45
+        above = torch.stack([at.nextafter(torch.tensor(1.0)), big.nextafter(torch.tensor(1e9))])
     rows = [
-        torch.full((32,), 1e-45),
+        torch.full((32,), tiny),
         torch.linspace(-1e-39, 1e-39, 32),
-        torch.linspace(-1.0, 1.0, 32) * f32.max,
-        torch.full((32,), f32.max),
-        torch.full((32,), m * 2.0**-130),
-        torch.full((32,), m * 2.0**-130).nextafter(torch.tensor(1.0)),
-        torch.full((32,), m * 2.0**5),
-        torch.full((32,), m * 2.0**5).nextafter(torch.tensor(1e9)),
+        torch.linspace(-1.0, 1.0, 32) * fin.max,
+        torch.full((32,), fin.max),
+        at,
+        above[0],
+        big,
+        above[1],
     ]
-    x = torch.stack(rows).reshape(1, -1).to(DEVICE)
+    x = torch.stack(rows).reshape(1, -1).to(dtype).to(DEVICE)
+    xs = x.float().cpu().reshape(8, 32)
+    assert bool((xs[5:8:2] > xs[4:7:2]).all())  # "above" is above
     spec = make_spec(fmt, x.shape[1])
     rows = check_pack(spec, x, {})
     scales = spec.unpack(rows).scales.view(torch.uint8).cpu()
     assert int(scales.min()) == 0 and int(scales.max()) >= 247
     check_dequantize(spec, rows)
+
+
+@pytest.mark.parametrize("g", [2.0**-101, 2.0**-100, G, 2.0**100, 2.0**101])
+def test_nvfp4_global_scale_range(g):
+    # On the GPU, bf16 words within _NVFP4_PAIRS_G take the pair encoder (in units of 2**-6,
+    # exact only while out * 2**-6 stays a normal fp32), the others the integer encoder:
+    # both edges of the range and one step outside, on data calibrated for g (amax ~ 2688/g).
+    assert _triton._pair_encoders("nvfp4", g) == (2.0**-100 <= g <= 2.0**100)
+    x = heavy_tailed(129, 2048)
+    x = x * (2688.0 / g / float(x.abs().amax()))
+    x[5, :16] = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0] * 2) * (6 * 448 / g)
+    x = x.to(torch.bfloat16).to(DEVICE)
+    assert bool(x.float().isfinite().all())
+    spec = make_spec("nvfp4", 2048, g=g)
+    check_dequantize(spec, check_pack(spec, x, {}))
 
 
 @pytest.mark.parametrize("fmt", mw.FORMATS)
@@ -432,7 +458,7 @@ _PTX_SCRIPT = textwrap.dedent(
             common = dict(KIND=kind, NBLK=nblk, BLKP=blkp, FULL=True, HW=hw)
             ce = dict(common, HAS_TAIL=True, NUM_EXTRAS=1, EBLOCK=16, EITER=1, WORDS=words,
                       CHUNK_FAST=words, GROUP=3, DEPTH=2 if words else 1,
-                      PMAJ=words and kind in (1, 2))
+                      PMAJ=words and kind in (1, 2), PAIRS=hw and words and kind in (3, 4))
             ptr = lambda n: "*bf16" if n == "x_ptr" else "*u8"
             kernels = [(pack_kernel, sig(pack_kernel, ptr, ce), ce)]
             ce = dict(common, OUT=1)
@@ -441,6 +467,14 @@ _PTX_SCRIPT = textwrap.dedent(
             for fn, s, ce in kernels:
                 src = triton.compiler.ASTSource(fn=fn, signature=s, constexprs=ce)
                 ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+                # the compiler's code, without our inline asm, whose only fmas add an exact
+                # product (e * 2**22, a power of two times a power of two: see pack.py)
+                asm = re.findall(r"begin inline asm(.*?)end inline asm", ptx, flags=re.S)
+                own = [ln for a in asm for ln in a.splitlines() if re.search(r"\\bfma\\.", ln)]
+                exact = r"fma\\.rn\\.(f32 y[01], e[01], 0f[4C]A800000|bf16x2 s[0-3], e[0-3], c64)"
+                if any(not re.search(exact, ln) for ln in own):
+                    print("BAD asm fma", fn.__name__, kind, hw, own)
+                ptx = re.sub(r"begin inline asm.*?end inline asm", "", ptx, flags=re.S)
                 bad = re.findall(r"\\b\\w+(?:\\.\\w+)*\\.(?:ftz|approx|full)\\b[\\w.]*", ptx)
                 fma = re.findall(r"\\bfma\\.\\w+\\.f32", ptx)
                 if bad or fma:
@@ -453,7 +487,9 @@ _PTX_SCRIPT = textwrap.dedent(
 def test_ptx_has_no_flush_to_zero_approximation_or_contraction():
     """Compile the kernels for sm_90 (no GPU needed) and read the PTX: no ``.ftz`` (a
     flushed subnormal would break MX scales of 2**-127 and subnormal inputs), no approximate
-    division or reciprocal, and no ``fma`` contraction of the reference's separate roundings."""
+    division or reciprocal, and no ``fma`` contraction of the reference's separate roundings
+    (the fp4 pair encoders' inline asm has fmas of its own, each adding an exact product:
+    those, and only those, are allowed)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     src = os.path.join(os.path.dirname(__file__), "..", "src")
     env["PYTHONPATH"] = os.pathsep.join([src, env.get("PYTHONPATH", "")])

@@ -67,7 +67,7 @@ _TUNED = {
     "fp8_block128": _Tile(1024, 32, p_major=True),
     "mxfp8": _Tile(1024, 16, p_major=True),
     "nvfp4": _Tile(2048, 16, group=4, depth=2),
-    "mxfp4": _Tile(2048, 32, group=2),
+    "mxfp4": _Tile(1024, 16, group=2),
 }
 #: The dequantize kernel's tiles: (values per program, values per thread), as the pack
 #: kernel's were at commit 091212b (BENCHMARKS.md's table of 2026-11-28 measured them).
@@ -230,6 +230,21 @@ def _extra_args(group, tensors, rows: torch.Tensor) -> list:
     return args
 
 
+#: nvfp4's pair encoder works in units of ``2**-6`` (``_kernels/pack.py``,
+#: ``_nvfp4_bytes_hw``), exact when its per-block factor ``out * 2**-6`` stays a normal
+#: fp32 and finite: true for every global scale in ``[2**-100, 2**100]`` (``out`` is about
+#: ``g / S`` with ``S`` in ``[2**-9, 448]``). Others use the integer encoder.
+_NVFP4_PAIRS_G = (2.0**-100, 2.0**100)
+
+
+def _pair_encoders(fmt: str, g: float) -> bool:
+    """Whether the fp4 word path can use the GPU's pair encoders (two values per
+    instruction, see ``_kernels/pack.py``): always for mxfp4, for nvfp4 within
+    :data:`_NVFP4_PAIRS_G`. Both give the integer encoder's bytes; this only picks speed."""
+    lo, hi = _NVFP4_PAIRS_G
+    return fmt == "mxfp4" or (fmt == "nvfp4" and lo <= g <= hi)
+
+
 def _words(lay: _Layout, x: torch.Tensor) -> bool:
     """Whether the block formats can read bf16 ``x`` as int32 words of two values (see
     ``_kernels/pack.py``): unit column stride, 4-byte aligned rows, whole words per block."""
@@ -252,6 +267,7 @@ def pack(
     *,
     hw: bool | None = None,
     words: bool = True,
+    pairs: bool = True,
 ) -> torch.Tensor:
     """Quantize ``x`` and write complete rows into ``rows``; returns ``rows``.
 
@@ -268,6 +284,8 @@ def pack(
         hw: private, for tests: force (True) or avoid (False) the hardware fp8 ``cvt``.
         words: private, for tests: False reads bf16 ``x`` one value at a time even where
             it could be read as int32 words.
+        pairs: private, for tests: False keeps the fp4 formats' word path off the GPU's
+            pair encoders (:func:`_pair_encoders`) even where they apply.
     """
     _check_device(x, "x")
     t = x.shape[0]
@@ -279,7 +297,7 @@ def pack(
         for i in range(0, t, _MAX_GRID_Y):
             sl = slice(i, i + _MAX_GRID_Y)
             part = {name: e[sl] for name, e in extras.items()}
-            pack(spec, x[sl], rows[sl], part, hw=hw, words=words)
+            pack(spec, x[sl], rows[sl], part, hw=hw, words=words, pairs=pairs)
         return rows
     target = (
         rows if _aligned(rows) else torch.empty_like(rows, memory_format=torch.contiguous_format)
@@ -324,6 +342,7 @@ def pack(
         GROUP=lay.group,
         DEPTH=lay.depth,
         PMAJ=lay.p_major,
+        PAIRS=pairs and hw and _pair_encoders(spec.format, g),
         num_warps=lay.num_warps,
         enable_fp_fusion=False,
     )

@@ -154,58 +154,199 @@ def _e4m3_pair(lo, hi, HW: tl.constexpr):
     return q
 
 
-#: ``code + 298`` is what :func:`_e2m1_mag_biased` returns; a packed byte ``hi * 16 + lo``
-#: carries that bias 17 times, a word of four bytes ``17 * 0x01010101`` times (mod
-#: ``2**32``), removed by one subtraction in :func:`_e2m1_bytes_hw`, whose asm spells out
-#: ``_E2M1_WORD_BIAS``.
-_E2M1_WORD_BIAS = 3722304970
-assert _E2M1_WORD_BIAS == (298 * 17 * 0x01010101) % (1 << 32)
+@triton.jit
+def _max_u16x2(a, b):
+    """Lane-wise unsigned max of two pairs of 16-bit values (one ``vimnmx``, sm_90)."""
+    return tl.inline_asm_elementwise(
+        "max.u16x2 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.int32, is_pure=True, pack=1
+    )
 
 
 @triton.jit
-def _e2m1_mag_biased(v, SAT: tl.constexpr):
-    """:func:`encode_e2m1_mag` plus 298, with fewer integer-pipe instructions: ``M``'s
-    bits are those of ``max(|v|, 1) * 2**22`` (an exact multiply) with the mantissa masked
-    off, instead of an integer add to the masked exponent. Same rounding, same codes."""
-    a = tl.abs(v)
-    if SAT:
-        a = tl.minimum(a, 6.0)
-    m = (tl.maximum(a, 1.0) * 4194304.0).to(tl.int32, bitcast=True) & 0x7F800000
-    q = (a + m.to(tl.float32, bitcast=True)).to(tl.int32, bitcast=True)
-    return q - m + (m >> 22)
+def _mxfp4_bytes_hw(a, w, k2, keep):
+    """mxfp4 bytes of four consecutive bf16 words at once, two values per instruction
+    (GPU only; ``[.., 4]`` int32 in, ``[.., 4]`` uint8 out as one register).
 
+    ``a`` is ``w`` with the sign bits cleared, ``k2`` the block's ``2**-(b-127)`` as a
+    bf16 pair, ``keep`` 0 for a non-finite block (else -1). The element rule in bf16 pairs,
+    exact because every step is:
 
-@triton.jit
-def _e2m1_bytes_hw(w, code_lo, code_hi, keep):
-    """Packed fp4 bytes of four consecutive bf16 words at once (GPU only; ``[.., 4]``
-    int32 in, ``[.., 4]`` uint8 out as one register): byte ``j`` is
-    ``code_hi[j] << 4 | code_lo[j]`` (codes from :func:`_e2m1_mag_biased`, 298 too large,
-    removed once per word) with the sign bits of word ``j``
-    (bits 15 and 31) in bits 3 and 7, all ANDed with ``keep`` (0 for a non-finite block).
-    The signs are gathered with byte permutes, four bytes per instruction, instead of two
-    shifts and an OR per byte; the same bytes as the portable path (the GPU tests check)."""
+    * ``v = |x| * 2**n`` (``mul.rn.bf16x2``): a power-of-two scaling of a bf16 value, exact
+      unless ``|v| < 2**-126``, which encodes as 0 either way; ``|v| <= 6`` by the scale rule.
+    * ``s = e * 64 + v`` (``fma.rn.bf16x2``, one rounding), ``e = 2**max(floor(log2 v), 0)``
+      from the exponent bits of ``max(v, 1)``: the spacing of bf16 at ``64e`` is ``e / 2``,
+      the e2m1 grid's spacing in ``v``'s binade, so ``s`` is ``64e + j * e / 2`` with ``v``
+      rounded to nearest, ties to even ``j``, exactly as :func:`encode_e2m1_mag` does in fp32
+      with ``2**22``.
+    * ``code = j + 2 * log2(e)``: in each 16-bit lane ``bits(s) - bits(e) = 768 + j`` and
+      ``bits(e) >> 6 = 254 + 2 * log2(e)``, so ``bits(s) - bits(e) + (bits(e) >> 6) + 2`` is
+      ``1024 + code``; its low byte is the code. No lane borrows from or carries into the
+      other (``s >= 64e``, all below ``2**16``).
+
+    Byte ``j`` of the result is ``code_hi << 4 | code_lo`` with the signs of word ``j``
+    (bits 15, 31) in bits 3 and 7, ANDed with ``keep``. The GPU tests check every byte
+    against the torch reference."""
     return tl.inline_asm_elementwise(
         """{
-        .reg .b32 a, b, lo, hi, c0, c1, c2, c3, t;
-        prmt.b32 a, $1, $2, 0x7351;
-        prmt.b32 b, $3, $4, 0x7351;
-        prmt.b32 lo, a, b, 0x5410;
-        prmt.b32 hi, a, b, 0x7632;
-        mad.lo.u32 c0, $9, 16, $5;
-        mad.lo.u32 c1, $10, 16, $6;
-        mad.lo.u32 c2, $11, 16, $7;
-        mad.lo.u32 c3, $12, 16, $8;
-        mad.lo.u32 c0, c1, 256, c0;
-        mad.lo.u32 c2, c3, 256, c2;
-        mad.lo.u32 t, c2, 65536, c0;
-        sub.u32 t, t, 3722304970;
-        lop3.b32 t, hi, 0x80808080, t, 0xEA;
-        shr.b32 lo, lo, 4;
-        lop3.b32 t, lo, 0x08080808, t, 0xEA;
+        .reg .b32 one, c64, a0, a1, a2, a3, e0, e1, e2, e3, s0, s1, s2, s3, t, p, q, l, h;
+        mov.b32 one, 0x3F803F80;
+        mov.b32 c64, 0x42804280;
+        mul.rn.bf16x2 a0, $1, $9;
+        mul.rn.bf16x2 a1, $2, $10;
+        mul.rn.bf16x2 a2, $3, $11;
+        mul.rn.bf16x2 a3, $4, $12;
+        max.bf16x2 e0, a0, one;
+        max.bf16x2 e1, a1, one;
+        max.bf16x2 e2, a2, one;
+        max.bf16x2 e3, a3, one;
+        and.b32 e0, e0, 0x7F807F80;
+        and.b32 e1, e1, 0x7F807F80;
+        and.b32 e2, e2, 0x7F807F80;
+        and.b32 e3, e3, 0x7F807F80;
+        fma.rn.bf16x2 s0, e0, c64, a0;
+        fma.rn.bf16x2 s1, e1, c64, a1;
+        fma.rn.bf16x2 s2, e2, c64, a2;
+        fma.rn.bf16x2 s3, e3, c64, a3;
+        sub.u32 s0, s0, e0;
+        sub.u32 s1, s1, e1;
+        sub.u32 s2, s2, e2;
+        sub.u32 s3, s3, e3;
+        add.u32 s0, s0, 0x00020002;
+        add.u32 s1, s1, 0x00020002;
+        add.u32 s2, s2, 0x00020002;
+        add.u32 s3, s3, 0x00020002;
+        shr.u32 t, e0, 6;
+        add.u32 s0, s0, t;
+        shr.u32 t, e1, 6;
+        add.u32 s1, s1, t;
+        shr.u32 t, e2, 6;
+        add.u32 s2, s2, t;
+        shr.u32 t, e3, 6;
+        add.u32 s3, s3, t;
+        prmt.b32 p, s0, s1, 0x6420;
+        prmt.b32 q, s2, s3, 0x6420;
+        prmt.b32 l, $5, $6, 0x7531;
+        shr.u32 l, l, 4;
+        lop3.b32 p, l, 0x08080808, p, 0xEA;
+        prmt.b32 h, $7, $8, 0x7531;
+        shr.u32 h, h, 4;
+        lop3.b32 q, h, 0x08080808, q, 0xEA;
+        prmt.b32 l, p, q, 0x6420;
+        prmt.b32 h, p, q, 0x7531;
+        mad.lo.u32 t, h, 16, l;
         and.b32 $0, t, $13;
         }""",
         "=r" + ",r" * 16,
-        [w, code_lo, code_hi, keep],
+        [a, w, k2, keep],
+        dtype=tl.uint8,
+        is_pure=True,
+        pack=4,
+    )
+
+
+@triton.jit
+def _nvfp4_bytes_hw(a, w, k, keep):
+    """nvfp4 bytes of four consecutive bf16 words at once (GPU only; ``[.., 4]`` int32 in,
+    ``[.., 4]`` uint8 out as one register).
+
+    ``a`` is ``w`` with the sign bits cleared, ``k`` the block's ``out * 2**-6`` (fp32;
+    the launcher only takes this path when that scaling is exact, see ``_triton.pack``),
+    ``keep`` 0 for a non-finite block (else -1). Per value, in fp32, everything in units of
+    ``2**-6`` (exact: scaling by a power of two commutes with every rounding here, except
+    below ``2**-120``, where the code is 0 either way):
+
+    * ``p = |x| * k``, the reference's ``x * out`` (one rounding), saturated at 6;
+    * ``s = e * 2**22 + p`` (``fma.rn.f32``: ``e * 2**22`` is exact, so this is the
+      reference encoder's single fp32 addition), ``e`` the exponent bits of
+      ``max(p, 1)``: ``p`` rounded to the e2m1 grid, ties to even (:func:`encode_e2m1_mag`);
+    * ``r = s - e * 2**22`` (exact) is a grid value ``{0, .5, 1, 1.5, 2, 3, 4, 6} * 2**-6``,
+      whose e4m3 byte (``cvt.rn.satfinite.e4m3x2.f32``, exact on these values) is the e2m1
+      code shifted left by 2: ``2**-6`` is e4m3's smallest normal, so 0.5 is its subnormal
+      ``4 * 2**-9`` and the exponent and top mantissa bit line up with e2m1's.
+
+    Byte ``j`` of the result is ``code_hi << 4 | code_lo`` with the signs of word ``j``
+    (bits 15, 31) in bits 3 and 7, ANDed with ``keep``."""
+    return tl.inline_asm_elementwise(
+        """{
+        .reg .b32 x0, x1, y0, y1, e0, e1, p, q, l, h, sg;
+        .reg .b16 b0, b1, b2, b3;
+        shl.b32 x0, $1, 16;
+        and.b32 x1, $1, 0xFFFF0000;
+        mul.rn.f32 x0, x0, $9;
+        mul.rn.f32 x1, x1, $9;
+        min.f32 x0, x0, 0f3DC00000;
+        min.f32 x1, x1, 0f3DC00000;
+        max.f32 e0, x0, 0f3C800000;
+        max.f32 e1, x1, 0f3C800000;
+        and.b32 e0, e0, 0x7F800000;
+        and.b32 e1, e1, 0x7F800000;
+        fma.rn.f32 y0, e0, 0f4A800000, x0;
+        fma.rn.f32 y1, e1, 0f4A800000, x1;
+        fma.rn.f32 y0, e0, 0fCA800000, y0;
+        fma.rn.f32 y1, e1, 0fCA800000, y1;
+        cvt.rn.satfinite.e4m3x2.f32 b0, y1, y0;
+        shl.b32 x0, $2, 16;
+        and.b32 x1, $2, 0xFFFF0000;
+        mul.rn.f32 x0, x0, $10;
+        mul.rn.f32 x1, x1, $10;
+        min.f32 x0, x0, 0f3DC00000;
+        min.f32 x1, x1, 0f3DC00000;
+        max.f32 e0, x0, 0f3C800000;
+        max.f32 e1, x1, 0f3C800000;
+        and.b32 e0, e0, 0x7F800000;
+        and.b32 e1, e1, 0x7F800000;
+        fma.rn.f32 y0, e0, 0f4A800000, x0;
+        fma.rn.f32 y1, e1, 0f4A800000, x1;
+        fma.rn.f32 y0, e0, 0fCA800000, y0;
+        fma.rn.f32 y1, e1, 0fCA800000, y1;
+        cvt.rn.satfinite.e4m3x2.f32 b1, y1, y0;
+        shl.b32 x0, $3, 16;
+        and.b32 x1, $3, 0xFFFF0000;
+        mul.rn.f32 x0, x0, $11;
+        mul.rn.f32 x1, x1, $11;
+        min.f32 x0, x0, 0f3DC00000;
+        min.f32 x1, x1, 0f3DC00000;
+        max.f32 e0, x0, 0f3C800000;
+        max.f32 e1, x1, 0f3C800000;
+        and.b32 e0, e0, 0x7F800000;
+        and.b32 e1, e1, 0x7F800000;
+        fma.rn.f32 y0, e0, 0f4A800000, x0;
+        fma.rn.f32 y1, e1, 0f4A800000, x1;
+        fma.rn.f32 y0, e0, 0fCA800000, y0;
+        fma.rn.f32 y1, e1, 0fCA800000, y1;
+        cvt.rn.satfinite.e4m3x2.f32 b2, y1, y0;
+        shl.b32 x0, $4, 16;
+        and.b32 x1, $4, 0xFFFF0000;
+        mul.rn.f32 x0, x0, $12;
+        mul.rn.f32 x1, x1, $12;
+        min.f32 x0, x0, 0f3DC00000;
+        min.f32 x1, x1, 0f3DC00000;
+        max.f32 e0, x0, 0f3C800000;
+        max.f32 e1, x1, 0f3C800000;
+        and.b32 e0, e0, 0x7F800000;
+        and.b32 e1, e1, 0x7F800000;
+        fma.rn.f32 y0, e0, 0f4A800000, x0;
+        fma.rn.f32 y1, e1, 0f4A800000, x1;
+        fma.rn.f32 y0, e0, 0fCA800000, y0;
+        fma.rn.f32 y1, e1, 0fCA800000, y1;
+        cvt.rn.satfinite.e4m3x2.f32 b3, y1, y0;
+        mov.b32 p, {b0, b1};
+        mov.b32 q, {b2, b3};
+        prmt.b32 l, $5, $6, 0x7531;
+        shr.u32 l, l, 2;
+        lop3.b32 p, l, 0x20202020, p, 0xEA;
+        prmt.b32 h, $7, $8, 0x7531;
+        shr.u32 h, h, 2;
+        lop3.b32 q, h, 0x20202020, q, 0xEA;
+        prmt.b32 l, p, q, 0x6420;
+        prmt.b32 h, p, q, 0x7531;
+        shr.u32 l, l, 2;
+        shl.b32 h, h, 2;
+        or.b32 l, l, h;
+        and.b32 $0, l, $13;
+        }""",
+        "=r" + ",r" * 16,
+        [a, w, k, keep],
         dtype=tl.uint8,
         is_pure=True,
         pack=4,
@@ -253,11 +394,20 @@ def _quant_e2m1_words(
     KIND: tl.constexpr,
     NBLK: tl.constexpr,
     HW: tl.constexpr,
+    PAIRS: tl.constexpr,
 ):
     w, widx, m, blk, bm = tile
-    lo, hi = _split_words(w)
-    amax_bits = _words_amax_bits(lo, hi, False)
+    if PAIRS:
+        # |x| as bf16 bits, two per word; their lane-wise max is the block's amax (integer
+        # order is magnitude order; a NaN is above Inf, so it propagates)
+        a = w & 0x7FFF7FFF
+        mm = tl.reduce(tl.reduce(a, 2, _max_u16x2), 1, _max_u16x2)
+        amax_bits = tl.maximum(mm & 0xFFFF, (mm >> 16) & 0xFFFF) << 16
+    else:
+        lo, hi = _split_words(w)
+        amax_bits = _words_amax_bits(lo, hi, False)
     bad = amax_bits >= 0x7F800000
+    keep = tl.where(bad, 0, -1)[:, None, None]
     if KIND == KIND_NVFP4:
         vmax = amax_bits.to(tl.float32, bitcast=True)
         s = g * (vmax * rcp6)
@@ -266,28 +416,39 @@ def _quant_e2m1_words(
         one = tl.full([NBLK], 1.0, tl.float32)
         k = tl.where(sv == 0.0, 0.0, tl.math.div_rn(one, sv * inv_g))[:, None, None]
         sb = tl.where(bad, 0x7F, sb).to(tl.uint8)
-        SAT: tl.constexpr = True
+        if PAIRS:
+            k6 = tl.broadcast_to(k * 0.015625, w.shape)  # exact: the launcher checked g
+            byte = _nvfp4_bytes_hw(a, w, k6, tl.broadcast_to(keep, w.shape))
+        else:
+            byte = _e2m1_bytes(w, lo * k, hi * k, keep, True)
     else:
         b = mx_scale_byte(tl.where(bad, 0, amax_bits), 3, 0x400000)  # 6 = 0.75 * 2**3
-        k = exp2i(127 - b)[:, None, None]
         sb = tl.where(bad, 0xFF, b).to(tl.uint8)
-        # |x| * 2**(127-b) <= 6 by the choice of b: no saturation needed
-        SAT: tl.constexpr = False
-    # the products' signs are the inputs' (k >= 0): bf16 sign bits 15 and 31 -> 3 and 7
-    if HW:
-        code_lo = _e2m1_mag_biased(lo * k, SAT)
-        code_hi = _e2m1_mag_biased(hi * k, SAT)
-        keep = tl.broadcast_to(tl.where(bad, 0, -1)[:, None, None], code_lo.shape)
-        byte = _e2m1_bytes_hw(w, code_lo, code_hi, keep)
-    else:
-        code_lo = encode_e2m1_mag(lo * k, SAT)
-        code_hi = encode_e2m1_mag(hi * k, SAT)
-        sign = w.to(tl.uint32, bitcast=True) & 0x80008000
-        code = (code_lo + (code_hi << 4)).to(tl.uint32, bitcast=True)
-        byte = code | (sign >> 12) | (sign >> 24)
-        byte = byte.to(tl.uint8) & tl.where(bad, 0, 0xFF).to(tl.uint8)[:, None, None]
+        if PAIRS:
+            n = 127 - b  # 2**n as bf16 bits (b <= 253 for a finite amax: n >= -126)
+            k2 = (tl.where(n >= -126, (n + 127) << 7, 0x40) * 0x10001)[:, None, None]
+            byte = _mxfp4_bytes_hw(
+                a, w, tl.broadcast_to(k2, w.shape), tl.broadcast_to(keep, w.shape)
+            )
+        else:
+            k = exp2i(127 - b)[:, None, None]
+            # |x| * 2**(127-b) <= 6 by the choice of b: no saturation needed
+            byte = _e2m1_bytes(w, lo * k, hi * k, keep, False)
     tl.store(row_ptr + widx, byte, mask=m)
     tl.store(row_ptr + scale_off + blk, sb, mask=bm)
+
+
+@triton.jit
+def _e2m1_bytes(w, plo, phi, keep, SAT: tl.constexpr):
+    """Packed e2m1 bytes of words ``w`` from the scaled values of their low and high halves
+    (integer encoder, exact everywhere); the products' signs are the inputs' (the scale is
+    >= 0): bf16 sign bits 15 and 31 -> 3 and 7. ``keep``: 0 for a non-finite block."""
+    code_lo = encode_e2m1_mag(plo, SAT)
+    code_hi = encode_e2m1_mag(phi, SAT)
+    sign = w.to(tl.uint32, bitcast=True) & 0x80008000
+    code = (code_lo + (code_hi << 4)).to(tl.uint32, bitcast=True)
+    byte = code | (sign >> 12) | (sign >> 24)
+    return byte.to(tl.uint8) & keep.to(tl.uint8)
 
 
 @triton.jit
@@ -496,6 +657,7 @@ def pack_kernel(
     GROUP: tl.constexpr,
     DEPTH: tl.constexpr,
     PMAJ: tl.constexpr,
+    PAIRS: tl.constexpr,
 ):
     """Program ``(t, p)``: chunks ``p * GROUP ..`` (``GROUP`` chunks of NBLK blocks each) of
     token ``t``; the program of the last chunk also writes the token's tail bytes (one
@@ -528,7 +690,7 @@ def pack_kernel(
             if KIND == KIND_FP8 or KIND == KIND_MXFP8:  # noqa: SIM109 (constexpr test)
                 _quant_e4m3_words(tile, row_ptr, scale_off, KIND, NBLK, HW, PMAJ)
             else:
-                _quant_e2m1_words(tile, row_ptr, scale_off, g, inv_g, rcp6, KIND, NBLK, HW)
+                _quant_e2m1_words(tile, row_ptr, scale_off, g, inv_g, rcp6, KIND, NBLK, HW, PAIRS)
             if i + 1 < GROUP:
                 tile = nxt
             if DEPTH > 1 and i + 2 < GROUP:
