@@ -157,3 +157,41 @@ def test_bench_under_torchrun_two_node_agents():
         assert p.returncode == 0, err[-4000:]
     assert "CPU x2 (gloo)" in outs[0][0] and "## dispatch" in outs[0][0]
     assert "## dispatch" not in outs[1][0]  # only global rank 0 reports
+
+
+def test_quantize_table_shows_both_flushes():
+    # The GPU benchmark's table (its numbers need a GPU; the formatting does not): one row
+    # per result, every column filled, the read-flush and write-flush figures side by side.
+    from moewire.bench.quantize import format_table
+
+    meta = dict(
+        device="dev",
+        torch_version="t",
+        triton_version="tr",
+        copy_gbps=4000.0,
+        copy_gbps_dirty=3900.0,
+        empty_us=3.0,
+        hidden=7168,
+    )
+    r = dict(
+        meta,
+        format="nvfp4",
+        tokens=8192,
+        op="pack",
+        bytes=150_000_000,
+        torch_us=900.0,
+        triton_us=40.0,
+        torch_gbps=166.7,
+        triton_gbps=3750.0,
+        frac_of_copy=0.9375,
+        same_copy_frac=0.96,
+        frac_of_copy_dirty=0.8,
+        speedup=22.5,
+        x_empty=13.3,
+    )
+    lines = format_table([r, dict(r, op="dequantize")]).splitlines()
+    header, rows = lines[2], lines[4:]
+    assert "4000 GB/s" in lines[0] and "3900 GB/s after a write flush" in lines[0]
+    assert len(rows) == 2 and all(row.count("|") == header.count("|") for row in rows)
+    cells = dict(zip(header.split("|"), rows[0].split("|"), strict=True))
+    assert cells[" % of copy "].strip() == "93.8" and cells[" % dirty "].strip() == "80.0"

@@ -18,6 +18,13 @@ written) reaches, as a share of that bandwidth: the ceiling that the fixed cost 
 launch leaves at that size. At small ``T`` the time is launch latency: compare the
 ``x empty`` column, the kernel's time over one empty Triton kernel's, timed the same way.
 
+Two ways to flush, both reported. The main columns flush by *reading* 256 MB (the L2 then
+holds clean lines, so the timed op moves only its own bytes). The ``% dirty`` column
+flushes by *writing* them (``zero_``, as many benchmark harnesses do): the L2 is then full
+of dirty lines that the op's first misses must write back to DRAM, tens of MB charged to
+the op's time, which weighs more the fewer bytes the op moves (a 1 GiB copy hardly
+notices). There, op and copy bandwidth are both timed after a write flush.
+
 Run standalone: ``python -m moewire.bench.quantize [--tokens ...] [--json PATH]``.
 
 Shape legend: ``T`` tokens, ``H`` hidden, ``R`` row bytes.
@@ -45,16 +52,23 @@ _COPY_BYTES = 1 << 30
 _HEAD_START_CYCLES = 200_000
 
 
-def _time_us(fn: Callable[[], object], iters: int, warmup: int, flush: torch.Tensor) -> float:
+def _time_us(
+    fn: Callable[[], object], iters: int, warmup: int, flush: torch.Tensor, dirty: bool = False
+) -> float:
     """Median GPU time of one ``fn()`` call in microseconds (CUDA events, L2 flushed, the
-    host's launch overhead hidden behind a spin kernel)."""
+    host's launch overhead hidden behind a spin kernel). The flush reads ``flush`` (the L2
+    is left clean) or, with ``dirty``, writes it (the L2 is left full of dirty lines)."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
     start = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
     end = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    words = flush.view(torch.int32)
     for i in range(iters):
-        flush.zero_()
+        if dirty:
+            flush.zero_()
+        else:
+            torch.amax(words)  # reads every byte, writes 4
         torch.cuda._sleep(_HEAD_START_CYCLES)
         start[i].record()
         fn()
@@ -73,11 +87,13 @@ def _empty_kernel():
     return lambda: empty_kernel[(1,)]()
 
 
-def _copy_gbps(iters: int, warmup: int, flush: torch.Tensor) -> float:
-    """Device-to-device copy bandwidth in GB/s, bytes read + written."""
+def _copy_gbps(iters: int, warmup: int, flush: torch.Tensor, dirty: bool = False) -> float:
+    """Device-to-device copy bandwidth in GB/s, bytes read + written (``dirty``: see
+    :func:`_time_us`)."""
     src = torch.empty(_COPY_BYTES, dtype=torch.uint8, device=flush.device)
     dst = torch.empty_like(src)
-    return 2 * _COPY_BYTES / _time_us(lambda: dst.copy_(src), iters, warmup, flush) / 1e3
+    us = _time_us(lambda: dst.copy_(src), iters, warmup, flush, dirty)
+    return 2 * _COPY_BYTES / us / 1e3
 
 
 def _same_size_copy_us(nbytes: int, iters: int, warmup: int, flush: torch.Tensor) -> float:
@@ -123,9 +139,11 @@ def run_quantize_bench(
 
     Returns:
         One dict per (format, T, op) with ``format, tokens, hidden, op, bytes, torch_us,
-        triton_us, triton_gbps, torch_gbps, frac_of_copy, same_copy_frac, speedup, x_empty``
-        (``same_copy_frac``: a copy of the same bytes, as a share of the copy bandwidth) and the
-        device-level ``device, copy_gbps, empty_us, torch_version, triton_version``.
+        triton_us, triton_gbps, torch_gbps, frac_of_copy, same_copy_frac, speedup, x_empty,
+        triton_us_dirty, frac_of_copy_dirty`` (``same_copy_frac``: a copy of the same bytes,
+        as a share of the copy bandwidth; ``*_dirty``: timed after a flush that leaves the
+        L2 dirty, against the copy bandwidth measured the same way) and the device-level
+        ``device, copy_gbps, copy_gbps_dirty, empty_us, torch_version, triton_version``.
 
     Raises:
         RuntimeError: no CUDA device, or a kernel's output differs from the reference.
@@ -137,10 +155,12 @@ def run_quantize_bench(
     dev = torch.device("cuda")
     flush = torch.empty(_FLUSH_BYTES, dtype=torch.uint8, device=dev)
     copy_gbps = _copy_gbps(iters, warmup, flush)
+    copy_gbps_dirty = _copy_gbps(iters, warmup, flush, dirty=True)
     empty_us = _time_us(_empty_kernel(), iters, warmup, flush)
     meta = {
         "device": torch.cuda.get_device_name(dev),
         "copy_gbps": copy_gbps,
+        "copy_gbps_dirty": copy_gbps_dirty,
         "empty_us": empty_us,
         "torch_version": torch.__version__,
         "triton_version": triton.__version__,
@@ -170,6 +190,7 @@ def run_quantize_bench(
             for op, fns in _ops(spec, x, rows).items():
                 torch_us = _time_us(fns["torch"], iters, warmup, flush)
                 triton_us = _time_us(fns["triton"], iters, warmup, flush)
+                dirty_us = _time_us(fns["triton"], iters, warmup, flush, dirty=True)
                 results.append(
                     {
                         "format": fmt,
@@ -185,6 +206,8 @@ def run_quantize_bench(
                         "same_copy_frac": nbytes / same_copy[nbytes] / 1e3 / copy_gbps,
                         "speedup": torch_us / triton_us,
                         "x_empty": triton_us / empty_us,
+                        "triton_us_dirty": dirty_us,
+                        "frac_of_copy_dirty": nbytes / dirty_us / 1e3 / copy_gbps_dirty,
                         **meta,
                     }
                 )
@@ -199,21 +222,24 @@ def format_table(results: Sequence[dict]) -> str:
     r0 = results[0]
     lines = [
         f"device: {r0['device']}; torch {r0['torch_version']}, triton {r0['triton_version']}; "
-        f"copy bandwidth {r0['copy_gbps']:.0f} GB/s (1 GiB D2D copy, read + written); "
+        f"copy bandwidth {r0['copy_gbps']:.0f} GB/s (1 GiB D2D copy, read + written; "
+        f"{r0['copy_gbps_dirty']:.0f} GB/s after a write flush); "
         f"empty kernel launch {r0['empty_us']:.1f} us; H = {r0['hidden']}, bf16 activations, "
-        f"no extras; median of CUDA-event timings of one call (GPU time: L2 flushed and host "
-        f"launch overhead hidden before each call)",
+        f"no extras; median of CUDA-event timings of one call (GPU time: L2 flushed by a read "
+        f"and host launch overhead hidden before each call; % dirty: L2 flushed by a write, "
+        f"op and copy alike)",
         "",
         "| format | T | op | MB moved | torch us | triton us | torch GB/s | triton GB/s "
-        "| % of copy | copy same | speedup | x empty |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| % of copy | copy same | % dirty | speedup | x empty |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         lines.append(
             f"| {r['format']} | {r['tokens']} | {r['op']} | {r['bytes'] / 1e6:.1f} "
             f"| {r['torch_us']:.1f} | {r['triton_us']:.1f} | {r['torch_gbps']:.0f} "
             f"| {r['triton_gbps']:.0f} | {100 * r['frac_of_copy']:.1f} "
-            f"| {100 * r['same_copy_frac']:.1f} | {r['speedup']:.2f}x "
+            f"| {100 * r['same_copy_frac']:.1f} | {100 * r['frac_of_copy_dirty']:.1f} "
+            f"| {r['speedup']:.2f}x "
             f"| {r['x_empty']:.1f} |"
         )
     return "\n".join(lines)

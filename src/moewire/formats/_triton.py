@@ -10,7 +10,9 @@ operations in the same order, correctly rounded division (``tl.math.div_rn``), e
 codes by integer bit manipulation (exact on the GPU and under ``TRITON_INTERPRET=1``),
 explicit clamps before every fp8 encode, NaN written as the canonical quiet NaN. On a
 CUDA device the e4m3 encode/decode use the hardware ``cvt`` (round to nearest even, after
-the same explicit clamp); the tests check both paths on the GPU.
+the same explicit clamp), and bf16 input to the fp4 formats goes through pair encoders
+(two values per instruction, exact by construction: ``_kernels/pack.py``); the tests check
+every path on the GPU.
 
 Shape legend: ``T`` tokens, ``N`` rows (e.g. gathered from every rank), ``H`` hidden,
 ``R`` row bytes, ``B`` nvfp4 scale blocks per token (``H/16``), ``Mp``/``Kp`` the swizzled

@@ -21,6 +21,14 @@ tile ``[P, NBLK, 4]`` instead (``PMAJ``): Triton then puts consecutive lanes alo
 which coalesces their loads and stores (the block reductions cross lanes). Same fp32
 operations, same bytes.
 
+On the GPU (``PAIRS``) the fp4 formats' word path encodes two values per instruction where
+it can, in inline PTX: the block amax is a lane-wise max of bf16 pairs; mxfp4 scales and
+rounds in bf16 pairs (exact: ``x * 2**n`` of a bf16 ``x`` is a bf16); nvfp4 rounds in fp32
+and turns the rounded values into codes with the e4m3x2 ``cvt``. :func:`_mxfp4_bytes_hw`
+and :func:`_nvfp4_bytes_hw` say why each step is exact; the integer encoder of
+``elements.py`` (interpreter, ``HW=False``) gives the same bytes, and the GPU tests compare
+both with the torch reference.
+
 Shape legend: ``T`` tokens, ``H`` hidden, ``R`` row bytes, ``NB`` scale blocks per token,
 ``NBLK`` blocks per chunk, ``GROUP`` chunks per program, ``BLKP`` values per block padded
 to a power of two.
@@ -664,7 +672,8 @@ def pack_kernel(
     thread block fewer per token). On the word path the program loads its next chunk (or
     next two: ``DEPTH``) before it quantizes the current one, so loads are in flight
     during the arithmetic. ``PMAJ``: the word tiles' block axis second (e4m3 formats only;
-    see :func:`_load_words`).
+    see :func:`_load_words`). ``PAIRS``: the fp4 formats' pair encoders (GPU only; the
+    launcher decides, see ``_triton._pair_encoders``).
     ``CHUNK_FAST``: the grid is ``(n_groups, T)`` (consecutive programs walk along one row;
     the launcher keeps ``T`` within the grid's second dimension); otherwise ``(T, n_groups)``."""
     if CHUNK_FAST:
