@@ -170,6 +170,110 @@ def _max_u16x2(a, b):
     )
 
 
+def _signs_and_halves(shift: int, mask: str) -> str:
+    """PTX shared by the fp4 pair encoders: with ``p``, ``q`` holding the code bytes of
+    words 0-1 and 2-3 as ``[lo0, hi0, lo1, hi1]``, OR in each value's sign (bf16 bits 15 and
+    31 of words ``$5..$8``, gathered in the same order, shifted right by ``shift`` within
+    its byte and masked with ``mask``), then collect the four low values' bytes in ``l`` and
+    the four high values' in ``h``."""
+    return f"""
+        prmt.b32 l, $5, $6, 0x7531;
+        shr.u32 l, l, {shift};
+        lop3.b32 p, l, {mask}, p, 0xEA;
+        prmt.b32 h, $7, $8, 0x7531;
+        shr.u32 h, h, {shift};
+        lop3.b32 q, h, {mask}, q, 0xEA;
+        prmt.b32 l, p, q, 0x6420;
+        prmt.b32 h, p, q, 0x7531;"""
+
+
+def _mxfp4_word(i: int) -> str:
+    """PTX of :func:`_mxfp4_bytes_hw` for word ``i`` (operands ``$1+i`` = ``a``,
+    ``$9+i`` = ``k2``): its two codes, each ``1024 + code`` in a 16-bit lane of ``s<i>``."""
+    return f"""
+        mul.rn.bf16x2 v, ${1 + i}, ${9 + i};
+        max.bf16x2 e{i}, v, one;
+        and.b32 e{i}, e{i}, 0x7F807F80;
+        fma.rn.bf16x2 s{i}, e{i}, c64, v;
+        sub.u32 s{i}, s{i}, e{i};
+        add.u32 s{i}, s{i}, 0x00020002;
+        shr.u32 t, e{i}, 6;
+        add.u32 s{i}, s{i}, t;"""
+
+
+#: Four words' codes, then the bytes: ``p``, ``q`` hold the codes of words 0-1 and 2-3 as
+#: ``[lo0, hi0, lo1, hi1]`` (one byte each, from the lanes' low bytes), the signs (bits 15,
+#: 31 of each word, gathered the same order) join them as bit 3, then ``l`` / ``h`` collect
+#: the low and high codes of words 0-3 and ``h * 16 + l`` is the four bytes.
+_MXFP4_ASM: tl.constexpr = tl.constexpr(
+    """{
+        .reg .b32 one, c64, v, e0, e1, e2, e3, s0, s1, s2, s3, t, p, q, l, h;
+        mov.b32 one, 0x3F803F80;
+        mov.b32 c64, 0x42804280;"""
+    + "".join(_mxfp4_word(i) for i in range(4))
+    + """
+        prmt.b32 p, s0, s1, 0x6420;
+        prmt.b32 q, s2, s3, 0x6420;"""
+    + _signs_and_halves(4, "0x08080808")
+    + """
+        mad.lo.u32 t, h, 16, l;
+        and.b32 $0, t, $13;
+        }"""
+)
+
+
+def _nvfp4_word(i: int) -> str:
+    """PTX of :func:`_nvfp4_bytes_hw` for word ``i`` (operands ``$1+i`` = ``a``,
+    ``$9+i`` = ``k``): its two codes, shifted left by 2, as the two bytes of ``b<i>``."""
+    return f"""
+        shl.b32 x0, ${1 + i}, 16;
+        and.b32 x1, ${1 + i}, 0xFFFF0000;
+        mul.rn.f32 x0, x0, ${9 + i};
+        mul.rn.f32 x1, x1, ${9 + i};
+        min.f32 x0, x0, 0f3DC00000;
+        min.f32 x1, x1, 0f3DC00000;
+        max.f32 e0, x0, 0f3C800000;
+        max.f32 e1, x1, 0f3C800000;
+        and.b32 e0, e0, 0x7F800000;
+        and.b32 e1, e1, 0x7F800000;
+        fma.rn.f32 y0, e0, 0f4A800000, x0;
+        fma.rn.f32 y1, e1, 0f4A800000, x1;
+        fma.rn.f32 y0, e0, 0fCA800000, y0;
+        fma.rn.f32 y1, e1, 0fCA800000, y1;
+        cvt.rn.satfinite.e4m3x2.f32 b{i}, y1, y0;"""
+
+
+#: Four words' codes (constants: 6 and 1 in units of 2**-6, +-2**22), then the bytes:
+#: ``p``, ``q`` hold words 0-1 and 2-3 as ``[lo0, hi0, lo1, hi1]`` (codes in bits 2-4),
+#: the signs join them as bit 5, ``l`` / ``h`` collect the low and high halves' bytes of
+#: words 0-3, and ``l >> 2 | h << 2`` is the four bytes.
+_NVFP4_ASM: tl.constexpr = tl.constexpr(
+    """{
+        .reg .b32 x0, x1, y0, y1, e0, e1, p, q, l, h;
+        .reg .b16 b0, b1, b2, b3;"""
+    + "".join(_nvfp4_word(i) for i in range(4))
+    + """
+        mov.b32 p, {b0, b1};
+        mov.b32 q, {b2, b3};"""
+    + _signs_and_halves(2, "0x20202020")
+    + """
+        shr.u32 l, l, 2;
+        shl.b32 h, h, 2;
+        or.b32 l, l, h;
+        and.b32 $0, l, $13;
+        }"""
+)
+
+
+@triton.jit
+def _four_words_asm(asm: tl.constexpr, a, w, k, keep):
+    """Run a pair encoder's PTX on ``[.., 4]`` int32 tiles: four consecutive words of each
+    of ``a``, ``w``, ``k``, ``keep`` in, their four bytes out as one register."""
+    return tl.inline_asm_elementwise(
+        asm, "=r" + ",r" * 16, [a, w, k, keep], dtype=tl.uint8, is_pure=True, pack=4
+    )
+
+
 @triton.jit
 def _mxfp4_bytes_hw(a, w, k2, keep):
     """mxfp4 bytes of four consecutive bf16 words at once, two values per instruction
@@ -194,62 +298,7 @@ def _mxfp4_bytes_hw(a, w, k2, keep):
     Byte ``j`` of the result is ``code_hi << 4 | code_lo`` with the signs of word ``j``
     (bits 15, 31) in bits 3 and 7, ANDed with ``keep``. The GPU tests check every byte
     against the torch reference."""
-    return tl.inline_asm_elementwise(
-        """{
-        .reg .b32 one, c64, a0, a1, a2, a3, e0, e1, e2, e3, s0, s1, s2, s3, t, p, q, l, h;
-        mov.b32 one, 0x3F803F80;
-        mov.b32 c64, 0x42804280;
-        mul.rn.bf16x2 a0, $1, $9;
-        mul.rn.bf16x2 a1, $2, $10;
-        mul.rn.bf16x2 a2, $3, $11;
-        mul.rn.bf16x2 a3, $4, $12;
-        max.bf16x2 e0, a0, one;
-        max.bf16x2 e1, a1, one;
-        max.bf16x2 e2, a2, one;
-        max.bf16x2 e3, a3, one;
-        and.b32 e0, e0, 0x7F807F80;
-        and.b32 e1, e1, 0x7F807F80;
-        and.b32 e2, e2, 0x7F807F80;
-        and.b32 e3, e3, 0x7F807F80;
-        fma.rn.bf16x2 s0, e0, c64, a0;
-        fma.rn.bf16x2 s1, e1, c64, a1;
-        fma.rn.bf16x2 s2, e2, c64, a2;
-        fma.rn.bf16x2 s3, e3, c64, a3;
-        sub.u32 s0, s0, e0;
-        sub.u32 s1, s1, e1;
-        sub.u32 s2, s2, e2;
-        sub.u32 s3, s3, e3;
-        add.u32 s0, s0, 0x00020002;
-        add.u32 s1, s1, 0x00020002;
-        add.u32 s2, s2, 0x00020002;
-        add.u32 s3, s3, 0x00020002;
-        shr.u32 t, e0, 6;
-        add.u32 s0, s0, t;
-        shr.u32 t, e1, 6;
-        add.u32 s1, s1, t;
-        shr.u32 t, e2, 6;
-        add.u32 s2, s2, t;
-        shr.u32 t, e3, 6;
-        add.u32 s3, s3, t;
-        prmt.b32 p, s0, s1, 0x6420;
-        prmt.b32 q, s2, s3, 0x6420;
-        prmt.b32 l, $5, $6, 0x7531;
-        shr.u32 l, l, 4;
-        lop3.b32 p, l, 0x08080808, p, 0xEA;
-        prmt.b32 h, $7, $8, 0x7531;
-        shr.u32 h, h, 4;
-        lop3.b32 q, h, 0x08080808, q, 0xEA;
-        prmt.b32 l, p, q, 0x6420;
-        prmt.b32 h, p, q, 0x7531;
-        mad.lo.u32 t, h, 16, l;
-        and.b32 $0, t, $13;
-        }""",
-        "=r" + ",r" * 16,
-        [a, w, k2, keep],
-        dtype=tl.uint8,
-        is_pure=True,
-        pack=4,
-    )
+    return _four_words_asm(_MXFP4_ASM, a, w, k2, keep)
 
 
 @triton.jit
@@ -274,91 +323,7 @@ def _nvfp4_bytes_hw(a, w, k, keep):
 
     Byte ``j`` of the result is ``code_hi << 4 | code_lo`` with the signs of word ``j``
     (bits 15, 31) in bits 3 and 7, ANDed with ``keep``."""
-    return tl.inline_asm_elementwise(
-        """{
-        .reg .b32 x0, x1, y0, y1, e0, e1, p, q, l, h, sg;
-        .reg .b16 b0, b1, b2, b3;
-        shl.b32 x0, $1, 16;
-        and.b32 x1, $1, 0xFFFF0000;
-        mul.rn.f32 x0, x0, $9;
-        mul.rn.f32 x1, x1, $9;
-        min.f32 x0, x0, 0f3DC00000;
-        min.f32 x1, x1, 0f3DC00000;
-        max.f32 e0, x0, 0f3C800000;
-        max.f32 e1, x1, 0f3C800000;
-        and.b32 e0, e0, 0x7F800000;
-        and.b32 e1, e1, 0x7F800000;
-        fma.rn.f32 y0, e0, 0f4A800000, x0;
-        fma.rn.f32 y1, e1, 0f4A800000, x1;
-        fma.rn.f32 y0, e0, 0fCA800000, y0;
-        fma.rn.f32 y1, e1, 0fCA800000, y1;
-        cvt.rn.satfinite.e4m3x2.f32 b0, y1, y0;
-        shl.b32 x0, $2, 16;
-        and.b32 x1, $2, 0xFFFF0000;
-        mul.rn.f32 x0, x0, $10;
-        mul.rn.f32 x1, x1, $10;
-        min.f32 x0, x0, 0f3DC00000;
-        min.f32 x1, x1, 0f3DC00000;
-        max.f32 e0, x0, 0f3C800000;
-        max.f32 e1, x1, 0f3C800000;
-        and.b32 e0, e0, 0x7F800000;
-        and.b32 e1, e1, 0x7F800000;
-        fma.rn.f32 y0, e0, 0f4A800000, x0;
-        fma.rn.f32 y1, e1, 0f4A800000, x1;
-        fma.rn.f32 y0, e0, 0fCA800000, y0;
-        fma.rn.f32 y1, e1, 0fCA800000, y1;
-        cvt.rn.satfinite.e4m3x2.f32 b1, y1, y0;
-        shl.b32 x0, $3, 16;
-        and.b32 x1, $3, 0xFFFF0000;
-        mul.rn.f32 x0, x0, $11;
-        mul.rn.f32 x1, x1, $11;
-        min.f32 x0, x0, 0f3DC00000;
-        min.f32 x1, x1, 0f3DC00000;
-        max.f32 e0, x0, 0f3C800000;
-        max.f32 e1, x1, 0f3C800000;
-        and.b32 e0, e0, 0x7F800000;
-        and.b32 e1, e1, 0x7F800000;
-        fma.rn.f32 y0, e0, 0f4A800000, x0;
-        fma.rn.f32 y1, e1, 0f4A800000, x1;
-        fma.rn.f32 y0, e0, 0fCA800000, y0;
-        fma.rn.f32 y1, e1, 0fCA800000, y1;
-        cvt.rn.satfinite.e4m3x2.f32 b2, y1, y0;
-        shl.b32 x0, $4, 16;
-        and.b32 x1, $4, 0xFFFF0000;
-        mul.rn.f32 x0, x0, $12;
-        mul.rn.f32 x1, x1, $12;
-        min.f32 x0, x0, 0f3DC00000;
-        min.f32 x1, x1, 0f3DC00000;
-        max.f32 e0, x0, 0f3C800000;
-        max.f32 e1, x1, 0f3C800000;
-        and.b32 e0, e0, 0x7F800000;
-        and.b32 e1, e1, 0x7F800000;
-        fma.rn.f32 y0, e0, 0f4A800000, x0;
-        fma.rn.f32 y1, e1, 0f4A800000, x1;
-        fma.rn.f32 y0, e0, 0fCA800000, y0;
-        fma.rn.f32 y1, e1, 0fCA800000, y1;
-        cvt.rn.satfinite.e4m3x2.f32 b3, y1, y0;
-        mov.b32 p, {b0, b1};
-        mov.b32 q, {b2, b3};
-        prmt.b32 l, $5, $6, 0x7531;
-        shr.u32 l, l, 2;
-        lop3.b32 p, l, 0x20202020, p, 0xEA;
-        prmt.b32 h, $7, $8, 0x7531;
-        shr.u32 h, h, 2;
-        lop3.b32 q, h, 0x20202020, q, 0xEA;
-        prmt.b32 l, p, q, 0x6420;
-        prmt.b32 h, p, q, 0x7531;
-        shr.u32 l, l, 2;
-        shl.b32 h, h, 2;
-        or.b32 l, l, h;
-        and.b32 $0, l, $13;
-        }""",
-        "=r" + ",r" * 16,
-        [a, w, k, keep],
-        dtype=tl.uint8,
-        is_pure=True,
-        pack=4,
-    )
+    return _four_words_asm(_NVFP4_ASM, a, w, k, keep)
 
 
 @triton.jit
