@@ -269,7 +269,6 @@ def pack(
     *,
     hw: bool | None = None,
     words: bool = True,
-    pairs: bool = True,
 ) -> torch.Tensor:
     """Quantize ``x`` and write complete rows into ``rows``; returns ``rows``.
 
@@ -286,8 +285,6 @@ def pack(
         hw: private, for tests: force (True) or avoid (False) the hardware fp8 ``cvt``.
         words: private, for tests: False reads bf16 ``x`` one value at a time even where
             it could be read as int32 words.
-        pairs: private, for tests: False keeps the fp4 formats' word path off the GPU's
-            pair encoders (:func:`_pair_encoders`) even where they apply.
     """
     _check_device(x, "x")
     t = x.shape[0]
@@ -299,7 +296,7 @@ def pack(
         for i in range(0, t, _MAX_GRID_Y):
             sl = slice(i, i + _MAX_GRID_Y)
             part = {name: e[sl] for name, e in extras.items()}
-            pack(spec, x[sl], rows[sl], part, hw=hw, words=words, pairs=pairs)
+            pack(spec, x[sl], rows[sl], part, hw=hw, words=words)
         return rows
     target = (
         rows if _aligned(rows) else torch.empty_like(rows, memory_format=torch.contiguous_format)
@@ -344,7 +341,7 @@ def pack(
         GROUP=lay.group,
         DEPTH=lay.depth,
         PMAJ=lay.p_major,
-        PAIRS=pairs and hw and _pair_encoders(spec.format, g),
+        PAIRS=hw and _pair_encoders(spec.format, g),
         num_warps=lay.num_warps,
         enable_fp_fusion=False,
     )
