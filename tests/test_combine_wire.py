@@ -159,10 +159,11 @@ def test_local_layer_round_trip():
     cfg = MoEConfig(64, 32, 4, 2)
     w13, w2 = torch.randn(4, 64, 64) * 0.1, torch.randn(4, 64, 32) * 0.1
     x, logits = torch.randn(5, 64), torch.randn(5, 4)
-    ref = EPMoE(cfg, comm="local")
+    f32 = torch.float32  # fp32 partials: the round trip of the exact fp32 sum
+    ref = EPMoE(cfg, comm="local", combine_dtype=f32)
     ref.load_experts(w13, w2)
     for wire in QUANTIZED:
-        m = EPMoE(cfg, comm="local", combine_wire=wire)
+        m = EPMoE(cfg, comm="local", combine_wire=wire, combine_dtype=f32)
         m.load_experts(w13, w2)
         codec = combine_codec(wire, 64)
         y_ref = ref(x, logits)

@@ -688,7 +688,13 @@ def _big_worker() -> dict:
     x = torch.randn(BIG_T, BIG_H, generator=g).to(torch.bfloat16)
     logits = torch.randn(BIG_T, 8, generator=g)
     layer = mw.EPMoE(
-        cfg, None, wire="nvfp4", comm="allgather", routing="topk", global_scale=G_NVFP4
+        cfg,
+        None,
+        wire="nvfp4",
+        comm="allgather",
+        routing="topk",
+        global_scale=G_NVFP4,
+        combine_dtype=torch.float32,
     )
     layer.load_experts(w13, w2)
     start = time.monotonic()
@@ -696,7 +702,9 @@ def _big_worker() -> dict:
     elapsed = time.monotonic() - start
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     sample = torch.randperm(BIG_T, generator=g)[:32]
-    ref_layer = mw.EPMoE(cfg, comm="local", wire="nvfp4", global_scale=G_NVFP4)
+    ref_layer = mw.EPMoE(
+        cfg, comm="local", wire="nvfp4", global_scale=G_NVFP4, combine_dtype=torch.float32
+    )
     ref_layer.load_experts(w13, w2)
     ref = ref_layer(x[sample], logits[sample])
     _, mag = oracle(cfg, ref_layer.spec, x[sample], logits[sample], w13, w2)

@@ -109,11 +109,19 @@ def soak(iters: int, device: torch.device, check_every: int = 50, seed: int = 0)
     for comm in COMMS:
         for routing in ROUTINGS:
             layer = mw.EPMoE(
-                cfg, None, wire="nvfp4", comm=comm, routing=routing, global_scale=G_NVFP4
+                cfg,
+                None,
+                wire="nvfp4",
+                comm=comm,
+                routing=routing,
+                global_scale=G_NVFP4,
+                combine_dtype=torch.float32,
             )
             layer.load_experts(w13, w2)
             layers[comm, routing] = layer
-    ref_layer = mw.EPMoE(cfg, comm="local", wire="nvfp4", global_scale=G_NVFP4)
+    ref_layer = mw.EPMoE(
+        cfg, comm="local", wire="nvfp4", global_scale=G_NVFP4, combine_dtype=torch.float32
+    )
     ref_layer.load_experts(w13, w2)
     w13c, w2c = w13.cpu(), w2.cpu()
     tol = 2.0**-20 if device.type == "cpu" else 2.0**-10

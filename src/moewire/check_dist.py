@@ -12,6 +12,8 @@ import torch.distributed as dist
 from moewire.bench.data import heavy_tailed
 from moewire.formats import FORMATS, WireSpec, nvfp4_global_scale
 
+F32 = torch.float32
+
 HIDDEN, INTER, EXPERTS, TOP_K = 256, 64, 8, 2
 
 
@@ -85,13 +87,21 @@ def _layer(seed: int) -> str:
     n = 0
     for wire in ("bf16", "fp8", "nvfp4", "mxfp4"):
         g = nvfp4_global_scale(32.0) if wire == "nvfp4" else None
-        ref = EPMoE(cfg, None, wire=wire, comm="local", global_scale=g)
+        ref = EPMoE(cfg, None, wire=wire, comm="local", global_scale=g, combine_dtype=F32)
         ref.load_experts(w13, w2)
         y_ref = ref(x_all, l_all)[start : start + counts[rank]].float()
         for comm in ("allgather", "alltoall", "grouped"):
             outs = []
             for quantize in ("before", "after"):
-                layer = EPMoE(cfg, None, wire=wire, comm=comm, global_scale=g, quantize=quantize)
+                layer = EPMoE(
+                    cfg,
+                    None,
+                    wire=wire,
+                    comm=comm,
+                    global_scale=g,
+                    quantize=quantize,
+                    combine_dtype=F32,
+                )
                 layer.load_experts(w13, w2)
                 outs.append(layer(*inputs[rank]))
             if not torch.equal(outs[0], outs[1]):

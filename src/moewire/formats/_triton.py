@@ -42,7 +42,7 @@ from moewire.formats._kernels.dequant import dequant_kernel
 from moewire.formats._kernels.pack import MAX_EXTRAS, extras_kernel, pack_kernel
 from moewire.formats._kernels.swizzle import swizzle_kernel
 
-__all__ = ["dequantize", "gather_swizzled_scales", "pack"]
+__all__ = ["Decoder", "decoder", "dequantize", "gather_swizzled_scales", "pack"]
 
 _KIND = {"bf16": 0, "fp8": 1, "fp8_block128": 1, "mxfp8": 2, "nvfp4": 3, "mxfp4": 4}
 _BLOCK = {"fp8_block128": FP8_BLOCK128, "mxfp8": MX_BLOCK, "nvfp4": NVFP4_BLOCK, "mxfp4": MX_BLOCK}
@@ -403,6 +403,35 @@ def dequantize(
         num_warps=lay.dq.num_warps,
     )
     return out
+
+
+class Decoder(NamedTuple):
+    """What a kernel needs to decode rows of one spec with ``decode_chunk``
+    (``_kernels/dequant.py``): the dequantize kernel's cut of the row."""
+
+    kind: int
+    nb: int
+    nblk: int
+    blkp: int
+    full: bool
+    n_chunks: int
+    num_warps: int
+    scale_off: int
+    inv_g: float
+    hw: bool
+
+
+@functools.lru_cache(maxsize=256)
+def decoder(spec, device_type: str) -> Decoder:
+    """The decode parameters of ``spec``'s rows on a device type (cached per spec)."""
+    lay = _layout(spec)
+    inv_g = float(spec.wire_format.inv_global_scale) if spec.format == "nvfp4" else 1.0
+    hw = device_type == "cuda" and _HW_E4M3
+    dq = lay.dq
+    return Decoder(
+        lay.kind, dq.nb, dq.nblk, dq.blkp, dq.full, dq.n_chunks, dq.num_warps, lay.scale_off,
+        inv_g, hw,
+    )  # fmt: skip
 
 
 def gather_swizzled_scales(spec, rows: torch.Tensor) -> torch.Tensor:

@@ -1,41 +1,49 @@
 """This rank's experts: SwiGLU FFNs applied to received wire rows, summed per row.
 
 Each expert ``e`` computes ``y = (silu(g) * u) @ w2[e].T`` with ``[g | u] = a @ w13[e].T``
-(gate rows, then up rows). The ``(row, k)`` pairs that hit a local expert are sorted by
-expert once (stable, so row order within an expert), then one of the compute paths runs:
+(gate rows, then up rows). The stage runs on the device without a host sync
+(``moe/stage.py``): the ``(row, k)`` pairs are sorted by local expert on the device, the
+received rows are gathered and decoded straight into the first GEMM's A operand, then:
 
-- ``loop``: one matmul pair per expert, bf16 in, bf16 out; any device. The oracle.
-- ``grouped``: the same two GEMMs as ``torch._grouped_mm`` over all local experts at once
-  (CUTLASS on Hopper; on CPU, where torch has it, a per-group ``mm``: bitwise the loop).
-- ``fp8``: ``fp8`` wire rows go straight into ``torch._scaled_grouped_mm``: the row's e4m3
-  payload is the A operand and its fp32 scale the per-row scale; weights are e4m3 with one
-  fp32 scale per output channel; the SwiGLU output is re-quantized per row with the same
-  ``fp8`` format. Hopper's native "the expert kernel consumes the pre-quantized input";
-  CUDA sm90+ only.
-- ``fp8_loop``: the ``fp8`` math as a loop in fp32 (e4m3 products are exact in fp32, scales
-  applied after the sum, as the kernel does); any device. The oracle of ``fp8``.
+- ``grouped``: two ``torch._grouped_mm`` (bf16; CUTLASS on Hopper, a per-group ``mm`` on
+  CPU) around one SwiGLU kernel. Every wire format is decoded to bf16 by the gather kernel.
+- ``fp8``: two ``torch._scaled_grouped_mm`` (e4m3, rowwise scales; CUDA sm90+) around one
+  SwiGLU + per-row fp8 quantization kernel; weights e4m3 with one fp32 scale per output
+  channel. ``fp8`` wire rows are the A operand as they are (payload and per-row scale);
+  ``fp8_block128``, ``mxfp8``, ``nvfp4``, ``mxfp4`` and ``bf16`` rows are decoded and
+  quantized with the ``fp8`` recipe in the gather kernel (one read of the rows, one write
+  of e4m3 ``[P, H]``: never a bf16 copy).
+- ``loop`` / ``fp8_loop``: the oracles: one matmul pair per expert (host-side counts),
+  bf16, or fp8 computed in fp32 (e4m3 products are exact in fp32, scales applied after
+  the sum, as the kernel does); any device.
 
-Every other wire format (nvfp4/mxfp4 on Hopper, mxfp8, ...) is dequantized to bf16 with
-``WireSpec.dequantize`` (the GPU kernel on CUDA) and takes ``loop``/``grouped``.
-
-The weighted expert outputs are added into an fp32 ``[N, H]`` partial sum in ``k`` order
-(``((0 + c_0) + c_1) + ...`` over the token's local experts), deterministic on every device.
+The weighted expert outputs are added per row in fp32 in ``k`` order
+(``((0 + c_0) + c_1) + ...`` over the row's local experts, ``c_k = w_k * y_k``), gathered,
+deterministic on every device, and rounded once to the combine dtype.
 
 Shape legend: ``N`` received rows, ``R`` row bytes, ``H`` hidden, ``I`` intermediate,
-``L`` local experts, ``K`` top-k, ``M`` (row, local expert) pairs.
+``L`` local experts, ``K`` top-k, ``P = N*K`` sorted pairs (the upper bound of the local
+pairs), ``O`` a weight's output channels.
 """
 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from moewire.formats import WireSpec
 from moewire.formats.fp8 import FP8Format
+from moewire.moe.stage import (
+    DevicePlan,
+    gather_bf16,
+    gather_fp8,
+    plan_device,
+    swiglu_torch,
+    unpermute,
+)
+from moewire.moe.stage import swiglu as stage_swiglu
 
 #: Compute paths of the local experts; ``auto`` picks ``grouped`` where torch has it.
 EXPERT_IMPLS = ("auto", "loop", "grouped", "fp8", "fp8_loop")
@@ -74,55 +82,9 @@ def resolve_impl(impl: str, device: torch.device) -> str:
     return "grouped" if ok else "loop"
 
 
-@dataclass(frozen=True)
-class ExpertPlan:
-    """The ``(row, k)`` pairs routed to local experts, sorted by local expert (stable).
-
-    ``pair_M`` is ``row * K + k``; ``counts`` has one Python int per local expert.
-    """
-
-    pair_M: torch.Tensor
-    row_M: torch.Tensor
-    k_M: torch.Tensor
-    weight_M: torch.Tensor
-    counts: tuple[int, ...]
-    offsets_L: torch.Tensor
-
-    @property
-    def num_pairs(self) -> int:
-        return self.pair_M.numel()
-
-
-def plan_local(
-    topk_ids_NK: torch.Tensor,
-    topk_weights_NK: torch.Tensor,
-    first_expert: int,
-    num_local: int,
-) -> ExpertPlan:
-    """Sort the pairs of ``topk_ids_NK`` (int, global ids already checked in range) that fall
-    in ``[first_expert, first_expert + num_local)`` by expert; one host sync for the counts."""
-    k = topk_ids_NK.shape[1]
-    local = topk_ids_NK.reshape(-1).long() - first_expert
-    local = torch.where((local >= 0) & (local < num_local), local, num_local)
-    order = torch.sort(local, stable=True)[1]
-    counts_all = torch.bincount(local, minlength=num_local + 1)
-    counts = tuple(int(c) for c in counts_all[:num_local].tolist())
-    pair = order[: sum(counts)]
-    offsets = torch.cumsum(counts_all[:num_local], 0).to(torch.int32)
-    return ExpertPlan(
-        pair_M=pair,
-        row_M=pair // k,
-        k_M=pair % k,
-        weight_M=topk_weights_NK.reshape(-1)[pair].float(),
-        counts=counts,
-        offsets_L=offsets,
-    )
-
-
 def swiglu(h_M2I: torch.Tensor) -> torch.Tensor:
     """``[M, 2I]`` (gate, then up) -> bf16 ``silu(gate) * up`` ``[M, I]``, computed in fp32."""
-    gate, up = h_M2I.float().chunk(2, dim=-1)
-    return (F.silu(gate) * up).to(torch.bfloat16)
+    return swiglu_torch(h_M2I)
 
 
 def quantize_fp8_rows(x_MK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,30 +103,52 @@ def quantize_fp8_weight(w_LOK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 class LocalExperts(nn.Module):
     """The ``L`` experts this rank hosts: global ids ``[first_expert, first_expert + L)``.
 
+    The weights are kept in the precision of the compute path, once: bf16 for ``loop`` /
+    ``grouped``; e4m3 with one fp32 scale per output channel for ``fp8`` / ``fp8_loop``
+    (no bf16 copy beside them).
+
     Args:
-        w13_L2IH: ``[L, 2I, H]`` float, gate rows then up rows; stored as bf16.
-        w2_LHI: ``[L, H, I]`` float; stored as bf16.
+        w13_L2IH: ``[L, 2I, H]`` gate rows then up rows: float (stored as bf16, or quantized
+            per output channel for the fp8 paths), or float8_e4m3fn with ``w13_scale``.
+        w2_LHI: ``[L, H, I]``, the same dtypes.
         first_expert: global id of local expert 0.
-        fp8: also keep per-channel e4m3 copies of the weights (for ``fp8``/``fp8_loop``),
-            quantized from the bf16 weights.
+        fp8: keep e4m3 weights for the fp8 paths (else bf16).
+        w13_scale / w2_scale: fp32 scales of e4m3 weights: per output channel ``[L, O]``
+            (dequantized weight ``q * s``) or per 128x128 block ``[L, ceil(O/128),
+            ceil(K/128)]`` (DeepSeek-V3's ``weight_scale_inv``; bf16 paths only).
     """
 
     def __init__(
-        self, w13_L2IH: torch.Tensor, w2_LHI: torch.Tensor, first_expert: int, *, fp8: bool
+        self,
+        w13_L2IH: torch.Tensor,
+        w2_LHI: torch.Tensor,
+        first_expert: int,
+        *,
+        fp8: bool,
+        w13_scale: torch.Tensor | None = None,
+        w2_scale: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         self.first_expert = first_expert
         self.num_local = w13_L2IH.shape[0]
-        self.register_buffer("w13_L2IH", w13_L2IH.to(torch.bfloat16).contiguous())
-        self.register_buffer("w2_LHI", w2_LHI.to(torch.bfloat16).contiguous())
         self.fp8 = fp8
-        if fp8:
-            q13, s13 = quantize_fp8_weight(self.w13_L2IH)
-            q2, s2 = quantize_fp8_weight(self.w2_LHI)
-            self.register_buffer("w13_fp8", q13)
-            self.register_buffer("w13_scale", s13)
-            self.register_buffer("w2_fp8", q2)
-            self.register_buffer("w2_scale", s2)
+        for name, w, s in (("w13", w13_L2IH, w13_scale), ("w2", w2_LHI, w2_scale)):
+            q, scale = _weight_in_precision(name, w, s, fp8=fp8)
+            if fp8:
+                self.register_buffer(f"{name}_fp8", q)
+                self.register_buffer(f"{name}_scale", scale)
+            else:
+                self.register_buffer(f"{name}_{'L2IH' if name == 'w13' else 'LHI'}", q)
+
+    @property
+    def device(self) -> torch.device:
+        return (self.w13_fp8 if self.fp8 else self.w13_L2IH).device
+
+    @property
+    def shape_2IH(self) -> tuple[int, int]:
+        """``(2I, H)`` of the w13 weights."""
+        w = self.w13_fp8 if self.fp8 else self.w13_L2IH
+        return w.shape[1], w.shape[2]
 
     def forward(
         self,
@@ -173,65 +157,97 @@ class LocalExperts(nn.Module):
         topk_ids_NK: torch.Tensor,
         topk_weights_NK: torch.Tensor,
         impl: str,
+        dtype: torch.dtype = torch.float32,
     ) -> torch.Tensor:
-        """Apply the local experts to received rows.
+        """Apply the local experts to received rows, without a host sync (``grouped`` and
+        ``fp8``; the ``loop`` oracles read the per-expert counts on the host).
 
         Args:
-            spec: the rows' layout (any format; ``fp8`` for the fp8 paths).
+            spec: the rows' layout (any format).
             rows_NR: uint8 ``[N, R]`` received rows.
-            topk_ids_NK: ``[N, K]`` int global expert ids, already checked to be in ``[0, E)``.
+            topk_ids_NK: ``[N, K]`` int global expert ids (ids outside this rank's range,
+                invalid ones included, select no local expert).
             topk_weights_NK: ``[N, K]`` fp32 weights.
             impl: ``loop``, ``grouped``, ``fp8`` or ``fp8_loop`` (see the module docstring).
+            dtype: of the result, float32 or bfloat16 (the combine dtype).
 
         Returns:
-            fp32 ``[N, H]``: for each row, the weighted sum of its local experts' outputs
-            (zeros for rows without a local expert).
+            ``[N, H]`` of ``dtype``: for each row, the weighted sum of its local experts'
+            outputs in ``k`` order in fp32, rounded once (zeros without a local expert).
         """
+        if impl not in EXPERT_IMPLS[1:]:
+            raise ValueError(f"experts must be one of {EXPERT_IMPLS[1:]}, got {impl!r}")
+        if (impl in FP8_IMPLS) != self.fp8:
+            raise ValueError(
+                f"experts={impl!r} needs {'fp8' if impl in FP8_IMPLS else 'bf16'} weights; "
+                f"these experts keep {'fp8' if self.fp8 else 'bf16'} ones"
+            )
         n = rows_NR.shape[0]
-        out_NH = torch.zeros((n, spec.hidden), dtype=torch.float32, device=rows_NR.device)
-        plan = plan_local(topk_ids_NK, topk_weights_NK, self.first_expert, self.num_local)
-        if plan.num_pairs == 0:
-            return out_NH
-        rows_MR = rows_NR[plan.row_M]
+        if n == 0:
+            return torch.zeros((0, spec.hidden), dtype=dtype, device=rows_NR.device)
+        plan = plan_device(topk_ids_NK, self.first_expert, self.num_local)
         if impl in FP8_IMPLS:
-            if spec.format != "fp8" or not self.fp8:
-                raise ValueError(
-                    f"experts={impl!r} consumes 'fp8' wire rows with fp8 weights, got wire "
-                    f"format {spec.format!r} (fp8 weights {'on' if self.fp8 else 'off'})"
-                )
-            view = spec.unpack(rows_MR)
-            a_MH, scale_M = view.payload.contiguous(), view.scales.reshape(-1).contiguous()
-            y_MH = (_ffn_fp8 if impl == "fp8" else _ffn_fp8_loop)(self, a_MH, scale_M, plan)
+            a_PH, scale_P = gather_fp8(spec, rows_NR, plan)
+            y_PH = (_ffn_fp8 if impl == "fp8" else _ffn_fp8_loop)(self, a_PH, scale_P, plan)
         else:
-            a_MH = spec.dequantize(rows_MR, torch.bfloat16)
-            if impl == "grouped":
-                y_MH = _ffn_grouped(self, a_MH, plan)
-            elif impl == "loop":
-                y_MH = _ffn_loop(self, a_MH, plan)
-            else:
-                raise ValueError(f"experts must be one of {EXPERT_IMPLS[1:]}, got {impl!r}")
-        contrib_MH = y_MH.float() * plan.weight_M[:, None]
-        for k in range(topk_ids_NK.shape[1]):
-            sel = (plan.k_M == k).nonzero().squeeze(1)
-            if sel.numel():
-                out_NH.index_add_(0, plan.row_M[sel], contrib_MH[sel])
-        return out_NH
+            a_PH = gather_bf16(spec, rows_NR, plan)
+            y_PH = (_ffn_grouped if impl == "grouped" else _ffn_loop)(self, a_PH, plan)
+        return unpermute(y_PH, plan, topk_weights_NK, dtype)
 
 
-def _ffn_loop(ex: LocalExperts, a_MH: torch.Tensor, plan: ExpertPlan) -> torch.Tensor:
-    y_MH = torch.empty_like(a_MH)
+def _weight_in_precision(
+    name: str, w: torch.Tensor, scale: torch.Tensor | None, *, fp8: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One weight in the path's precision: bf16, or (e4m3, per-channel fp32 scales)."""
+    if w.dtype == torch.float8_e4m3fn:
+        s = scale.float()
+        if s.dim() == 2:  # per output channel
+            if fp8:
+                return w.contiguous(), s.contiguous()
+            return (w.float() * s[:, :, None]).to(torch.bfloat16).contiguous(), None
+        if fp8:
+            raise ValueError(
+                f"{name}: 128x128 block-scaled e4m3 weights are not supported by the rowwise "
+                f"fp8 GEMM (experts='fp8'); give per-output-channel scales [L, O], or use "
+                f"the bf16 experts, which dequantize them once at load"
+            )
+        return _dequantize_block_weight(w, s).to(torch.bfloat16).contiguous(), None
+    if fp8:
+        return quantize_fp8_weight(w)
+    return w.to(torch.bfloat16).contiguous(), None
+
+
+def _dequantize_block_weight(w_LOK: torch.Tensor, s_LBC: torch.Tensor) -> torch.Tensor:
+    """e4m3 ``[L, O, K]`` with 128x128 block scales ``[L, ceil(O/128), ceil(K/128)]`` ->
+    fp32 (one expert at a time, so the transient is one expert's fp32 copy)."""
+    l, o, k = w_LOK.shape
+    out = torch.empty((l, o, k), dtype=torch.bfloat16, device=w_LOK.device)
+    for e in range(l):
+        s = s_LBC[e].repeat_interleave(128, 0)[:o].repeat_interleave(128, 1)[:, :k]
+        out[e] = (w_LOK[e].float() * s).to(torch.bfloat16)
+    return out
+
+
+def _group_counts(plan: DevicePlan) -> list[int]:
+    """Pairs per local expert, on the host (the loop oracles only: one host sync)."""
+    ends = plan.offsets_L.tolist()
+    return [b - a for a, b in zip([0, *ends[:-1]], ends, strict=True)]
+
+
+def _ffn_loop(ex: LocalExperts, a_PH: torch.Tensor, plan: DevicePlan) -> torch.Tensor:
+    y_PH = torch.zeros_like(a_PH)
     start = 0
-    for e, c in enumerate(plan.counts):
+    for e, c in enumerate(_group_counts(plan)):
         if c:
-            a = a_MH[start : start + c]
+            a = a_PH[start : start + c]
             h = torch.mm(a, ex.w13_L2IH[e].t())
-            y_MH[start : start + c] = torch.mm(swiglu(h), ex.w2_LHI[e].t())
+            y_PH[start : start + c] = torch.mm(swiglu(h), ex.w2_LHI[e].t())
         start += c
-    return y_MH
+    return y_PH
 
 
 def _check_gemm_dims(ex: LocalExperts, itemsize: int, what: str) -> None:
-    _, two_i, h = ex.w13_L2IH.shape
+    two_i, h = ex.shape_2IH
     align = GEMM_ALIGN_BYTES // itemsize
     if h % align or (two_i // 2) % align:
         raise ValueError(
@@ -240,14 +256,15 @@ def _check_gemm_dims(ex: LocalExperts, itemsize: int, what: str) -> None:
         )
 
 
-def _ffn_grouped(ex: LocalExperts, a_MH: torch.Tensor, plan: ExpertPlan) -> torch.Tensor:
+def _ffn_grouped(ex: LocalExperts, a_PH: torch.Tensor, plan: DevicePlan) -> torch.Tensor:
     _check_gemm_dims(ex, 2, "grouped")
-    h_M2I = torch._grouped_mm(a_MH, ex.w13_L2IH.transpose(-2, -1), offs=plan.offsets_L)
-    return torch._grouped_mm(swiglu(h_M2I), ex.w2_LHI.transpose(-2, -1), offs=plan.offsets_L)
+    h_P2I = torch._grouped_mm(a_PH, ex.w13_L2IH.transpose(-2, -1), offs=plan.offsets_L)
+    a2_PI, _ = stage_swiglu(h_P2I, plan, fp8=False)
+    return torch._grouped_mm(a2_PI, ex.w2_LHI.transpose(-2, -1), offs=plan.offsets_L)
 
 
 def _ffn_fp8(
-    ex: LocalExperts, a_MH: torch.Tensor, scale_M: torch.Tensor, plan: ExpertPlan
+    ex: LocalExperts, a_PH: torch.Tensor, scale_P: torch.Tensor, plan: DevicePlan
 ) -> torch.Tensor:
     _check_gemm_dims(ex, 1, "fp8")
 
@@ -256,25 +273,25 @@ def _ffn_fp8(
             a, w.transpose(-2, -1), sa, sw, offs=plan.offsets_L, out_dtype=torch.bfloat16
         )
 
-    h_M2I = gemm(a_MH, scale_M, ex.w13_fp8, ex.w13_scale)
-    a2_MI, s2_M = quantize_fp8_rows(swiglu(h_M2I))
-    return gemm(a2_MI, s2_M, ex.w2_fp8, ex.w2_scale)
+    h_P2I = gemm(a_PH, scale_P, ex.w13_fp8, ex.w13_scale)
+    a2_PI, s2_P = stage_swiglu(h_P2I, plan, fp8=True)
+    return gemm(a2_PI, s2_P, ex.w2_fp8, ex.w2_scale)
 
 
 def _ffn_fp8_loop(
-    ex: LocalExperts, a_MH: torch.Tensor, scale_M: torch.Tensor, plan: ExpertPlan
+    ex: LocalExperts, a_PH: torch.Tensor, scale_P: torch.Tensor, plan: DevicePlan
 ) -> torch.Tensor:
     def gemm(a, sa, w, sw):
         acc = torch.mm(a.float(), w.float().t())
         return (acc * sa[:, None] * sw[None, :]).to(torch.bfloat16)
 
-    y_MH = torch.empty(a_MH.shape, dtype=torch.bfloat16, device=a_MH.device)
+    y_PH = torch.zeros(a_PH.shape, dtype=torch.bfloat16, device=a_PH.device)
     start = 0
-    for e, c in enumerate(plan.counts):
+    for e, c in enumerate(_group_counts(plan)):
         if c:
             sl = slice(start, start + c)
-            h = gemm(a_MH[sl], scale_M[sl], ex.w13_fp8[e], ex.w13_scale[e])
+            h = gemm(a_PH[sl], scale_P[sl], ex.w13_fp8[e], ex.w13_scale[e])
             a2, s2 = quantize_fp8_rows(swiglu(h))
-            y_MH[sl] = gemm(a2, s2, ex.w2_fp8[e], ex.w2_scale[e])
+            y_PH[sl] = gemm(a2, s2, ex.w2_fp8[e], ex.w2_scale[e])
         start += c
-    return y_MH
+    return y_PH

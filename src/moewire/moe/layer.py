@@ -27,7 +27,7 @@ Shape legend: ``T`` tokens on this rank, ``N`` rows received, ``H`` hidden, ``E`
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
@@ -40,6 +40,7 @@ from moewire.formats import WireSpec, nvfp4_global_scale
 from moewire.moe.config import MoEConfig
 from moewire.moe.experts import FP8_IMPLS, LocalExperts, resolve_impl
 from moewire.moe.routing import check_router_bias, check_topk_ids, route
+from moewire.moe.weights import check_expert_weights
 
 #: ``comm`` names: the backends of :func:`moewire.make_comm`, plus ``local`` (no process
 #: group, one process holds every expert: the unsharded reference layer).
@@ -57,7 +58,18 @@ class _LocalComm:
     def __init__(self, combine_wire: str = "bf16") -> None:
         self.combine_wire = combine_wire
 
-    def dispatch(self, rows_TR: torch.Tensor, topk_ids_TK: torch.Tensor | None = None):
+    def dispatch(
+        self,
+        rows_TR: torch.Tensor,
+        topk_ids_TK: torch.Tensor | None = None,
+        *,
+        counts: Sequence[int] | torch.Tensor | None = None,
+    ):
+        if counts is not None and [int(c) for c in counts] != [rows_TR.shape[0]]:
+            raise ValueError(
+                f"counts={list(counts)}: comm='local' has one rank, whose rows have "
+                f"{rows_TR.shape[0]} tokens"
+            )
         return rows_TR, None
 
     def combine(self, partial_NH: torch.Tensor, handle: Any) -> torch.Tensor:
@@ -68,6 +80,10 @@ class _LocalComm:
         codec = combine_codec(self.combine_wire, partial_NH.shape[1])
         index_T1 = torch.arange(partial_NH.shape[0], device=partial_NH.device)[:, None]
         return codec.decode_sum(codec.encode(partial_NH), index_T1, partial_NH.dtype)
+
+
+def _capturing(t: torch.Tensor) -> bool:
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def _choice(name: str, value: object, allowed: tuple) -> None:
@@ -96,10 +112,11 @@ class EPMoE(nn.Module):
             rows travel and the receiver quantizes them: the seed's old path, kept for
             measurement). Outputs are bitwise identical.
         experts: compute path of the local experts: ``"auto"``, ``"loop"``, ``"grouped"``,
-            ``"fp8"`` or ``"fp8_loop"`` (see ``moe/experts.py``; the fp8 paths need
-            ``wire="fp8"``).
-        combine_dtype: dtype of the partial sums sent back, fp32 (default) or bf16 (half
-            the combine bytes, one more rounding).
+            ``"fp8"`` or ``"fp8_loop"`` (see ``moe/experts.py``; the fp8 paths take every
+            wire format: ``fp8`` rows as they are, the others decoded to e4m3 per row).
+        combine_dtype: dtype of the partial sums sent back: bf16 (default, as peers send;
+            each rank's sum is accumulated in fp32 and rounded once) or fp32 (twice the
+            combine bytes).
         shared_expert: optional module ``[T, H] -> [T, H]`` run on this rank's unquantized
             ``x`` and added to the output (DeepSeek-V3's shared experts).
         combine_wire: how the partial sums travel back (:func:`moewire.make_comm`):
@@ -123,7 +140,7 @@ class EPMoE(nn.Module):
         global_scale: float | torch.Tensor | None = None,
         quantize: str = "before",
         experts: str = "auto",
-        combine_dtype: torch.dtype = torch.float32,
+        combine_dtype: torch.dtype = torch.bfloat16,
         shared_expert: nn.Module | None = None,
         combine_wire: str = "bf16",
     ) -> None:
@@ -147,8 +164,6 @@ class EPMoE(nn.Module):
                 f"experts must be one of ('auto', 'loop', 'grouped', 'fp8', 'fp8_loop'), "
                 f"got {experts!r}"
             )
-        if experts in FP8_IMPLS and wire != "fp8":
-            raise ValueError(f"experts={experts!r} consumes 'fp8' wire rows; got wire={wire!r}")
         if shared_expert is not None and not callable(shared_expert):
             raise TypeError(f"shared_expert must be callable, got {type(shared_expert).__name__}")
         self.config = config
@@ -239,42 +254,57 @@ class EPMoE(nn.Module):
         w13_E2IH: torch.Tensor,
         w2_EHI: torch.Tensor,
         router_bias: torch.Tensor | None = None,
+        *,
+        first_expert: int | None = None,
+        w13_scale: torch.Tensor | None = None,
+        w2_scale: torch.Tensor | None = None,
     ) -> None:
-        """Keep this rank's contiguous shard of the global expert weights.
+        """Keep this rank's contiguous shard of the expert weights, in the precision of the
+        expert path (bf16, or e4m3 + per-channel scales for the fp8 paths), once.
 
         Args:
-            w13_E2IH: ``[E, 2I, H]`` float: each expert's gate rows, then its up rows.
-            w2_EHI: ``[E, H, I]`` float: each expert's down projection.
+            w13_E2IH: ``[E, 2I, H]`` (all experts; this rank keeps its slice) or ``[E/W,
+                2I, H]`` (this rank's shard only, with ``first_expert``): each expert's gate
+                rows, then its up rows. Float, or float8_e4m3fn with ``w13_scale``.
+            w2_EHI: ``[E or E/W, H, I]``: each expert's down projection, same dtypes.
             router_bias: ``deepseek_v3`` only: the ``[E]`` expert score correction bias
                 (every rank keeps all of it: routing is global).
+            first_expert: with a shard, its first global expert id (must be this rank's,
+                ``rank * E/W``).
+            w13_scale / w2_scale: fp32 scales of e4m3 weights: per output channel
+                ``[E or E/W, O]`` (weight ``q * s``) or per 128x128 block ``[E or E/W,
+                ceil(O/128), ceil(K/128)]`` (a DeepSeek-V3 checkpoint's
+                ``weight_scale_inv``; bf16 expert paths only, dequantized once here).
 
-        The shard is stored as bf16 (plus per-channel e4m3 copies for the fp8 paths) on the
-        weights' device, which is where the forward runs.
+        The weights stay on their device, which is where the forward runs.
         """
-        c = self.config
-        for name, w, shape in (
-            ("w13", w13_E2IH, (c.num_experts, 2 * c.intermediate, c.hidden)),
-            ("w2", w2_EHI, (c.num_experts, c.hidden, c.intermediate)),
-        ):
-            if not isinstance(w, torch.Tensor):
-                raise TypeError(f"{name} must be a torch.Tensor, got {type(w).__name__}")
-            if not w.is_floating_point():
-                raise TypeError(f"{name} must be floating point, got dtype {w.dtype}")
-            if tuple(w.shape) != shape:
-                raise ValueError(f"{name} must have shape {list(shape)}, got {list(w.shape)}")
-        if w13_E2IH.device != w2_EHI.device:
-            raise ValueError(f"w13 is on {w13_E2IH.device}, w2 on {w2_EHI.device}")
-        check_router_bias(c, router_bias)
-        for name, w in (("w13", w13_E2IH), ("w2", w2_EHI), ("router_bias", router_bias)):
-            if w is not None and not bool(torch.isfinite(w).all()):
-                n_bad = int((~torch.isfinite(w)).sum())
-                raise ValueError(f"{name} must be finite, got {n_bad} NaN/Inf values")
-        sl = slice(self.first_expert, self.first_expert + self.num_local)
+        n = check_expert_weights(self.config, self.num_local, w13_E2IH, w2_EHI, w13_scale, w2_scale)
+        if n == self.config.num_experts and first_expert is None:
+            sl = slice(self.first_expert, self.first_expert + self.num_local)
+        elif n != self.num_local:
+            raise ValueError(
+                f"first_expert={first_expert} is for a shard of {self.num_local} experts; "
+                f"the weights hold {n}"
+            )
+        elif first_expert != self.first_expert:
+            raise ValueError(
+                f"first_expert={first_expert}: this rank's shard (rank {self.rank} of "
+                f"{self.world_size}, {self.num_local} experts each) starts at expert "
+                f"{self.first_expert}"
+            )
+        else:
+            sl = slice(0, n)
+        check_router_bias(self.config, router_bias)
+        if router_bias is not None and not bool(torch.isfinite(router_bias).all()):
+            n_bad = int((~torch.isfinite(router_bias)).sum())
+            raise ValueError(f"router_bias must be finite, got {n_bad} NaN/Inf values")
         self.local_experts = LocalExperts(
             w13_E2IH[sl].detach(),
             w2_EHI[sl].detach(),
             self.first_expert,
             fp8=self.experts_impl in FP8_IMPLS,
+            w13_scale=None if w13_scale is None else w13_scale[sl].detach(),
+            w2_scale=None if w2_scale is None else w2_scale[sl].detach(),
         )
         self.router_bias_E = (
             None
@@ -301,20 +331,29 @@ class EPMoE(nn.Module):
                 f"router_logits must be [T={x_TH.shape[0]}, E={c.num_experts}], "
                 f"got shape {tuple(router_logits_TE.shape)}"
             )
-        dev = self.local_experts.w13_L2IH.device
+        dev = self.local_experts.device
         if x_TH.device != dev or router_logits_TE.device != dev:
             raise ValueError(
                 f"x ({x_TH.device}) and router_logits ({router_logits_TE.device}) must be on "
                 f"the experts' device {dev}"
             )
 
-    def forward(self, x_TH: torch.Tensor, router_logits_TE: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x_TH: torch.Tensor,
+        router_logits_TE: torch.Tensor,
+        *,
+        counts: Sequence[int] | torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """This rank's tokens through the sharded layer.
 
         Args:
             x_TH: ``[T, H]`` bf16/fp16/fp32 activations of this rank's tokens (``T`` may
                 differ between ranks, and be 0); rounded to bf16 before quantization.
             router_logits_TE: ``[T, E]`` float router logits (routed in fp32).
+            counts: every rank's ``T`` (ints or a CPU int tensor, the same on every rank,
+                e.g. an engine's data-parallel metadata): the dispatch then needs no count
+                exchange and no host sync (see :meth:`moewire.comm.Comm.dispatch`).
 
         Returns:
             ``[T, H]`` in ``x_TH.dtype``: ``sum_k w_k * expert_k(x)`` over the token's top-k
@@ -337,10 +376,10 @@ class EPMoE(nn.Module):
         with self._stage("pack"):
             rows_TR = self.travel_spec.pack(x16_TH, **extras)
         with self._stage("dispatch"):
-            if self.comm_name == "alltoall":
+            if counts is None:
                 recv_NR, handle = self.comm.dispatch(rows_TR, ids_TK)
             else:
-                recv_NR, handle = self.comm.dispatch(rows_TR)
+                recv_NR, handle = self.comm.dispatch(rows_TR, ids_TK, counts=counts)
         with self._stage("experts"):
             if self.quantize == "after":
                 recv_NR = self._quantize_received(recv_NR)
@@ -349,12 +388,15 @@ class EPMoE(nn.Module):
                 ids_NK, weights_NK = route(cfg, view.extras["router_logits"], self.router_bias_E)
             else:
                 ids_NK = view.extras["topk_ids"]
-                check_topk_ids(ids_NK, cfg.num_experts, "received topk_ids", distinct=True)
+                if not _capturing(recv_NR):  # one host sync; under capture ids select nothing
+                    check_topk_ids(ids_NK, cfg.num_experts, "received topk_ids", distinct=True)
                 weights_NK = view.extras["topk_weights"]
             impl = resolve_impl(self.experts_impl, recv_NR.device)
-            partial_NH = self.local_experts(self.spec, recv_NR, ids_NK, weights_NK, impl)
+            partial_NH = self.local_experts(
+                self.spec, recv_NR, ids_NK, weights_NK, impl, self.combine_dtype
+            )
         with self._stage("combine"):
-            y_TH = self.comm.combine(partial_NH.to(self.combine_dtype), handle).float()
+            y_TH = self.comm.combine(partial_NH, handle).float()
         if self.shared_expert is not None:
             y_TH = y_TH + self.shared_expert(x_TH).float()
         return y_TH.to(x_TH.dtype)

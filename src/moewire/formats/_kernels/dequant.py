@@ -46,11 +46,9 @@ def _e8m0_value(b):
 
 
 @triton.jit
-def dequant_kernel(
-    rows_ptr,
-    srt,
-    out_ptr,
-    sot,
+def decode_chunk(
+    row_ptr,
+    c,
     H,
     NB,
     scale_off,
@@ -59,19 +57,16 @@ def dequant_kernel(
     NBLK: tl.constexpr,
     BLKP: tl.constexpr,
     FULL: tl.constexpr,
-    OUT: tl.constexpr,
     HW: tl.constexpr,
 ):
-    """One program: ``NBLK`` blocks of one row."""
-    n = tl.program_id(0).to(tl.int64)
-    c = tl.program_id(1)
-    row_ptr = rows_ptr + n * srt
-    out_row = out_ptr + n * sot
+    """Chunk ``c`` of one row (``NBLK`` scale blocks; bf16: ``BLKP`` values) -> fp32
+    values, their indices in the row and the in-row mask, exactly as the torch reference
+    dequantizes (the one decoder of every kernel that reads wire rows)."""
     if KIND == KIND_BF16:
-        i = c * BLKP + tl.arange(0, BLKP)
-        m = i < H
-        b = tl.load(row_ptr.to(tl.pointer_type(tl.uint16)) + i, mask=m, other=0)
-        _store_out(out_row, i, decode_bf16(b.to(tl.int32)), m, OUT, HW)
+        idx = c * BLKP + tl.arange(0, BLKP)
+        m = idx < H
+        b = tl.load(row_ptr.to(tl.pointer_type(tl.uint16)) + idx, mask=m, other=0)
+        v = decode_bf16(b.to(tl.int32))
     else:
         blk = c * NBLK + tl.arange(0, NBLK)
         idx = blk[:, None] * BLKP + tl.arange(0, BLKP)[None, :]
@@ -101,4 +96,30 @@ def dequant_kernel(
                 v = (vals * decode_e4m3(sb, HW)[:, None]) * inv_g
             else:
                 v = vals * _e8m0_value(sb.to(tl.int32))[:, None]
-        _store_out(out_row, idx, v, m, OUT, HW)
+    return v, idx, m
+
+
+@triton.jit
+def dequant_kernel(
+    rows_ptr,
+    srt,
+    out_ptr,
+    sot,
+    H,
+    NB,
+    scale_off,
+    inv_g,
+    KIND: tl.constexpr,
+    NBLK: tl.constexpr,
+    BLKP: tl.constexpr,
+    FULL: tl.constexpr,
+    OUT: tl.constexpr,
+    HW: tl.constexpr,
+):
+    """One program: ``NBLK`` blocks of one row."""
+    n = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1)
+    v, idx, m = decode_chunk(
+        rows_ptr + n * srt, c, H, NB, scale_off, inv_g, KIND, NBLK, BLKP, FULL, HW
+    )
+    _store_out(out_ptr + n * sot, idx, v, m, OUT, HW)

@@ -1,0 +1,162 @@
+"""The expert stage's fused kernels around the grouped GEMMs (launchers: ``moe/stage.py``).
+
+- :func:`gather_decode_kernel`: received wire rows -> the first GEMM's A operand in expert
+  order, decoded to bf16 with the format's own decoder (``decode_chunk``).
+- :func:`gather_fp8_kernel`: the same rows -> e4m3 with one fp32 scale per row (the
+  ``fp8`` wire recipe applied to the decoded fp32 values), the A operand of the rowwise
+  fp8 GEMM.
+- :func:`swiglu_kernel`: ``[P, 2I]`` (gate, then up) -> ``silu(gate) * up`` rounded to
+  bf16, optionally quantized per row with the ``fp8`` recipe, reading the GEMM output once.
+- :func:`unpermute_kernel`: for each received row, ``sum_k w_k * y_k`` over its local
+  experts in ``k`` order, gathered (no atomics), written once in the combine dtype.
+
+Rows of the sorted pair order past the number of local pairs (``count``, on the device)
+are skipped: their programs store nothing. Shape legend: ``N`` received rows, ``P = N*K``
+sorted pairs (the upper bound of the local pairs), ``H`` hidden, ``I`` intermediate,
+``K`` top-k.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from moewire.formats._kernels.dequant import _store_out, decode_chunk
+from moewire.formats._kernels.elements import canonical_nan_bits, encode_bf16, encode_e4m3
+
+OUT_BF16: tl.constexpr = tl.constexpr(1)
+
+
+@triton.jit
+def gather_decode_kernel(
+    rows_ptr,
+    srt,
+    row_P_ptr,
+    count_ptr,
+    out_ptr,
+    H,
+    NB,
+    scale_off,
+    inv_g,
+    KIND: tl.constexpr,
+    NBLK: tl.constexpr,
+    BLKP: tl.constexpr,
+    FULL: tl.constexpr,
+    HW: tl.constexpr,
+):
+    """Program ``(p, c)``: chunk ``c`` of received row ``row_P[p]`` -> bf16 ``out[p]``."""
+    p = tl.program_id(0)
+    count = tl.load(count_ptr)
+    r = tl.load(row_P_ptr + p).to(tl.int64)  # every row_P entry is a valid row
+    c = tl.program_id(1)
+    v, idx, m = decode_chunk(rows_ptr + r * srt, c, H, NB, scale_off, inv_g, KIND, NBLK, BLKP,
+                             FULL, HW)  # fmt: skip
+    _store_out(out_ptr + p.to(tl.int64) * H, idx, v, m & (idx * 0 + p < count), OUT_BF16, HW)
+
+
+@triton.jit
+def _fp8_factor(amax_bits):
+    """The ``fp8`` recipe's scale from a row's amax (fp32 bits, NaN propagated): the
+    quantization factor ``448 / a`` and the stored scale ``a / 448`` (canonical NaN bits)."""
+    amax = amax_bits.to(tl.float32, bitcast=True)
+    a = tl.where(amax_bits > 0x7F800000, amax, tl.maximum(amax, 1e-4))
+    c448 = tl.zeros_like(a) + 448.0
+    return tl.math.div_rn(c448, a), canonical_nan_bits(tl.math.div_rn(a, c448))
+
+
+@triton.jit
+def gather_fp8_kernel(
+    rows_ptr,
+    srt,
+    row_P_ptr,
+    count_ptr,
+    q_ptr,
+    s_ptr,
+    H,
+    NB,
+    scale_off,
+    inv_g,
+    N_CHUNKS: tl.constexpr,
+    KIND: tl.constexpr,
+    NBLK: tl.constexpr,
+    BLKP: tl.constexpr,
+    FULL: tl.constexpr,
+    HW: tl.constexpr,
+):
+    """Program ``p``: received row ``row_P[p]`` decoded, then quantized per row (two passes
+    over the row: its amax, then the codes)."""
+    p = tl.program_id(0)
+    count = tl.load(count_ptr)
+    r = tl.load(row_P_ptr + p).to(tl.int64)  # every row_P entry is a valid row
+    row = rows_ptr + r * srt
+    amax_bits = tl.zeros((), tl.int32)
+    for c in tl.range(0, N_CHUNKS):
+        v, idx, m = decode_chunk(row, c, H, NB, scale_off, inv_g, KIND, NBLK, BLKP, FULL, HW)
+        bits = tl.where(m, v.to(tl.int32, bitcast=True) & 0x7FFFFFFF, 0)
+        amax_bits = tl.maximum(amax_bits, tl.max(tl.reshape(bits, [BLKP * NBLK]), axis=0))
+    k, s_bits = _fp8_factor(amax_bits)
+    q_row = q_ptr + p.to(tl.int64) * H
+    for c in tl.range(0, N_CHUNKS):
+        v, idx, m = decode_chunk(row, c, H, NB, scale_off, inv_g, KIND, NBLK, BLKP, FULL, HW)
+        tl.store(q_row + idx, encode_e4m3(v * k, HW), mask=m & (idx * 0 + p < count))
+    tl.store(s_ptr.to(tl.pointer_type(tl.int32)) + p, s_bits)  # s has P entries
+
+
+@triton.jit
+def swiglu_kernel(
+    h_ptr,
+    count_ptr,
+    out_ptr,
+    s_ptr,
+    I,
+    BLOCK_I: tl.constexpr,
+    FP8: tl.constexpr,
+    HW: tl.constexpr,
+):
+    """Program ``p``: ``silu(h[p, :I]) * h[p, I:]`` in fp32, rounded to bf16; with ``FP8``
+    the bf16 values are quantized per row (e4m3 ``out[p]``, fp32 ``s[p]``)."""
+    p = tl.program_id(0)
+    i = tl.arange(0, BLOCK_I)
+    m = (i < I) & (i * 0 + p < tl.load(count_ptr))
+    h_row = h_ptr + p.to(tl.int64) * (2 * I)
+    g = tl.load(h_row + i, mask=m, other=0.0).to(tl.float32)
+    u = tl.load(h_row + I + i, mask=m, other=0.0).to(tl.float32)
+    y = (g / (1.0 + tl.exp(-g))) * u
+    out_row = out_ptr + p.to(tl.int64) * I
+    if FP8:
+        y16 = (encode_bf16(y) << 16).to(tl.float32, bitcast=True)
+        amax_bits = tl.max(tl.where(m, y16.to(tl.int32, bitcast=True) & 0x7FFFFFFF, 0), axis=0)
+        k, s_bits = _fp8_factor(amax_bits)
+        tl.store(out_row + i, encode_e4m3(y16 * k, HW), mask=m)
+        tl.store(s_ptr.to(tl.pointer_type(tl.int32)) + p, s_bits)  # s has P entries
+    else:
+        _store_out(out_row, i, y, m, OUT_BF16, HW)
+
+
+@triton.jit
+def unpermute_kernel(
+    y_ptr,
+    inv_ptr,
+    w_ptr,
+    swn,
+    out_ptr,
+    H,
+    K: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    OUT: tl.constexpr,
+    HW: tl.constexpr,
+):
+    """Program ``(n, c)``: ``out[n, cols] = sum_k w[n, k] * y[inv[n, k], cols]`` over the
+    ``k`` with ``inv[n, k] >= 0``, added in ``k`` order in fp32 (launched without FMA
+    contraction: each term is rounded, then added, as the reference does)."""
+    n = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    cm = cols < H
+    acc = tl.zeros([BLOCK_H], tl.float32)
+    for k in tl.static_range(K):
+        p = tl.load(inv_ptr + n * K + k)
+        live = cols * 0 + p >= 0
+        w = tl.load(w_ptr + n * swn + k)
+        y = tl.load(y_ptr + tl.maximum(p, 0).to(tl.int64) * H + cols, mask=cm & live, other=0.0)
+        acc = tl.where(live, acc + y.to(tl.float32) * w, acc)
+    _store_out(out_ptr + n * H, cols, acc, cm, OUT, HW)

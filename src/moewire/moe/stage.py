@@ -1,0 +1,210 @@
+"""The host-sync-free expert stage: plan on the device, then fused steps around the GEMMs.
+
+    rows_NR ─plan─▶ sorted pairs ─gather+decode─▶ a_PH ─GEMM─▶ h_P2I ─swiglu(+fp8)─▶ a2_PI
+            ─GEMM─▶ y_PH ─unpermute (sum_k w_k y_k in k order)─▶ partial_NH
+
+Every step is a device op with shapes known on the host: the ``N*K`` (row, k) pairs are
+sorted by local expert (non-local pairs last), so buffers are sized by the upper bound
+``P = N*K`` and the number of local pairs stays on the device (the grouped GEMMs read it
+from their offsets; the fused kernels skip the rows past it). No ``.item()``, ``.tolist()``,
+``nonzero`` or ``bincount``: the stage can be captured in a CUDA graph.
+
+On CUDA the steps are the Triton kernels of ``_kernels/stage.py``; elsewhere (and as their
+oracle) the torch functions of the same name below, which compute the same values.
+
+Shape legend: ``N`` received rows, ``K`` top-k, ``P = N*K`` pairs, ``L`` local experts,
+``H`` hidden, ``I`` intermediate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from moewire.formats import WireSpec
+from moewire.formats.fp8 import FP8Format
+
+_FP8 = FP8Format()
+#: Values of the unpermute kernel's column tile.
+_UNPERMUTE_BLOCK = 1024
+
+
+@dataclass(frozen=True)
+class DevicePlan:
+    """The ``(row, k)`` pairs of ``N`` received rows sorted by local expert, on the device.
+
+    Attributes:
+        row_P: int32 ``[P]``, the received row of each sorted pair (local pairs first, in
+            expert order, stable: row order within an expert; then the non-local pairs).
+        offsets_L: int32 ``[L]``, the end of each local expert's pairs (``_grouped_mm``'s
+            ``offs``); ``offsets_L[-1]`` is the number of local pairs.
+        count_1: int32 ``[1]``, the number of local pairs.
+        inv_NK: int32 ``[N, K]``, the sorted position of pair ``(n, k)``, -1 if non-local.
+    """
+
+    row_P: torch.Tensor
+    offsets_L: torch.Tensor
+    count_1: torch.Tensor
+    inv_NK: torch.Tensor
+
+    @property
+    def num_pairs(self) -> int:
+        """``P``, the upper bound of the local pairs."""
+        return self.row_P.numel()
+
+
+def plan_device(topk_ids_NK: torch.Tensor, first_expert: int, num_local: int) -> DevicePlan:
+    """Sort the pairs of ``topk_ids_NK`` (int global expert ids) that fall in
+    ``[first_expert, first_expert + num_local)`` by expert, without a host sync. Ids
+    outside that range (other ranks' experts, or invalid ones) are never used as an index:
+    their pairs are non-local."""
+    n, k = topk_ids_NK.shape
+    dev = topk_ids_NK.device
+    local_P = topk_ids_NK.reshape(-1).to(torch.int32) - first_expert
+    local_P = torch.where((local_P >= 0) & (local_P < num_local), local_P, num_local)
+    key_P, order_P = torch.sort(local_P, stable=True)
+    bounds = torch.arange(1, num_local + 1, dtype=torch.int32, device=dev)
+    offsets_L = torch.searchsorted(key_P, bounds, out_int32=True)
+    count_1 = offsets_L[-1:] if num_local else torch.zeros(1, dtype=torch.int32, device=dev)
+    pos_P = torch.arange(n * k, dtype=torch.int32, device=dev)
+    inv_P = torch.empty(n * k, dtype=torch.int32, device=dev)
+    inv_P.index_copy_(0, order_P, torch.where(key_P < num_local, pos_P, -1))
+    row_P = torch.div(order_P, k, rounding_mode="floor").to(torch.int32)
+    return DevicePlan(row_P, offsets_L, count_1, inv_P.view(n, k))
+
+
+def _use_triton(t: torch.Tensor, backend: str | None) -> bool:
+    """``backend``: ``"torch"``, ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``)
+    or None (triton on CUDA)."""
+    return t.device.type == "cuda" if backend is None else backend == "triton"
+
+
+def gather_bf16(
+    spec: WireSpec, rows_NR: torch.Tensor, plan: DevicePlan, backend: str | None = None
+) -> torch.Tensor:
+    """The first GEMM's bf16 A operand ``[P, H]``: row ``p`` is received row ``row_P[p]``
+    dequantized (rows past the local pairs are left unwritten)."""
+    p, h = plan.num_pairs, spec.hidden
+    if not _use_triton(rows_NR, backend):
+        return spec.dequantize(rows_NR.index_select(0, plan.row_P), torch.bfloat16, backend="torch")
+    from moewire.formats._triton import decoder
+    from moewire.moe._kernels.stage import gather_decode_kernel
+
+    d = decoder(spec, rows_NR.device.type)
+    out = torch.empty((p, h), dtype=torch.bfloat16, device=rows_NR.device)
+    if p:
+        gather_decode_kernel[(p, d.n_chunks)](
+            rows_NR, rows_NR.stride(0), plan.row_P, plan.count_1, out, h, d.nb, d.scale_off,
+            d.inv_g, KIND=d.kind, NBLK=d.nblk, BLKP=d.blkp, FULL=d.full, HW=d.hw,
+            num_warps=d.num_warps,
+        )  # fmt: skip
+    return out
+
+
+def gather_fp8(
+    spec: WireSpec, rows_NR: torch.Tensor, plan: DevicePlan, backend: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rowwise fp8 GEMM's A operand: e4m3 ``[P, H]`` and fp32 scales ``[P]``.
+
+    ``fp8`` rows are consumed as they are (their payload and per-row scale, gathered);
+    every other format is decoded to fp32 and quantized with the ``fp8`` recipe in one
+    kernel (bitwise ``FP8Format.quantize(spec.dequantize(rows, float32))``)."""
+    if spec.format == "fp8":
+        view = spec.unpack(rows_NR)
+        idx = plan.row_P.long()
+        q = view.payload.index_select(0, idx)
+        return q, view.scales.reshape(-1).index_select(0, idx)
+    if not _use_triton(rows_NR, backend):
+        x_PH = spec.dequantize(rows_NR.index_select(0, plan.row_P), torch.float32, backend="torch")
+        q, s = _FP8.quantize(x_PH)
+        return q, s.reshape(-1)
+    from moewire.formats._triton import decoder
+    from moewire.moe._kernels.stage import gather_fp8_kernel
+
+    d = decoder(spec, rows_NR.device.type)
+    p, h = plan.num_pairs, spec.hidden
+    q = torch.empty((p, h), dtype=torch.float8_e4m3fn, device=rows_NR.device)
+    s = torch.empty((p,), dtype=torch.float32, device=rows_NR.device)
+    if p:
+        gather_fp8_kernel[(p,)](
+            rows_NR, rows_NR.stride(0), plan.row_P, plan.count_1, q.view(torch.uint8), s, h,
+            d.nb, d.scale_off, d.inv_g, N_CHUNKS=d.n_chunks, KIND=d.kind, NBLK=d.nblk,
+            BLKP=d.blkp, FULL=d.full, HW=d.hw, num_warps=d.num_warps,
+        )  # fmt: skip
+    return q, s
+
+
+def swiglu_torch(h_P2I: torch.Tensor) -> torch.Tensor:
+    """``[P, 2I]`` (gate, then up) -> bf16 ``silu(gate) * up`` ``[P, I]``, in fp32."""
+    gate, up = h_P2I.float().chunk(2, dim=-1)
+    return (F.silu(gate) * up).to(torch.bfloat16)
+
+
+def swiglu(
+    h_P2I: torch.Tensor, plan: DevicePlan, *, fp8: bool, backend: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """SwiGLU of the first GEMM's output, rounded to bf16; with ``fp8`` quantized per row
+    (e4m3 ``[P, I]``, fp32 ``[P]``) in the same kernel. Returns ``(a2, scales or None)``."""
+    if not _use_triton(h_P2I, backend):
+        y = swiglu_torch(h_P2I)
+        if not fp8:
+            return y, None
+        q, s = _FP8.quantize(y.float())
+        return q, s.reshape(-1)
+    from moewire.moe._kernels.stage import swiglu_kernel
+
+    p, i = h_P2I.shape[0], h_P2I.shape[1] // 2
+    dt = torch.float8_e4m3fn if fp8 else torch.bfloat16
+    out = torch.empty((p, i), dtype=dt, device=h_P2I.device)
+    s = torch.empty((p,) if fp8 else (1,), dtype=torch.float32, device=h_P2I.device)
+    if p:
+        block = max(16, 1 << (i - 1).bit_length())
+        swiglu_kernel[(p,)](
+            h_P2I, plan.count_1, out.view(torch.uint8) if fp8 else out, s, i, BLOCK_I=block,
+            FP8=fp8, HW=h_P2I.is_cuda, num_warps=max(1, min(16, block // 256)),
+        )  # fmt: skip
+    return out, (s if fp8 else None)
+
+
+def unpermute_torch(
+    y_PH: torch.Tensor, plan: DevicePlan, weights_NK: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """``out[n] = sum_k w[n, k] * y[inv[n, k]]`` over local ``k`` in ``k`` order, fp32,
+    rounded once to ``dtype`` (zeros for rows without a local expert)."""
+    n, k = plan.inv_NK.shape
+    acc = torch.zeros((n, y_PH.shape[1]), dtype=torch.float32, device=y_PH.device)
+    for j in range(k):
+        live = plan.inv_NK[:, j] >= 0
+        y = y_PH.index_select(0, plan.inv_NK[:, j].clamp(min=0).long()).float()
+        acc = torch.where(live[:, None], acc + y * weights_NK[:, j : j + 1].float(), acc)
+    return acc.to(dtype)
+
+
+def unpermute(
+    y_PH: torch.Tensor,
+    plan: DevicePlan,
+    weights_NK: torch.Tensor,
+    dtype: torch.dtype,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Un-permute and weighted sum (see :func:`unpermute_torch`), one kernel on CUDA."""
+    if not _use_triton(y_PH, backend):
+        return unpermute_torch(y_PH, plan, weights_NK, dtype)
+    from moewire.moe._kernels.stage import unpermute_kernel
+
+    n, k = plan.inv_NK.shape
+    h = y_PH.shape[1]
+    out = torch.empty((n, h), dtype=dtype, device=y_PH.device)
+    w = weights_NK.float()
+    if w.stride(1) != 1:
+        w = w.contiguous()
+    if n:
+        block = min(_UNPERMUTE_BLOCK, 1 << (h - 1).bit_length())
+        unpermute_kernel[(n, -(-h // block))](
+            y_PH, plan.inv_NK, w, w.stride(0), out, h, K=k, BLOCK_H=block,
+            OUT=0 if dtype == torch.float32 else 1, HW=y_PH.is_cuda, num_warps=4,
+            enable_fp_fusion=False,
+        )  # fmt: skip
+    return out
