@@ -28,8 +28,8 @@ if not _CUDA:
     os.environ["TRITON_INTERPRET"] = "1"
 try:
     triton = pytest.importorskip("triton", reason="triton is not importable")
-    import moewire.formats._triton  # noqa: F401  (the kernels, built for the interpreter on CPU)
-    import moewire.moe._kernels.stage  # noqa: F401
+    import moewire.formats._triton  # the kernels, built for the interpreter on CPU
+    import moewire.moe._kernels.stage
 
     with contextlib.suppress(ImportError):
         import triton.experimental.gluon  # noqa: F401
