@@ -143,10 +143,64 @@ def run(tokens: int, ex16: LocalExperts, ex8: LocalExperts, bw: float) -> dict:
     return rec
 
 
+def sweep_small(ex16: LocalExperts, ex8: LocalExperts, bw: float, tokens: list[int]) -> None:
+    """Time the small-M kernel's tiles on both GEMMs of both paths against torch's."""
+    tiles = [(n, k, w, st) for n in (32, 64, 128) for k in (128, 256, 512) for w in (4, 8)
+             for st in (3, 4, 5) if n * k <= 64 * 512]  # fmt: skip
+    for t in tokens:
+        ids = torch.rand(t, L, device="cuda").argsort(dim=1)[:, :K].int()
+        plan = stage.plan_device(ids, 0, L)
+        hit = int((torch.bincount(ids.flatten().long(), minlength=L) > 0).sum())
+        p = plan.num_pairs
+        a16 = torch.randn(p, H, device="cuda").bfloat16()
+        b16 = torch.randn(p, I, device="cuda").bfloat16()
+        q = mw.WireSpec("fp8", H)
+        a8, sa = q.quantize(a16.float())
+        b8, sb = mw.WireSpec("fp8", I).quantize(b16.float())
+        cases = {
+            "bf16": [(a16, ex16.w13_L2IH, None, None), (b16, ex16.w2_LHI, None, None)],
+            "fp8": [(a8, ex8.w13_fp8, sa.reshape(-1), ex8.w13_scale),
+                    (b8, ex8.w2_fp8, sb.reshape(-1), ex8.w2_scale)],
+        }  # fmt: skip
+        for name, gemms in cases.items():
+            read = hit * 3 * H * I * (2 if name == "bf16" else 1) / bw * 1e6
+            def run_all(small, gemms=gemms):
+                for a, w, s1, s2 in gemms:
+                    stage.grouped_gemm(a, w, plan, s1, s2, small=small)
+            best = (timed(lambda: run_all(False)) * 1e6, "torch")
+            print(f"T={t} {name} weights read {read:.0f} us, torch {best[0]:.0f} us", flush=True)
+            for tile in tiles:
+                stage.SMALL_M_TILE = tile
+                try:
+                    us = timed(lambda: run_all(True)) * 1e6
+                except Exception as err:  # a tile that does not fit shared memory
+                    print(f"  {tile}: {type(err).__name__}", flush=True)
+                    continue
+                best = min(best, (us, str(tile)))
+            print(f"T={t} {name} best {best[1]} {best[0]:.0f} us ({best[0] / read:.2f}x read)",
+                  flush=True)  # fmt: skip
+
+
+def profile_plan(tokens: int) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    ids = torch.rand(tokens, L, device="cuda").argsort(dim=1)[:, :K].int()
+    for _ in range(3):
+        stage.plan_device(ids, 0, L)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(10):
+            stage.plan_device(ids, 0, L)
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12), flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 64, 256, 1024, 8192])
     p.add_argument("--json", default=None)
+    p.add_argument("--sweep", type=int, nargs="*", default=None, help="small-M tile sweep at T")
+    p.add_argument("--profile-plan", type=int, default=None, help="profile the plan at T")
     args = p.parse_args()
     torch.manual_seed(0)
     w13 = torch.randn(L, 2 * I, H, device="cuda", dtype=torch.bfloat16) * H**-0.5
@@ -156,6 +210,10 @@ def main() -> None:
     del w13, w2
     bw = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}  copy bandwidth {bw / 1e9:.0f} GB/s", flush=True)
+    if args.profile_plan:
+        profile_plan(args.profile_plan)
+    if args.sweep:
+        sweep_small(ex16, ex8, bw, args.sweep)
     out = []
     for t in args.tokens:
         rec = run(t, ex16, ex8, bw)

@@ -39,6 +39,7 @@ from moewire.moe.stage import (
     DevicePlan,
     gather_bf16,
     gather_fp8,
+    grouped_gemm,
     plan_device,
     swiglu_torch,
     unpermute,
@@ -258,24 +259,18 @@ def _check_gemm_dims(ex: LocalExperts, itemsize: int, what: str) -> None:
 
 def _ffn_grouped(ex: LocalExperts, a_PH: torch.Tensor, plan: DevicePlan) -> torch.Tensor:
     _check_gemm_dims(ex, 2, "grouped")
-    h_P2I = torch._grouped_mm(a_PH, ex.w13_L2IH.transpose(-2, -1), offs=plan.offsets_L)
+    h_P2I = grouped_gemm(a_PH, ex.w13_L2IH, plan)
     a2_PI, _ = stage_swiglu(h_P2I, plan, fp8=False)
-    return torch._grouped_mm(a2_PI, ex.w2_LHI.transpose(-2, -1), offs=plan.offsets_L)
+    return grouped_gemm(a2_PI, ex.w2_LHI, plan)
 
 
 def _ffn_fp8(
     ex: LocalExperts, a_PH: torch.Tensor, scale_P: torch.Tensor, plan: DevicePlan
 ) -> torch.Tensor:
     _check_gemm_dims(ex, 1, "fp8")
-
-    def gemm(a, sa, w, sw):
-        return torch._scaled_grouped_mm(
-            a, w.transpose(-2, -1), sa, sw, offs=plan.offsets_L, out_dtype=torch.bfloat16
-        )
-
-    h_P2I = gemm(a_PH, scale_P, ex.w13_fp8, ex.w13_scale)
+    h_P2I = grouped_gemm(a_PH, ex.w13_fp8, plan, scale_P, ex.w13_scale)
     a2_PI, s2_P = stage_swiglu(h_P2I, plan, fp8=True)
-    return gemm(a2_PI, s2_P, ex.w2_fp8, ex.w2_scale)
+    return grouped_gemm(a2_PI, ex.w2_fp8, plan, s2_P, ex.w2_scale)
 
 
 def _ffn_fp8_loop(

@@ -36,6 +36,7 @@ import torch.distributed as dist
 from torch import nn
 
 from moewire.comm.combine_wire import COMBINE_DTYPES
+from moewire.comm.local import LocalComm
 from moewire.formats import WireSpec, nvfp4_global_scale
 from moewire.moe.config import MoEConfig
 from moewire.moe.experts import FP8_IMPLS, LocalExperts, resolve_impl
@@ -48,38 +49,6 @@ LAYER_COMMS = ("allgather", "alltoall", "grouped", "local")
 ROUTING_MODES = ("logits", "topk")
 QUANTIZE_MODES = ("before", "after")
 X_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-
-
-class _LocalComm:
-    """World size 1 without a process group: dispatch is the identity; combine is too with
-    ``combine_wire="bf16"``, else the one source's quantize/dequantize round trip (exactly
-    what a one-rank ``allgather`` comm returns)."""
-
-    def __init__(self, combine_wire: str = "bf16") -> None:
-        self.combine_wire = combine_wire
-
-    def dispatch(
-        self,
-        rows_TR: torch.Tensor,
-        topk_ids_TK: torch.Tensor | None = None,
-        *,
-        counts: Sequence[int] | torch.Tensor | None = None,
-    ):
-        if counts is not None and [int(c) for c in counts] != [rows_TR.shape[0]]:
-            raise ValueError(
-                f"counts={list(counts)}: comm='local' has one rank, whose rows have "
-                f"{rows_TR.shape[0]} tokens"
-            )
-        return rows_TR, None
-
-    def combine(self, partial_NH: torch.Tensor, handle: Any) -> torch.Tensor:
-        if self.combine_wire == "bf16":
-            return partial_NH
-        from moewire.comm.combine_wire import combine_codec
-
-        codec = combine_codec(self.combine_wire, partial_NH.shape[1])
-        index_T1 = torch.arange(partial_NH.shape[0], device=partial_NH.device)[:, None]
-        return codec.decode_sum(codec.encode(partial_NH), index_T1, partial_NH.dtype)
 
 
 def _capturing(t: torch.Tensor) -> bool:
@@ -215,7 +184,7 @@ class EPMoE(nn.Module):
             self.spec if self.quantize == "before" else WireSpec("bf16", hidden, extras=extras)
         )
         if self.comm_name == "local":
-            self.comm = _LocalComm(self.combine_wire)
+            self.comm = LocalComm(self.combine_wire)
         else:
             from moewire.comm import make_comm
 
@@ -344,6 +313,7 @@ class EPMoE(nn.Module):
         router_logits_TE: torch.Tensor,
         *,
         counts: Sequence[int] | torch.Tensor | None = None,
+        valid_counts: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """This rank's tokens through the sharded layer.
 
@@ -354,43 +324,38 @@ class EPMoE(nn.Module):
             counts: every rank's ``T`` (ints or a CPU int tensor, the same on every rank,
                 e.g. an engine's data-parallel metadata): the dispatch then needs no count
                 exchange and no host sync (see :meth:`moewire.comm.Comm.dispatch`).
+            valid_counts: padded batches (CUDA graphs, :mod:`moewire.graphs`): int32
+                ``[W]`` on the device, how many of each rank's ``T`` rows are real tokens
+                (the rest are padding: routed to no expert, their outputs zeros). Needs
+                ``counts`` equal to ``T`` on every rank and ``comm`` "allgather", "grouped"
+                or "local" (rows arrive rank by rank).
 
         Returns:
             ``[T, H]`` in ``x_TH.dtype``: ``sum_k w_k * expert_k(x)`` over the token's top-k
             experts on every rank (plus ``shared_expert(x_TH)``).
         """
         self._check_inputs(x_TH, router_logits_TE)
-        cfg = self.config
+        self._check_padding(x_TH.shape[0], counts, valid_counts)
         x16_TH = x_TH.to(torch.bfloat16)
         logits_TE = router_logits_TE.float().contiguous()
         ids_TK = weights_TK = None
         if self.routing == "topk" or self.comm_name == "alltoall":
-            ids_TK, weights_TK = route(cfg, logits_TE, self.router_bias_E)
+            ids_TK, weights_TK = route(self.config, logits_TE, self.router_bias_E)
         if self.routing == "logits":
             extras = {"router_logits": logits_TE}
         else:
             extras = {"topk_ids": ids_TK.to(torch.int32), "topk_weights": weights_TK}
-
         if self.spec is None:
             self._calibrate(x16_TH)
         with self._stage("pack"):
             rows_TR = self.travel_spec.pack(x16_TH, **extras)
         with self._stage("dispatch"):
-            if counts is None:
-                recv_NR, handle = self.comm.dispatch(rows_TR, ids_TK)
-            else:
-                recv_NR, handle = self.comm.dispatch(rows_TR, ids_TK, counts=counts)
+            kw = {} if counts is None else {"counts": counts}
+            recv_NR, handle = self.comm.dispatch(rows_TR, ids_TK, **kw)
         with self._stage("experts"):
             if self.quantize == "after":
                 recv_NR = self._quantize_received(recv_NR)
-            view = self.spec.unpack(recv_NR)
-            if self.routing == "logits":
-                ids_NK, weights_NK = route(cfg, view.extras["router_logits"], self.router_bias_E)
-            else:
-                ids_NK = view.extras["topk_ids"]
-                if not _capturing(recv_NR):  # one host sync; under capture ids select nothing
-                    check_topk_ids(ids_NK, cfg.num_experts, "received topk_ids", distinct=True)
-                weights_NK = view.extras["topk_weights"]
+            ids_NK, weights_NK = self._route_received(recv_NR, x_TH.shape[0], valid_counts)
             impl = resolve_impl(self.experts_impl, recv_NR.device)
             partial_NH = self.local_experts(
                 self.spec, recv_NR, ids_NK, weights_NK, impl, self.combine_dtype
@@ -400,6 +365,42 @@ class EPMoE(nn.Module):
         if self.shared_expert is not None:
             y_TH = y_TH + self.shared_expert(x_TH).float()
         return y_TH.to(x_TH.dtype)
+
+    def _route_received(
+        self, recv_NR: torch.Tensor, t: int, valid_counts: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expert ids and weights of the received rows; padding rows get id -1 (no expert)."""
+        view = self.spec.unpack(recv_NR)
+        if self.routing == "logits":
+            logits_NE = view.extras["router_logits"]
+            ids_NK, weights_NK = route(self.config, logits_NE, self.router_bias_E)
+        else:
+            ids_NK, weights_NK = view.extras["topk_ids"], view.extras["topk_weights"]
+            if not _capturing(recv_NR):  # one host sync; under capture bad ids select nothing
+                check_topk_ids(ids_NK, self.config.num_experts, "received topk_ids", distinct=True)
+        if valid_counts is not None:
+            pos_N = torch.arange(recv_NR.shape[0], device=recv_NR.device)
+            real_N = (pos_N % max(t, 1)) < valid_counts.to(recv_NR.device)[pos_N // max(t, 1)]
+            ids_NK = torch.where(real_N[:, None], ids_NK, -1)
+        return ids_NK, weights_NK
+
+    def _check_padding(
+        self, t: int, counts: Sequence[int] | torch.Tensor | None, valid: torch.Tensor | None
+    ) -> None:
+        if valid is None:
+            return
+        if self.comm_name == "alltoall":
+            raise ValueError("valid_counts: comm='alltoall' does not deliver rows rank by rank")
+        if counts is None or [int(c) for c in counts] != [t] * self.world_size:
+            raise ValueError(
+                f"valid_counts needs counts with every rank at this rank's T={t} (padded "
+                f"batches), got counts={None if counts is None else list(counts)}"
+            )
+        if not isinstance(valid, torch.Tensor) or valid.shape != (self.world_size,):
+            raise ValueError(
+                f"valid_counts must be an int tensor [W={self.world_size}], got "
+                f"{valid if not isinstance(valid, torch.Tensor) else list(valid.shape)}"
+            )
 
     def _quantize_received(self, recv_NR: torch.Tensor) -> torch.Tensor:
         """bf16 rows -> rows of the wire format: the receiver-side quantization."""

@@ -208,3 +208,51 @@ def unpermute(
             enable_fp_fusion=False,
         )  # fmt: skip
     return out
+
+
+#: Rows per expert (the upper bound ``P / L``) up to which the GEMMs take the small-M
+#: Triton kernel (``_kernels/gemm.py``) instead of torch's grouped GEMMs; by measurement
+#: (BENCHMARKS.md, "expert stage").
+SMALL_M_ROWS = 32
+#: Tiles of the small-M kernel: (BLOCK_N, BLOCK_K, num_warps, num_stages).
+SMALL_M_TILE = (64, 256, 4, 4)
+
+
+def grouped_gemm(
+    a_PC: torch.Tensor,
+    w_LNC: torch.Tensor,
+    plan: DevicePlan,
+    scale_P: torch.Tensor | None = None,
+    scale_LN: torch.Tensor | None = None,
+    *,
+    small: bool | None = None,
+) -> torch.Tensor:
+    """``out[p] = a[p] @ w[e(p)].T`` over the plan's groups, bf16 ``[P, N]`` (rows past the
+    local pairs unwritten). bf16 operands, or e4m3 with fp32 scales per row and per output
+    channel (the rowwise fp8 GEMM). ``small``: the small-M Triton kernel (None: on CUDA
+    when ``P / L <= SMALL_M_ROWS``), else ``torch._grouped_mm`` / ``_scaled_grouped_mm``."""
+    p, c = a_PC.shape
+    l, n, _ = w_LNC.shape
+    if small is None:
+        small = a_PC.is_cuda and p <= SMALL_M_ROWS * l
+    if not small:
+        wt = w_LNC.transpose(-2, -1)
+        if scale_P is None:
+            return torch._grouped_mm(a_PC, wt, offs=plan.offsets_L)
+        return torch._scaled_grouped_mm(
+            a_PC, wt, scale_P, scale_LN, offs=plan.offsets_L, out_dtype=torch.bfloat16
+        )
+    from moewire.moe._kernels.gemm import small_grouped_gemm_kernel
+
+    fp8 = scale_P is not None
+    out = torch.empty((p, n), dtype=torch.bfloat16, device=a_PC.device)
+    block_n, block_k, warps, stages = SMALL_M_TILE
+    block_m = min(64, max(16, 1 << max(0, (-(-p // max(l, 1)) - 1).bit_length())))
+    hw = a_PC.is_cuda
+    raw = torch.uint8 if fp8 else (torch.bfloat16 if hw else torch.int16)
+    small_grouped_gemm_kernel[(-(-n // block_n), l)](
+        a_PC.view(raw), scale_P if fp8 else a_PC, w_LNC.view(raw), scale_LN if fp8 else w_LNC,
+        plan.offsets_L, out if hw else out.view(torch.int16), n, c, BLOCK_M=block_m,
+        BLOCK_N=block_n, BLOCK_K=block_k, FP8=fp8, HW=hw, num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+    return out

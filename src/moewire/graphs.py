@@ -1,0 +1,147 @@
+"""Capture an :class:`moewire.EPMoE` layer in a CUDA graph at a static token capacity.
+
+Decode steps are small: at 1-256 tokens per rank the layer's GPU work is a few hundred
+microseconds to a millisecond, and launching its ~50 kernels from Python costs as much.
+Inference engines capture such steps in CUDA graphs, with every data-parallel rank padded
+to the same token count (vLLM pads to the largest count across ranks, which it knows before
+the layer runs), so the dispatch needs no count exchange and every shape is static.
+
+:class:`GraphedMoE` does that for one layer: static input buffers of ``max_tokens`` rows on
+every rank, the layer run once eagerly (compiles the kernels, calibrates an nvfp4 global
+scale if none was given, and runs the comm's one-time cross-rank agreement check), then
+captured with ``counts = [max_tokens] * W`` and a device tensor of each rank's real token
+count. A call copies this step's tokens in, the real counts of every rank into that
+tensor, and replays: padding rows are routed to no expert and their outputs are dropped.
+Replay is bitwise equal to the eager layer on the same padded batch.
+
+Rules, as in any CUDA-graph serving loop: every rank replays its graph once per step, in
+step (idle ranks with zero real tokens too); the output is a view of the graph's static
+buffer, valid until the next replay; the layer's weights and configuration must not change
+after capture. Needs ``comm`` "allgather", "grouped" or "local", and the ``grouped`` or
+``fp8`` expert path (the ``loop`` oracles read counts on the host).
+
+Shape legend: ``T`` real tokens on this rank, ``M`` capacity, ``H`` hidden, ``E`` experts,
+``W`` ranks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from moewire.moe.experts import resolve_impl
+from moewire.moe.layer import EPMoE
+
+#: Expert paths that run without a host sync (and so can be captured).
+GRAPH_IMPLS = ("grouped", "fp8")
+GRAPH_COMMS = ("allgather", "grouped", "local")
+
+
+class GraphedMoE:
+    """``layer`` captured at ``max_tokens`` rows per rank; call it like the layer.
+
+    Args:
+        layer: an :class:`moewire.EPMoE` with its experts loaded, on CUDA.
+        max_tokens: ``M``, the static capacity per rank (every rank the same).
+        x_dtype: dtype of the activations the caller passes (the output's dtype).
+        pool: optional CUDA graph memory pool to share with other captures.
+    """
+
+    def __init__(
+        self,
+        layer: EPMoE,
+        max_tokens: int,
+        *,
+        x_dtype: torch.dtype = torch.bfloat16,
+        pool: object | None = None,
+    ) -> None:
+        if not isinstance(layer, EPMoE):
+            raise TypeError(f"layer must be an EPMoE, got {type(layer).__name__}")
+        if layer.local_experts is None:
+            raise RuntimeError("GraphedMoE: call layer.load_experts(...) before capture")
+        dev = layer.local_experts.device
+        if dev.type != "cuda":
+            raise ValueError(f"GraphedMoE needs the layer on CUDA, its experts are on {dev}")
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+            raise ValueError(f"max_tokens must be an int >= 1, got {max_tokens!r}")
+        impl = resolve_impl(layer.experts_impl, dev)
+        if impl not in GRAPH_IMPLS or layer.comm_name not in GRAPH_COMMS:
+            raise ValueError(
+                f"GraphedMoE needs experts in {GRAPH_IMPLS} and comm in {GRAPH_COMMS}, got "
+                f"experts={impl!r}, comm={layer.comm_name!r}"
+            )
+        cfg, w = layer.config, layer.world_size
+        self.layer, self.max_tokens = layer, max_tokens
+        self.counts = [max_tokens] * w
+        self.x_MH = torch.zeros((max_tokens, cfg.hidden), dtype=x_dtype, device=dev)
+        self.logits_ME = torch.zeros((max_tokens, cfg.num_experts), device=dev)
+        self.valid_W = torch.zeros(w, dtype=torch.int32, device=dev)
+        self._valid_host = torch.zeros(w, dtype=torch.int32).pin_memory()
+        self._copied = torch.cuda.Event()  # the last copy out of _valid_host
+        self.graph = torch.cuda.CUDAGraph()
+        self.y_MH = self._capture(pool)
+
+    def _run(self) -> torch.Tensor:
+        return self.layer(self.x_MH, self.logits_ME, counts=self.counts, valid_counts=self.valid_W)
+
+    def _capture(self, pool: object | None) -> torch.Tensor:
+        self.valid_W.fill_(self.max_tokens)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):  # compile, calibrate, agree once; then a clean warm run
+                self._run()
+        torch.cuda.current_stream().wait_stream(side)
+        with torch.cuda.graph(self.graph, pool=pool):
+            y = self._run()
+        return y
+
+    def __call__(
+        self, x_TH: torch.Tensor, router_logits_TE: torch.Tensor, num_tokens: Sequence[int]
+    ) -> torch.Tensor:
+        """One step: this rank's ``T <= M`` tokens through the captured layer.
+
+        Args:
+            x_TH: ``[T, H]`` activations (``x_dtype``), on the layer's device.
+            router_logits_TE: ``[T, E]`` float router logits.
+            num_tokens: every rank's ``T`` this step (the same list on every rank, e.g. the
+                engine's data-parallel metadata); this rank's entry must be ``x_TH.shape[0]``.
+
+        Returns:
+            ``[T, H]``: a view of the graph's output buffer, valid until the next replay.
+        """
+        t, w, rank = x_TH.shape[0], self.layer.world_size, self.layer.rank
+        if len(num_tokens) != w or int(num_tokens[rank]) != t:
+            raise ValueError(
+                f"num_tokens={list(num_tokens)} must list {w} counts with this rank's "
+                f"(rank {rank}) equal to x's {t} rows"
+            )
+        if max(int(n) for n in num_tokens) > self.max_tokens or min(num_tokens) < 0:
+            raise ValueError(
+                f"num_tokens={list(num_tokens)}: every count must be in [0, max_tokens="
+                f"{self.max_tokens}] (capture a larger graph for larger batches)"
+            )
+        if x_TH.dtype != self.x_MH.dtype or tuple(router_logits_TE.shape) != (
+            t,
+            self.logits_ME.shape[1],
+        ):
+            raise ValueError(
+                f"x must be {self.x_MH.dtype} [T, {self.x_MH.shape[1]}] and router_logits "
+                f"[T, {self.logits_ME.shape[1]}], got {x_TH.dtype} {list(x_TH.shape)} and "
+                f"{list(router_logits_TE.shape)}"
+            )
+        self.x_MH[:t].copy_(x_TH)
+        self.logits_ME[:t].copy_(router_logits_TE)
+        self._copied.synchronize()  # the previous step's copy has read the pinned buffer
+        for i, n in enumerate(num_tokens):
+            self._valid_host[i] = int(n)
+        self.valid_W.copy_(self._valid_host, non_blocking=True)
+        self._copied.record()
+        self.graph.replay()
+        return self.y_MH[:t]
+
+
+def capture(layer: EPMoE, max_tokens: int, **kwargs: object) -> GraphedMoE:
+    """``GraphedMoE(layer, max_tokens, **kwargs)``: the layer captured at ``max_tokens``."""
+    return GraphedMoE(layer, max_tokens, **kwargs)

@@ -1,0 +1,87 @@
+"""A grouped GEMM for few rows per expert (decode): ``out[p] = a[p] @ w[e(p)].T``.
+
+At decode sizes (a few rows per expert) the layer is bound by reading the expert weights,
+and a tile of 64-128 rows wastes most of a tensor-core GEMM's work and bandwidth. Here
+program ``(n, e)`` streams ``BLOCK_N`` output channels of expert ``e``'s weights once for
+each ``BLOCK_M`` of its rows (one tile in decode), with the rows of the group read from
+the device offsets (no host sync; an expert without rows costs one empty program).
+
+``FP8``: activations and weights are e4m3 (uint8 views) with fp32 scales per row and per
+output channel; both are widened exactly to bf16 (every e4m3 value is a bf16), multiplied
+with fp32 accumulation and scaled after the sum, ``(acc * s_a) * s_w``, as the rowwise fp8
+GEMM and the ``fp8_loop`` oracle do.
+
+Shape legend: ``P`` rows (sorted pairs), ``C`` input channels, ``N`` output channels,
+``L`` experts.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from moewire.formats._kernels.elements import decode_bf16, decode_e4m3, encode_bf16
+
+
+@triton.jit
+def _widen(v, FP8: tl.constexpr, HW: tl.constexpr):
+    """An operand tile as the dot takes it: bf16 on the GPU; under the interpreter (which
+    has no bf16) fp32 from the raw bits (``v`` is then int16 for bf16 operands)."""
+    if FP8:
+        v = decode_e4m3(v, HW)
+        if HW:
+            v = v.to(tl.bfloat16)
+    elif not HW:
+        v = decode_bf16(v.to(tl.int32) & 0xFFFF)
+    return v
+
+
+@triton.jit
+def small_grouped_gemm_kernel(
+    a_ptr,
+    sa_ptr,
+    w_ptr,
+    sw_ptr,
+    offs_ptr,
+    out_ptr,
+    N,
+    C,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    FP8: tl.constexpr,
+    HW: tl.constexpr,
+):
+    """Program ``(n, e)``: rows ``[offs[e-1], offs[e])`` x output channels
+    ``[n*BLOCK_N, (n+1)*BLOCK_N)`` of expert ``e``; ``a [P, C]``, ``w [L, N, C]``,
+    ``out [P, N]`` bf16, all row-major (int16 views of the bf16 ones without ``HW``)."""
+    nt = tl.program_id(0)
+    e = tl.program_id(1)
+    start = tl.where(e > 0, tl.load(offs_ptr + tl.maximum(e - 1, 0)), 0)
+    end = tl.load(offs_ptr + e)
+    cols = nt * BLOCK_N + tl.arange(0, BLOCK_N)
+    cm = cols < N
+    w_e = w_ptr + e.to(tl.int64) * N * C
+    kk = tl.arange(0, BLOCK_K)
+    for m0 in range(start, end, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        rm = rows < end
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for k0 in range(0, C, BLOCK_K):
+            k = k0 + kk
+            km = k < C
+            a = tl.load(a_ptr + rows.to(tl.int64)[:, None] * C + k[None, :],
+                        mask=rm[:, None] & km[None, :], other=0)  # fmt: skip
+            w = tl.load(w_e + cols.to(tl.int64)[None, :] * C + k[:, None],
+                        mask=cm[None, :] & km[:, None], other=0)  # fmt: skip
+            acc = tl.dot(_widen(a, FP8, HW), _widen(w, FP8, HW), acc)
+        if FP8:
+            sa = tl.load(sa_ptr + rows, mask=rm, other=0.0)
+            sw = tl.load(sw_ptr + e * N + cols, mask=cm, other=0.0)
+            acc = (acc * sa[:, None]) * sw[None, :]
+        o = out_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :]
+        om = rm[:, None] & cm[None, :]
+        if HW:
+            tl.store(o, acc.to(tl.bfloat16), mask=om)
+        else:  # out is an int16 view: round to nearest even by integer ops
+            tl.store(o, encode_bf16(acc).to(tl.int16), mask=om)
