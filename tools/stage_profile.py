@@ -113,8 +113,10 @@ def run(tokens: int, ex16: LocalExperts, ex8: LocalExperts, bw: float) -> dict:
     # the stage, per path and wire format
     for f, (spec, r) in packed.items():
         for name, ex, impl in (("bf16", ex16, "grouped"), ("fp8", ex8, "fp8")):
+
             def fn(spec=spec, r=r, ex=ex, impl=impl):
                 return ex(spec, r, ids, w, impl, torch.bfloat16)
+
             t = timed(fn)
             rec[f"stage_{name}_{f}_rows_us"] = t * 1e6
             rec[f"stage_{name}_{f}_rows_tflops"] = flops / t / 1e12
@@ -145,8 +147,16 @@ def run(tokens: int, ex16: LocalExperts, ex8: LocalExperts, bw: float) -> dict:
 
 def sweep_small(ex16: LocalExperts, ex8: LocalExperts, bw: float, tokens: list[int]) -> None:
     """Time the small-M kernel's tiles on both GEMMs of both paths against torch's."""
-    tiles = [(n, k, w, st) for n in (32, 64, 128) for k in (128, 256) for w in (4,)
-             for st in (3, 4)]  # fmt: skip
+    tiles = [
+        (64, 256, 4, 3),
+        (128, 128, 4, 3),
+        (128, 128, 8, 3),
+        (64, 128, 8, 4),
+        (128, 64, 4, 4),
+        (64, 256, 8, 3),
+        (32, 256, 4, 4),
+        (128, 256, 8, 3),
+    ]
     for t in tokens:
         ids = torch.rand(t, L, device="cuda").argsort(dim=1)[:, :K].int()
         plan = stage.plan_device(ids, 0, L)
@@ -164,13 +174,16 @@ def sweep_small(ex16: LocalExperts, ex8: LocalExperts, bw: float, tokens: list[i
         }  # fmt: skip
         for name, gemms in cases.items():
             read = hit * 3 * H * I * (2 if name == "bf16" else 1) / bw * 1e6
+
             def run_all(small, gemms=gemms, plan=plan):
                 for a, w, s1, s2 in gemms:
                     stage.grouped_gemm(a, w, plan, s1, s2, small=small)
+
+            saved = dict(stage.SMALL_M_TILES)
             best = (timed(lambda: run_all(False)) * 1e6, "torch")
             print(f"T={t} {name} weights read {read:.0f} us, torch {best[0]:.0f} us", flush=True)
             for tile in tiles:
-                stage.SMALL_M_TILE = tile
+                stage.SMALL_M_TILES[name] = tile
                 try:
                     us = timed(lambda: run_all(True)) * 1e6
                 except Exception as err:  # a tile that does not fit shared memory
@@ -179,6 +192,7 @@ def sweep_small(ex16: LocalExperts, ex8: LocalExperts, bw: float, tokens: list[i
                 best = min(best, (us, str(tile)))
             print(f"T={t} {name} best {best[1]} {best[0]:.0f} us ({best[0] / read:.2f}x read)",
                   flush=True)  # fmt: skip
+            stage.SMALL_M_TILES.update(saved)
 
 
 def profile_plan(tokens: int) -> None:

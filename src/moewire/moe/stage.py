@@ -212,10 +212,12 @@ def unpermute(
 
 #: Rows per expert (the upper bound ``P / L``) up to which the GEMMs take the small-M
 #: Triton kernel (``_kernels/gemm.py``) instead of torch's grouped GEMMs; by measurement
-#: (BENCHMARKS.md, "expert stage").
-SMALL_M_ROWS = 32
-#: Tiles of the small-M kernel: (BLOCK_N, BLOCK_K, num_warps, num_stages).
-SMALL_M_TILE = (64, 256, 4, 4)
+#: on one H200 (BENCHMARKS.md, "expert stage"): at 8 rows per expert the kernel reads the
+#: bf16 weights at 1.01x the copy time against torch's 1.46x, at 32 rows it is level.
+SMALL_M_ROWS = 16
+#: Tiles of the small-M kernel per operand kind: (BLOCK_N, BLOCK_K, num_warps, num_stages),
+#: the best of ``tools/stage_profile.py --sweep`` at 1 and 64 tokens.
+SMALL_M_TILES = {"bf16": (128, 128, 4, 3), "fp8": (64, 256, 4, 3)}
 
 
 def grouped_gemm(
@@ -246,7 +248,7 @@ def grouped_gemm(
 
     fp8 = scale_P is not None
     out = torch.empty((p, n), dtype=torch.bfloat16, device=a_PC.device)
-    block_n, block_k, warps, stages = SMALL_M_TILE
+    block_n, block_k, warps, stages = SMALL_M_TILES["fp8" if fp8 else "bf16"]
     block_m = min(64, max(16, 1 << max(0, (-(-p // max(l, 1)) - 1).bit_length())))
     hw = a_PC.is_cuda
     raw = torch.uint8 if fp8 else (torch.bfloat16 if hw else torch.int16)

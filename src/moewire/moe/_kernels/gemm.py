@@ -7,7 +7,7 @@ each ``BLOCK_M`` of its rows (one tile in decode), with the rows of the group re
 the device offsets (no host sync; an expert without rows costs one empty program).
 
 ``FP8``: activations and weights are e4m3 (uint8 views) with fp32 scales per row and per
-output channel; both are widened exactly to bf16 (every e4m3 value is a bf16), multiplied
+output channel; both are widened exactly to fp16 (every e4m3 value is an fp16), multiplied
 with fp32 accumulation and scaled after the sum, ``(acc * s_a) * s_w``, as the rowwise fp8
 GEMM and the ``fp8_loop`` oracle do.
 
@@ -25,12 +25,15 @@ from moewire.formats._kernels.elements import decode_bf16, decode_e4m3, encode_b
 
 @triton.jit
 def _widen(v, FP8: tl.constexpr, HW: tl.constexpr):
-    """An operand tile as the dot takes it: bf16 on the GPU; under the interpreter (which
-    has no bf16) fp32 from the raw bits (``v`` is then int16 for bf16 operands)."""
+    """An operand tile as the dot takes it. On the GPU: bf16, or e4m3 widened to fp16 (one
+    ``cvt`` per pair; every e4m3 value is an fp16, so the products stay exact in the fp32
+    sum); under the interpreter (no bf16) fp32 from the raw bits (``v`` is then int16 for
+    bf16 operands)."""
     if FP8:
-        v = decode_e4m3(v, HW)
-        if HW:
-            v = v.to(tl.bfloat16)
+        if HW:  # noqa: SIM108 (constexpr branch in @jit)
+            v = v.to(tl.float8e4nv, bitcast=True).to(tl.float16)
+        else:
+            v = decode_e4m3(v, HW)
     elif not HW:
         v = decode_bf16(v.to(tl.int32) & 0xFFFF)
     return v
