@@ -31,8 +31,8 @@ from collections import defaultdict
 from contextlib import contextmanager
 
 import torch
-import torch.distributed as dist
 
+from moewire.bench import layer_refs
 from moewire.bench.comm_bench import calibrated_global_scale, rank_inputs, token_counts
 from moewire.bench.data import sqnr_db
 from moewire.bench.presets import ModelShape
@@ -129,6 +129,78 @@ def layer_config(shape: ModelShape):
     )
 
 
+def _ratio(a: float | None, b: float) -> float | None:
+    return None if a is None or b <= 0 else a / b
+
+
+def _case_record(ctx, layer, label, kw, x, logits, counts, iters, warmup) -> dict:
+    """Time one case: stages and the whole forward eager (and replayed with ``--graph``)."""
+    timer = StageTimer(ctx.is_cuda)
+    layer.stage_timer = timer
+    if ctx.is_cuda:
+        torch.cuda.reset_peak_memory_stats(ctx.device)
+    total = ctx.time(lambda m=layer, x=x, lg=logits: m(x, lg), iters, warmup)
+    timer.flush()
+    layer.stage_timer = None
+    peak = torch.cuda.max_memory_allocated(ctx.device) if ctx.is_cuda else None
+    rec = {"routine": "layer", "case": label, "time_us": total * 1e6}
+    for s in STAGES:
+        vals = timer.samples.get(s, [])[warmup:]
+        rec[f"{s}_us"] = ctx.max_over_ranks(statistics.median(vals)) * 1e6 if vals else 0.0
+    rec["peak_mem_GB"] = ctx.max_over_ranks(peak) / 1e9 if peak is not None else None
+    rec["replay_us"] = None
+    if getattr(ctx.args, "graph", False) and ctx.is_cuda:
+        rec["replay_us"] = _replay_time(ctx, layer, x, logits, counts, iters, warmup)
+    return rec
+
+
+def _replay_time(ctx, layer, x, logits, counts, iters, warmup) -> float | None:
+    """The layer captured at the largest count (``moewire.graphs``), checked bitwise against
+    the eager layer on the same padded batch, then timed; None where it cannot be
+    captured (named in the progress line)."""
+    from moewire.graphs import GraphedMoE
+
+    try:
+        g = GraphedMoE(layer, max(max(counts), 1), x_dtype=x.dtype)
+    except ValueError as err:
+        ctx.progress(f"  no graph: {err}")
+        return None
+    y = g(x, logits, counts).clone()
+    ref = layer(g.x_MH, g.logits_ME, counts=g.counts, valid_counts=g.valid_W)[: x.shape[0]]
+    if not ctx.all_true(torch.equal(y.view(torch.int16), ref.view(torch.int16))):
+        raise AssertionError(f"{layer}: CUDA-graph replay differs from the eager layer")
+    t = ctx.time(lambda: g(x, logits, counts), iters, warmup)
+    return ctx.max_over_ranks(t) * 1e6
+
+
+def _references(ctx, layer, logits, counts, bw, iters, warmup) -> tuple[dict, dict]:
+    """This token count's reference figures (see ``layer_refs``) and the rows they make."""
+    ids = layer_refs.received_ids(ctx, layer, logits, counts)
+    ex = layer.local_experts
+    pairs, hit = layer_refs.local_pairs(ids, ex.first_expert, ex.num_local)
+    two_i, h = ex.shape_2IH
+    bare = layer_refs.bare_gemm_times(ctx, layer, ids, iters, warmup)
+    read = {p: hit * 3 * h * (two_i // 2) * n / bw for p, n in (("bf16", 2), ("fp8", 1))}
+    refs = {
+        "flops": layer_refs.flops(pairs, h, two_i // 2),
+        "bare": {k: ctx.max_over_ranks(v) for k, v in bare.items()},
+        "read": {k: ctx.max_over_ranks(v) for k, v in read.items()},
+    }
+    names = {"bf16": "bare bf16 grouped GEMMs + torch SwiGLU", "fp8": "bare fp8 rowwise GEMMs"}
+    rows = [
+        {"case": f"ref: {names[p]}", "ref_us": t * 1e6, "ref_of": "experts"}
+        for p, t in refs["bare"].items()
+    ]
+    if hit:
+        rows += [
+            {"case": f"ref: {hit} experts' {p} weights read", "ref_us": t * 1e6, "ref_of": "layer"}
+            for p, t in refs["read"].items()
+        ]
+    for r in rows:
+        r.update(routine="layer", reference=True)
+    return refs, rows
+
+
 def run_layer(ctx: BenchContext, shape: ModelShape) -> list[dict]:
     from moewire.moe import EPMoE
 
@@ -142,13 +214,14 @@ def run_layer(ctx: BenchContext, shape: ModelShape) -> list[dict]:
     bias = torch.zeros(e, device=ctx.device) if shape.router == "deepseek_v3" else None
     iters = max(3, args.iters // (1 if ctx.is_cuda else 4))
     warmup = max(1, args.warmup // (1 if ctx.is_cuda else 3))
+    bw = layer_refs.copy_bandwidth(ctx)
     records = []
     cases = layer_cases(ctx)
     for tokens in args.tokens:
         counts = token_counts(tokens, ctx.world_size, args.skew)
         x, logits = rank_inputs(shape, counts[ctx.rank], ctx.rank, args.seed, ctx.device)
         g = calibrated_global_scale(ctx, x)
-        base = None
+        base = refs = None
         outputs = {}
         for label, kw in cases:
             ctx.progress(f"layer T={tokens} {label}")
@@ -161,44 +234,61 @@ def run_layer(ctx: BenchContext, shape: ModelShape) -> list[dict]:
                 **kw,
             )
             layer.load_experts(w13, w2, router_bias=bias)
+            if refs is None:
+                refs, ref_rows = _references(ctx, layer, logits, counts, bw, iters, warmup)
             outputs[label] = layer(x, logits)
-            timer = StageTimer(ctx.is_cuda)
-            layer.stage_timer = timer
-            if ctx.is_cuda:
-                torch.cuda.reset_peak_memory_stats(ctx.device)
-            total = ctx.time(lambda m=layer, x=x, lg=logits: m(x, lg), iters, warmup)
-            timer.flush()
-            peak = torch.cuda.max_memory_allocated(ctx.device) if ctx.is_cuda else None
-            layer.stage_timer = None
-            stages = {}
-            for s in STAGES:
-                vals = timer.samples.get(s, [])[warmup:]
-                stages[s] = ctx.max_over_ranks(statistics.median(vals)) if vals else 0.0
-            if base is None:
-                base = total
-            peak_max = None
-            if peak is not None:
-                pt = torch.tensor([peak], device=ctx.device, dtype=torch.float64)
-                dist.all_reduce(pt, op=dist.ReduceOp.MAX, group=ctx.group)
-                peak_max = float(pt.item())
+            rec = _case_record(ctx, layer, label, kw, x, logits, counts, iters, warmup)
+            base = base or rec["time_us"]
             ref = outputs[cases[0][0]].float()
             sq = sqnr_db(ref, outputs[label].float()) if ref.numel() else math.inf
-            sq = -ctx.max_over_ranks(-sq)  # the worst rank
-            records.append(
-                {
-                    "routine": "layer",
-                    "case": label,
-                    "baseline": label == cases[0][0],
-                    "tokens": tokens,
-                    "bytes_per_token": layer.spec.row_bytes,
-                    **{f"{s}_us": stages[s] * 1e6 for s in STAGES},
-                    "time_us": total * 1e6,
-                    "speedup": base / total,
-                    "peak_mem_GB": peak_max / 1e9 if peak_max is not None else None,
-                    "sqnr_vs_bf16_db": sq,
-                    "iters": iters,
-                    "warmup": warmup,
-                }
+            prec = "fp8" if kw["experts"] == "fp8" else "bf16"
+            ex_s = rec["experts_us"] / 1e6
+            rec.update(
+                baseline=label == cases[0][0],
+                tokens=tokens,
+                bytes_per_token=layer.spec.row_bytes,
+                speedup=base / rec["time_us"],
+                sqnr_vs_bf16_db=-ctx.max_over_ranks(-sq),  # the worst rank
+                experts_tflops=refs["flops"] / ex_s / 1e12 if ex_s > 0 else None,
+                experts_vs_bare=ex_s / refs["bare"][prec] if prec in refs["bare"] else None,
+                layer_vs_read=_ratio(rec["time_us"], refs["read"][prec] * 1e6),
+                replay_vs_read=_ratio(rec["replay_us"], refs["read"][prec] * 1e6),
+                iters=iters,
+                warmup=warmup,
             )
+            records.append(rec)
             del layer
+        records += [dict(r, tokens=tokens) for r in ref_rows]
     return records
+
+
+def format_table(recs: list[dict]) -> str:
+    """The layer routine's table, with its legend."""
+    from moewire.bench.runner import fmt_num, render_table
+
+    headers = ["case", "T", *(f"{s} us" for s in STAGES), "layer us", "replay us",
+               "speedup", "experts TFLOP/s", "experts / bare", "layer / read", "peak GB",
+               "SQNR dB"]  # fmt: skip
+    rows = []
+    for r in recs:
+        if r.get("reference"):
+            us = fmt_num(r["ref_us"])
+            experts, layer = (us, "") if r["ref_of"] == "experts" else ("", us)
+            rows.append([r["case"], r["tokens"], "", "", experts, "", layer, "", "", "", "", "",
+                         "", ""])  # fmt: skip
+            continue
+        rows.append([
+            r["case"], r["tokens"], *(fmt_num(r[f"{s}_us"]) for s in STAGES),
+            fmt_num(r["time_us"]), fmt_num(r["replay_us"]), f"{r['speedup']:.2f}x",
+            fmt_num(r["experts_tflops"], 1), fmt_num(r["experts_vs_bare"], 2),
+            fmt_num(r["layer_vs_read"], 2), fmt_num(r["peak_mem_GB"], 2),
+            fmt_num(r["sqnr_vs_bf16_db"], 1),
+        ])  # fmt: skip
+    legend = (
+        "stage times: median per stage inside the eager forward, slowest rank; layer us: "
+        "the whole eager forward; replay us: the layer captured in a CUDA graph (--graph); "
+        "speedup: vs the first case; experts / bare: the experts stage over the bare grouped "
+        "GEMMs of its precision (ref rows, same pairs); layer / read: the eager layer over "
+        "the time to read the hit experts' weights at the measured copy bandwidth (ref rows)"
+    )
+    return render_table(headers, rows) + "\n" + legend

@@ -81,38 +81,13 @@ def _print_report(ctx: BenchContext, shape: ModelShape, records: list[dict]) -> 
                 rows.append(row)
             print(render_table(headers, rows))
         elif routine == "layer":
+            from moewire.bench.layer_bench import format_table
+
             print(
                 f"times: median of {recs[0]['iters']} forwards after {recs[0]['warmup']} "
                 "warm-up, slowest rank; speedup vs the first case"
             )
-            headers = [
-                "case",
-                "T/rank",
-                "pack us",
-                "dispatch us",
-                "experts us",
-                "combine us",
-                "total us",
-                "speedup",
-                "peak GB",
-                "SQNR vs bf16 dB",
-            ]
-            rows = [
-                [
-                    r["case"],
-                    r["tokens"],
-                    fmt_num(r["pack_us"]),
-                    fmt_num(r["dispatch_us"]),
-                    fmt_num(r["experts_us"]),
-                    fmt_num(r["combine_us"]),
-                    fmt_num(r["time_us"]),
-                    f"{r['speedup']:.2f}x",
-                    fmt_num(r["peak_mem_GB"], 2),
-                    fmt_num(r["sqnr_vs_bf16_db"], 1),
-                ]
-                for r in recs
-            ]
-            print(render_table(headers, rows))
+            print(format_table(recs))
         elif routine == "model":
             print(
                 f"{recs[0]['model']}\ntimes: median of {ctx.args.model_iters} forwards after "
@@ -290,6 +265,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         choices=("even", "skewed"),
         default="even",
         help="tokens per rank: the same on every rank, or split 1:2:..:W (default even)",
+    )
+    p.add_argument(
+        "--graph",
+        action="store_true",
+        help="routine layer: also time the layer captured in a CUDA graph (GPU only)",
     )
     p.add_argument("--world-size", type=int, help="ranks to spawn (default: GPUs, or 4 on CPU)")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if visible")
