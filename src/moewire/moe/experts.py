@@ -117,6 +117,8 @@ class LocalExperts(nn.Module):
         w13_scale / w2_scale: fp32 scales of e4m3 weights: per output channel ``[L, O]``
             (dequantized weight ``q * s``) or per 128x128 block ``[L, ceil(O/128),
             ceil(K/128)]`` (DeepSeek-V3's ``weight_scale_inv``; bf16 paths only).
+        num_experts: ``E`` of the whole layer (default ``L``): the GEMMs expect
+            ``N * K / E`` rows per local expert when they pick a kernel.
     """
 
     def __init__(
@@ -128,10 +130,12 @@ class LocalExperts(nn.Module):
         fp8: bool,
         w13_scale: torch.Tensor | None = None,
         w2_scale: torch.Tensor | None = None,
+        num_experts: int | None = None,
     ) -> None:
         super().__init__()
         self.first_expert = first_expert
         self.num_local = w13_L2IH.shape[0]
+        self.num_experts = num_experts or self.num_local
         self.fp8 = fp8
         for name, w, s in (("w13", w13_L2IH, w13_scale), ("w2", w2_LHI, w2_scale)):
             q, scale = _weight_in_precision(name, w, s, fp8=fp8)
@@ -186,7 +190,7 @@ class LocalExperts(nn.Module):
         n = rows_NR.shape[0]
         if n == 0:
             return torch.zeros((0, spec.hidden), dtype=dtype, device=rows_NR.device)
-        plan = plan_device(topk_ids_NK, self.first_expert, self.num_local)
+        plan = plan_device(topk_ids_NK, self.first_expert, self.num_local, self.num_experts)
         if impl in FP8_IMPLS:
             a_PH, scale_P = gather_fp8(spec, rows_NR, plan)
             y_PH = (_ffn_fp8 if impl == "fp8" else _ffn_fp8_loop)(self, a_PH, scale_P, plan)

@@ -274,6 +274,7 @@ class EPMoE(nn.Module):
             fp8=self.experts_impl in FP8_IMPLS,
             w13_scale=None if w13_scale is None else w13_scale[sl].detach(),
             w2_scale=None if w2_scale is None else w2_scale[sl].detach(),
+            num_experts=self.config.num_experts,
         )
         self.router_bias_E = (
             None

@@ -18,6 +18,7 @@ Shape legend: ``N`` received rows, ``K`` top-k, ``P = N*K`` pairs, ``L`` local e
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -42,12 +43,15 @@ class DevicePlan:
             ``offs``); ``offsets_L[-1]`` is the number of local pairs.
         count_1: int32 ``[1]``, the number of local pairs.
         inv_NK: int32 ``[N, K]``, the sorted position of pair ``(n, k)``, -1 if non-local.
+        rows_per_expert: the local pairs per local expert expected with uniform routing,
+            ``N * K / E`` (a host value: what the GEMMs pick their kernel by).
     """
 
     row_P: torch.Tensor
     offsets_L: torch.Tensor
     count_1: torch.Tensor
     inv_NK: torch.Tensor
+    rows_per_expert: float
 
     @property
     def num_pairs(self) -> int:
@@ -55,7 +59,9 @@ class DevicePlan:
         return self.row_P.numel()
 
 
-def plan_device(topk_ids_NK: torch.Tensor, first_expert: int, num_local: int) -> DevicePlan:
+def plan_device(
+    topk_ids_NK: torch.Tensor, first_expert: int, num_local: int, num_experts: int | None = None
+) -> DevicePlan:
     """Sort the pairs of ``topk_ids_NK`` (int global expert ids) that fall in
     ``[first_expert, first_expert + num_local)`` by expert, without a host sync. Ids
     outside that range (other ranks' experts, or invalid ones) are never used as an index:
@@ -72,7 +78,8 @@ def plan_device(topk_ids_NK: torch.Tensor, first_expert: int, num_local: int) ->
     inv_P = torch.empty(n * k, dtype=torch.int32, device=dev)
     inv_P.index_copy_(0, order_P, torch.where(key_P < num_local, pos_P, -1))
     row_P = torch.div(order_P, k, rounding_mode="floor").to(torch.int32)
-    return DevicePlan(row_P, offsets_L, count_1, inv_P.view(n, k))
+    per_expert = n * k / (num_experts or num_local)
+    return DevicePlan(row_P, offsets_L, count_1, inv_P.view(n, k), per_expert)
 
 
 def _use_triton(t: torch.Tensor, backend: str | None) -> bool:
@@ -232,11 +239,12 @@ def grouped_gemm(
     """``out[p] = a[p] @ w[e(p)].T`` over the plan's groups, bf16 ``[P, N]`` (rows past the
     local pairs unwritten). bf16 operands, or e4m3 with fp32 scales per row and per output
     channel (the rowwise fp8 GEMM). ``small``: the small-M Triton kernel (None: on CUDA
-    when ``P / L <= SMALL_M_ROWS``), else ``torch._grouped_mm`` / ``_scaled_grouped_mm``."""
+    when the plan expects at most ``SMALL_M_ROWS`` rows per expert), else
+    ``torch._grouped_mm`` / ``_scaled_grouped_mm``."""
     p, c = a_PC.shape
     l, n, _ = w_LNC.shape
     if small is None:
-        small = a_PC.is_cuda and p <= SMALL_M_ROWS * l
+        small = a_PC.is_cuda and plan.rows_per_expert <= SMALL_M_ROWS
     if not small:
         wt = w_LNC.transpose(-2, -1)
         if scale_P is None:
@@ -249,7 +257,7 @@ def grouped_gemm(
     fp8 = scale_P is not None
     out = torch.empty((p, n), dtype=torch.bfloat16, device=a_PC.device)
     block_n, block_k, warps, stages = SMALL_M_TILES["fp8" if fp8 else "bf16"]
-    block_m = min(64, max(16, 1 << max(0, (-(-p // max(l, 1)) - 1).bit_length())))
+    block_m = min(64, max(16, 1 << max(0, math.ceil(plan.rows_per_expert) - 1).bit_length()))
     hw = a_PC.is_cuda
     raw = torch.uint8 if fp8 else (torch.bfloat16 if hw else torch.int16)
     small_grouped_gemm_kernel[(-(-n // block_n), l)](
