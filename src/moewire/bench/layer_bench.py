@@ -15,7 +15,15 @@ Cases, the all-bf16 layer first (the baseline of the speedup column):
 The fp8 cases run only where ``torch._scaled_grouped_mm`` does (CUDA, sm90+). Each
 iteration times the stages pack, dispatch, experts (routing included, and for
 ``quantize="after"`` the receiver's quantization) and combine through the layer's stage
-hook, and the whole forward; reported times are medians, slowest rank.
+hook, and the whole forward; reported times are medians, slowest rank. The layer is called
+with every rank's token count (``counts=``, as a serving engine knows it), so the dispatch
+makes no count exchange. With ``--graph`` each case is also captured in a CUDA graph
+(``moewire.graphs``), checked bitwise against the eager layer, and its replay timed.
+
+Each token count also gets reference rows, timed in the same run (``layer_refs.py``): the
+bare grouped GEMMs of both precisions on this rank's (row, expert) pairs, and the time to
+read the weights of the local experts the batch hits at the measured copy bandwidth. The
+cases' ``experts / bare`` and ``layer / read`` columns are read off them.
 Peak GPU memory per rank is ``torch.cuda.max_memory_allocated`` over the timed forwards.
 All experts share one random weight set (broadcast views), so the global weights of a
 DeepSeek-R1 layer are never materialized; routing is random, so the load is uneven as in
@@ -139,7 +147,9 @@ def _case_record(ctx, layer, label, kw, x, logits, counts, iters, warmup) -> dic
     layer.stage_timer = timer
     if ctx.is_cuda:
         torch.cuda.reset_peak_memory_stats(ctx.device)
-    total = ctx.time(lambda m=layer, x=x, lg=logits: m(x, lg), iters, warmup)
+    # every rank's count is known, as an engine's data-parallel metadata has it: no count
+    # exchange in the dispatch
+    total = ctx.time(lambda m=layer, x=x, lg=logits: m(x, lg, counts=counts), iters, warmup)
     timer.flush()
     layer.stage_timer = None
     peak = torch.cuda.max_memory_allocated(ctx.device) if ctx.is_cuda else None
@@ -236,7 +246,7 @@ def run_layer(ctx: BenchContext, shape: ModelShape) -> list[dict]:
             layer.load_experts(w13, w2, router_bias=bias)
             if refs is None:
                 refs, ref_rows = _references(ctx, layer, logits, counts, bw, iters, warmup)
-            outputs[label] = layer(x, logits)
+            outputs[label] = layer(x, logits, counts=counts)
             rec = _case_record(ctx, layer, label, kw, x, logits, counts, iters, warmup)
             base = base or rec["time_us"]
             ref = outputs[cases[0][0]].float()
