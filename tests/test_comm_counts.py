@@ -6,7 +6,8 @@ with every token, uniform, nobody with tokens) through every backend with ``coun
 (as a list and as a CPU tensor, on both send paths) and not given; the parent asserts the
 received rows, handles and combines are bitwise those of the no-counts path and of the
 single-process reference, that a counts dispatch after the first issues exactly one
-collective (allgather), and that the errors name the values.
+collective (allgather), and that the errors name the values. Tier c (``gpu``): the counts
+path under ``torch.cuda.set_sync_debug_mode("error")`` on a 1-rank NCCL group.
 
 Shape legend: ``T`` tokens on one rank, ``N`` rows received, ``R`` row bytes, ``K`` top-k.
 """
@@ -40,6 +41,7 @@ from test_comm import (
 
 #: Formats through the counts path (dispatch only sees bytes: two widths are enough).
 FORMATS = ("bf16", "nvfp4")
+G = mw.nvfp4_global_scale(4.0)
 
 
 # --------------------------------------------------------------------------- tier a
@@ -236,3 +238,45 @@ def test_counts_errors(world_size):
         assert errs["width_every_call"].startswith(
             "ValueError: row width (bytes) differs across ranks (rank 0: 48, rank 1: 16"
         ), errs["width_every_call"]
+
+
+# --------------------------------------------------------------------------- tier c
+@pytest.mark.gpu
+def test_counts_path_never_syncs_on_cuda(tmp_path):
+    """A 1-rank NCCL group: after one eager dispatch (the agreement check, a host sync),
+    pack, dispatch with ``counts``, dequantize and combine run under
+    ``torch.cuda.set_sync_debug_mode("error")`` (any host sync raises) and return what the
+    synchronizing path returns, bit for bit."""
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialized")
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("nccl", store=store, rank=0, world_size=1)
+    try:
+        torch.cuda.set_device(0)
+        gen = torch.Generator().manual_seed(0)
+        e, h = 16, 512
+        spec = mw.WireSpec("nvfp4", h, global_scale=G, extras={"router_logits": (torch.float32, e)})
+        for t in (64, 0):
+            x_TH = torch.randn(t, h, generator=gen).to("cuda", torch.bfloat16)
+            logits_TE = torch.randn(t, e, generator=gen).cuda()
+            partial_TH = torch.randn(t, h, generator=gen).cuda().to(torch.bfloat16)
+            for name, wire in (("allgather", "bf16"), ("allgather", "nvfp4"), ("grouped", "bf16")):
+                comm = make_comm(name, None, spec=spec, combine_wire=wire)
+                rows_TR = spec.pack(x_TH, router_logits=logits_TE)
+                ref_NR, handle = comm.dispatch(rows_TR)  # eager: agreement + count exchange
+                ref_TH = comm.combine(partial_TH, handle)
+                ref_x = spec.dequantize(ref_NR)
+                torch.cuda.synchronize()
+                torch.cuda.set_sync_debug_mode("error")
+                try:
+                    rows2_TR = spec.pack(x_TH, router_logits=logits_TE)
+                    recv_NR, handle2 = comm.dispatch(rows2_TR, counts=[t])
+                    x2 = spec.dequantize(recv_NR)
+                    y_TH = comm.combine(partial_TH, handle2)
+                finally:
+                    torch.cuda.set_sync_debug_mode(0)
+                assert torch.equal(recv_NR, ref_NR), (name, wire, t)
+                assert torch.equal(x2.view(torch.int16), ref_x.view(torch.int16)), (name, t)
+                assert torch.equal(y_TH.view(torch.int16), ref_TH.view(torch.int16)), (name, wire)
+    finally:
+        dist.destroy_process_group()
