@@ -128,7 +128,11 @@ class AllGatherComm(Comm):
 
         One all-gather of rows padded to ``M = max(counts)`` per rank (none when every rank
         has 0 rows), then one ``index_select`` when the counts are uneven; with ``counts``
-        given nothing else (no count exchange, no host sync)."""
+        given nothing else (no count exchange, no host sync). The index of uneven counts is
+        built on the device once per counts tuple and cached on the comm (the 256 most
+        recent): a CUDA graph that captured such a dispatch must keep its handle alive
+        (``handle.padded_index``); with equal counts (every rank padded to the same ``T``,
+        as under CUDA graphs) there is no index."""
         rows_TR, buf = self._send_rows(rows)
         t, r = rows_TR.shape
         device = rows_TR.device

@@ -254,10 +254,10 @@ class Comm(ABC):
         """Move this rank's rows to the ranks that need them.
 
         Args:
-            rows: uint8 ``[T, R]`` wire rows, unit stride along the row, on the group's
-                device (CPU for gloo, CUDA for NCCL), or a :class:`SendBuffer` packed in
-                place. ``T`` may be 0 and may differ per rank; ``R`` must be equal on every
-                rank (``spec.row_bytes`` when the comm has a ``spec``).
+            rows: uint8 ``[T, R]`` wire rows on the group's device (CPU for gloo, CUDA
+                for NCCL), or a :class:`SendBuffer` packed in place. ``T`` may be 0 and
+                may differ per rank; ``R`` must be equal on every rank (``spec.row_bytes``
+                when the comm has a ``spec``).
             topk_ids: int32/int64 ``[T, K]`` expert ids in ``[0, E)`` on any device;
                 required by ``alltoall``, ignored by the others.
             counts: every rank's token count ``[T_0, ..., T_{W-1}]``: a sequence of ``W``
@@ -267,6 +267,8 @@ class Comm(ABC):
                 no blocking host-to-device copy (capturable in a CUDA graph, once the comm
                 has checked agreement, i.e. after one eager dispatch). ``alltoall`` still
                 exchanges its per-destination counts (data dependent). None: exchanged.
+                Pass ``counts`` on every rank or on none in one dispatch (like any argument
+                that decides which collectives run).
 
         Returns:
             ``(recv, handle)``: ``recv`` uint8 ``[N, R]`` (order: see the backend) and the
