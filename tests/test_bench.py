@@ -188,6 +188,7 @@ def test_quantize_table_shows_both_flushes():
         frac_of_copy_dirty=0.8,
         speedup=22.5,
         x_empty=13.3,
+        host_us=12.34,
     )
     lines = format_table([r, dict(r, op="dequantize")]).splitlines()
     header, rows = lines[2], lines[4:]
@@ -195,3 +196,4 @@ def test_quantize_table_shows_both_flushes():
     assert len(rows) == 2 and all(row.count("|") == header.count("|") for row in rows)
     cells = dict(zip(header.split("|"), rows[0].split("|"), strict=True))
     assert cells[" % of copy "].strip() == "93.8" and cells[" % dirty "].strip() == "80.0"
+    assert cells[" host us "].strip() == "12.3"

@@ -407,7 +407,8 @@ def test_cross_rank_agreement_and_dispatch_input():
         "format": "wire format differs across ranks (rank 0: 'fp8', rank 1: 'mxfp8')",
         "hidden": "hidden differs across ranks (rank 0: 64, rank 1: 112)",
         "global_scale": "nvfp4 global_scale differs across ranks (rank 0: 448.0, rank 1: 224.0)",
-        "extras": "extras layout differs across ranks (rank 0: 0x",
+        "extras": "extras layout differs across ranks (rank 0: {router_logits: float32[8]}, "
+        "rank 1: {topk_ids: int32[4], topk_weights: float32[4]})",
         "num_experts": "num_experts differs across ranks (rank 0: 8, rank 1: 16)",
         "backend": "comm backend differs across ranks (rank 0: 'allgather', rank 1: 'alltoall')",
         "combine_wire": "combine wire differs across ranks (rank 0: 'fp8', rank 1: 'nvfp4')",
@@ -436,13 +437,13 @@ def test_cross_rank_agreement_and_dispatch_input():
 def test_hidden_mismatch_with_same_format_is_named():
     """Same format, different hidden: only ``hidden`` differs (single-rank check of the
     agreement vector; the 2-rank path is covered above)."""
-    from moewire.comm.base import AGREE_KEYS, _show, _spec_agreement
+    from moewire.comm.agreement import AGREE_KEYS, show, spec_agreement
 
-    a = _spec_agreement(mw.WireSpec("bf16", 64))
-    b = _spec_agreement(mw.WireSpec("bf16", 128))
+    a = spec_agreement(mw.WireSpec("bf16", 64))
+    b = spec_agreement(mw.WireSpec("bf16", 128))
     assert [k for k in a if a[k] != b[k]] == ["hidden"]
     assert set(a) < set(AGREE_KEYS)
-    assert _show("hidden", 64) == "64" and _show("num_experts", -1) == "not given"
+    assert show("hidden", 64) == "64" and show("num_experts", -1) == "not given"
 
 
 # ================================================================ tier b: dead peers

@@ -122,7 +122,7 @@ def _print_report(ctx: BenchContext, shape: ModelShape, records: list[dict]) -> 
 
             print(format_table(recs))
         elif routine == "quantize":
-            headers = ["case", "T", "MB moved", "time us", "GB/s"]
+            headers = ["case", "T", "MB moved", "time us", "GB/s", "host us"]
             rows = [
                 [
                     r["case"],
@@ -130,6 +130,7 @@ def _print_report(ctx: BenchContext, shape: ModelShape, records: list[dict]) -> 
                     fmt_num(r["bytes"] / 1e6, 2),
                     fmt_num(r["time_us"]),
                     fmt_num(r["GBps"], 2),
+                    fmt_num(r["host_us"]),
                 ]
                 for r in recs
             ]

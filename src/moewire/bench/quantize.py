@@ -25,6 +25,12 @@ of dirty lines that the op's first misses must write back to DRAM, tens of MB ch
 the op's time, which weighs more the fewer bytes the op moves (a 1 GiB copy hardly
 notices). There, op and copy bandwidth are both timed after a write flush.
 
+The ``host us`` column is the host's side of one Triton call: the wall time until the
+Python call returns (validation, launch parameters, Triton's launcher), measured with the
+GPU idle (synchronize, then ``time.perf_counter`` around one call; median of many calls).
+Where the kernel takes less than this, the host's time is the op's time unless the call is
+captured in a CUDA graph.
+
 Run standalone: ``python -m moewire.bench.quantize [--tokens ...] [--json PATH]``.
 
 Shape legend: ``T`` tokens, ``H`` hidden, ``R`` row bytes.
@@ -35,6 +41,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import time
 from collections.abc import Callable, Sequence
 
 import torch
@@ -75,6 +82,24 @@ def _time_us(
         end[i].record()
     torch.cuda.synchronize()
     return statistics.median(s.elapsed_time(e) for s, e in zip(start, end, strict=True)) * 1e3
+
+
+def host_us(fn: Callable[[], object], iters: int, warmup: int) -> float:
+    """Median wall time in microseconds until one ``fn()`` call returns, with the device idle
+    before each call (CUDA: synchronized first; on CPU the same measure)."""
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(iters):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t0)
+    if cuda:
+        torch.cuda.synchronize()
+    return statistics.median(samples) * 1e6
 
 
 def _empty_kernel():
@@ -140,9 +165,11 @@ def run_quantize_bench(
     Returns:
         One dict per (format, T, op) with ``format, tokens, hidden, op, bytes, torch_us,
         triton_us, triton_gbps, torch_gbps, frac_of_copy, same_copy_frac, speedup, x_empty,
-        triton_us_dirty, frac_of_copy_dirty`` (``same_copy_frac``: a copy of the same bytes,
-        as a share of the copy bandwidth; ``*_dirty``: timed after a flush that leaves the
-        L2 dirty, against the copy bandwidth measured the same way) and the device-level
+        triton_us_dirty, frac_of_copy_dirty, host_us`` (``host_us``: the triton call's wall
+        time with the GPU idle, see the module docstring; ``same_copy_frac``: a copy of the
+        same bytes, as a share of the copy bandwidth; ``*_dirty``: timed after a flush that
+        leaves the L2 dirty, against the copy bandwidth measured the same way) and the
+        device-level
         ``device, copy_gbps, copy_gbps_dirty, empty_us, torch_version, triton_version``.
 
     Raises:
@@ -191,6 +218,7 @@ def run_quantize_bench(
                 torch_us = _time_us(fns["torch"], iters, warmup, flush)
                 triton_us = _time_us(fns["triton"], iters, warmup, flush)
                 dirty_us = _time_us(fns["triton"], iters, warmup, flush, dirty=True)
+                host = host_us(fns["triton"], 4 * iters, warmup)
                 results.append(
                     {
                         "format": fmt,
@@ -208,6 +236,7 @@ def run_quantize_bench(
                         "x_empty": triton_us / empty_us,
                         "triton_us_dirty": dirty_us,
                         "frac_of_copy_dirty": nbytes / dirty_us / 1e3 / copy_gbps_dirty,
+                        "host_us": host,
                         **meta,
                     }
                 )
@@ -227,11 +256,11 @@ def format_table(results: Sequence[dict]) -> str:
         f"empty kernel launch {r0['empty_us']:.1f} us; H = {r0['hidden']}, bf16 activations, "
         f"no extras; median of CUDA-event timings of one call (GPU time: L2 flushed by a read "
         f"and host launch overhead hidden before each call; % dirty: L2 flushed by a write, "
-        f"op and copy alike)",
+        f"op and copy alike; host us: wall time of one triton call with the GPU idle)",
         "",
         "| format | T | op | MB moved | torch us | triton us | torch GB/s | triton GB/s "
-        "| % of copy | copy same | % dirty | speedup | x empty |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| % of copy | copy same | % dirty | speedup | x empty | host us |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         lines.append(
@@ -240,7 +269,7 @@ def format_table(results: Sequence[dict]) -> str:
             f"| {r['triton_gbps']:.0f} | {100 * r['frac_of_copy']:.1f} "
             f"| {100 * r['same_copy_frac']:.1f} | {100 * r['frac_of_copy_dirty']:.1f} "
             f"| {r['speedup']:.2f}x "
-            f"| {r['x_empty']:.1f} |"
+            f"| {r['x_empty']:.1f} | {r['host_us']:.1f} |"
         )
     return "\n".join(lines)
 

@@ -2,7 +2,8 @@
 
 On a GPU, rank 0 runs :func:`moewire.bench.quantize.run_quantize_bench` (Triton kernels vs
 the torch reference vs the device's copy bandwidth); on CPU, rank 0 times the torch
-reference. The other ranks wait: this routine measures one device, not the group.
+reference (its ``host_us`` is the same wall time: the CPU call is synchronous). The other
+ranks wait: this routine measures one device, not the group.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ def _cpu_records(ctx: BenchContext, shape: ModelShape) -> list[dict]:
                         "bytes": nbytes,
                         "time_us": us,
                         "GBps": nbytes / us / 1e3,
+                        "host_us": us,
                     }
                 )
     return records

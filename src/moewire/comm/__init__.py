@@ -11,6 +11,9 @@ Usage (every call is a collective over ``group``)::
     recv_NR, handle = comm.dispatch(spec.pack(x_TH, **extras))
     out_TH = comm.combine(partial_NH, handle)
 
+    # every rank's token count known (an engine's DP metadata): no count exchange
+    recv_NR, handle = comm.dispatch(rows_TR, counts=[T0, T1, ...])
+
     # zero-copy send: pack straight into this rank's slot of the all-gather buffer
     buf = comm.dispatch_buffer(x_TH.shape[0], spec.row_bytes, x_TH.device)
     spec.pack(x_TH, out=buf.rows, **extras)
@@ -46,6 +49,7 @@ def make_comm(
     num_experts: int | None = None,
     spec: WireSpec | None = None,
     combine_wire: str = "bf16",
+    check: str = "once",
     **kw: Any,
 ) -> Comm:
     """Build a dispatch/combine backend on a process group.
@@ -66,11 +70,18 @@ def make_comm(
             ``"fp8"``, ``"mxfp8"``, ``"nvfp4"`` (dynamic per-row global scale) or
             ``"mxfp4"``; see :mod:`moewire.comm.combine_wire`. ``"grouped"`` (the seed's
             baseline) supports only ``"bf16"``.
+        check: when every rank's agreement on the values above (and the row width) is
+            checked in full: ``"once"`` (default: at the first dispatch, again if the row
+            width changes; dispatches that exchange counts also compare a fingerprint of
+            them for free) or ``"every_call"`` (a debug option: one more small collective
+            and host sync per dispatch, also with ``counts=``). The environment variable
+            ``MOEWIRE_CHECK_EVERY_CALL=1`` turns every comm to ``"every_call"``.
         **kw: backend options: ``"alltoall"`` takes ``src_index: bool`` (fill
             ``handle.recv_src_index``, one more small collective per dispatch).
 
     Returns:
-        a :class:`Comm` with ``dispatch(rows, topk_ids=None) -> (recv, handle)``,
+        a :class:`Comm` with ``dispatch(rows, topk_ids=None, *, counts=None) -> (recv,
+        handle)``,
         ``combine(partial, handle) -> out`` and ``dispatch_buffer(T, R, device)``.
     """
     if name not in _BACKENDS:
@@ -80,7 +91,7 @@ def make_comm(
         if num_experts is None:
             raise ValueError("make_comm('alltoall') needs num_experts=E; got None")
         return AllToAllComm(
-            group, num_experts=num_experts, spec=spec, combine_wire=combine_wire, **kw
+            group, num_experts=num_experts, spec=spec, combine_wire=combine_wire, check=check, **kw
         )
     if kw:
         raise TypeError(f"make_comm({name!r}) got unexpected options {sorted(kw)}")
@@ -91,8 +102,10 @@ def make_comm(
                 "one reduce per rank) supports only combine_wire='bf16'; use 'allgather' or "
                 "'alltoall' for a quantized combine"
             )
-        return GroupedComm(group, spec=spec, num_experts=num_experts)
-    return AllGatherComm(group, spec=spec, num_experts=num_experts, combine_wire=combine_wire)
+        return GroupedComm(group, spec=spec, num_experts=num_experts, check=check)
+    return AllGatherComm(
+        group, spec=spec, num_experts=num_experts, combine_wire=combine_wire, check=check
+    )
 
 
 __all__ = [

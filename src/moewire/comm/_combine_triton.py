@@ -31,6 +31,27 @@ _CHUNK_VALUES = 1024
 _OUT = {torch.float32: 0, torch.bfloat16: 1}
 
 
+def _dyn_pack_plan(spec, hw: bool) -> tuple[tuple, dict]:
+    """(scalar arguments, constexprs) of a dynamic-nvfp4 pack launch (cached on the spec)."""
+    _, plans = _fmt._layout.plans(spec)
+    plan = plans.get(("nvfp4_dyn", hw))
+    if plan is None:
+        nb = spec.hidden // NVFP4_BLOCK
+        nbp = _fmt._next_pow2(nb)
+        sec = spec.sections
+        scalars = (
+            nb,
+            sec["scales"].offset,
+            sec["g"].offset,
+            spec.row_bytes,
+            RCP6,
+            COMBINE_NVFP4_AMAX_FLOOR,
+        )
+        consts = dict(NBP=nbp, HW=hw, num_warps=max(1, min(16, nbp * 16 // 512)))
+        plan = plans["nvfp4_dyn", hw] = (scalars, consts)
+    return plan
+
+
 def nvfp4_dynamic_pack(spec, x_TH: torch.Tensor, rows_TR: torch.Tensor) -> torch.Tensor:
     """Dynamic-nvfp4 rows of ``x_TH`` (bf16/fp32 ``[T, H]``) into ``rows_TR`` (uint8
     ``[T, R]``, unit stride along the row); returns ``rows_TR``."""
@@ -39,36 +60,46 @@ def nvfp4_dynamic_pack(spec, x_TH: torch.Tensor, rows_TR: torch.Tensor) -> torch
     if t == 0:
         return rows_TR
     target = rows_TR if _fmt._aligned(rows_TR) else torch.empty_like(rows_TR).contiguous()
-    nb = spec.hidden // NVFP4_BLOCK
-    nbp = _fmt._next_pow2(nb)
-    hw = x_TH.device.type == "cuda" and _fmt._HW_E4M3
+    scalars, consts = _dyn_pack_plan(spec, x_TH.is_cuda and _fmt._HW_E4M3)
     nvfp4_dyn_pack_kernel[(t,)](
-        x_TH,
-        x_TH.stride(0),
-        x_TH.stride(1),
-        target,
-        target.stride(0),
-        nb,
-        spec.sections["scales"].offset,
-        spec.sections["g"].offset,
-        spec.row_bytes,
-        RCP6,
-        COMBINE_NVFP4_AMAX_FLOOR,
-        NBP=nbp,
-        HW=hw,
-        num_warps=max(1, min(16, nbp * 16 // 512)),
+        x_TH, x_TH.stride(0), x_TH.stride(1), target, target.stride(0), *scalars, **consts
     )
     if target is not rows_TR:
         rows_TR.copy_(target)
     return rows_TR
 
 
+def _decode_plan(codec, dtype: torch.dtype, w: int, hw: bool) -> tuple[int, tuple, dict]:
+    """(programs per token, scalar arguments, constexprs) of a decode_sum launch (cached on
+    the codec's spec)."""
+    spec = codec.spec
+    _, plans = _fmt._layout.plans(spec)
+    plan = plans.get(("decode_sum", dtype, w, hw))
+    if plan is None:
+        h, blk = codec.hidden, _BLK[codec.wire]
+        nb = -(-h // blk)
+        nblk = min(_fmt._next_pow2(nb), max(1, _CHUNK_VALUES // blk))
+        g_off = spec.sections["g"].offset if codec.wire == "nvfp4" else 0
+        scalars = (h, nb, spec.sections["scales"].offset, g_off)
+        consts = dict(
+            KIND=_KIND[codec.wire],
+            NBLK=nblk,
+            BLK=blk,
+            NSRC=w,
+            OUT=_OUT[dtype],
+            HW=hw,
+            num_warps=4,
+            enable_fp_fusion=False,
+        )
+        plan = plans["decode_sum", dtype, w, hw] = (-(-nb // nblk), scalars, consts)
+    return plan
+
+
 def decode_sum(codec, rows_XR: torch.Tensor, index_TW: torch.Tensor, dtype) -> torch.Tensor:
     """See :meth:`moewire.comm.combine_wire.CombineCodec.decode_sum`."""
     _fmt._check_device(rows_XR, "rows")
     t, w = index_TW.shape
-    h = codec.hidden
-    out = torch.empty((t, h), dtype=dtype, device=rows_XR.device)
+    out = torch.empty((t, codec.hidden), dtype=dtype, device=rows_XR.device)
     if t == 0:
         return out
     if rows_XR.shape[0] == 0 or w == 0:
@@ -76,29 +107,8 @@ def decode_sum(codec, rows_XR: torch.Tensor, index_TW: torch.Tensor, dtype) -> t
     if not (_fmt._aligned(rows_XR) and rows_XR.stride(1) == 1):
         rows_XR = rows_XR.clone(memory_format=torch.contiguous_format)
     index_TW = index_TW.to(rows_XR.device).contiguous()
-    blk = _BLK[codec.wire]
-    nb = -(-h // blk)
-    nblk = min(_fmt._next_pow2(nb), max(1, _CHUNK_VALUES // blk))
-    spec = codec.spec
-    g_off = spec.sections["g"].offset if codec.wire == "nvfp4" else 0
-    hw = rows_XR.device.type == "cuda" and _fmt._HW_E4M3
-    decode_sum_kernel[(t, -(-nb // nblk))](
-        rows_XR,
-        rows_XR.stride(0),
-        index_TW,
-        out,
-        out.stride(0),
-        h,
-        nb,
-        spec.sections["scales"].offset,
-        g_off,
-        KIND=_KIND[codec.wire],
-        NBLK=nblk,
-        BLK=blk,
-        NSRC=w,
-        OUT=_OUT[dtype],
-        HW=hw,
-        num_warps=4,
-        enable_fp_fusion=False,
+    grid_y, scalars, consts = _decode_plan(codec, dtype, w, rows_XR.is_cuda and _fmt._HW_E4M3)
+    decode_sum_kernel[(t, grid_y)](
+        rows_XR, rows_XR.stride(0), index_TW, out, out.stride(0), *scalars, **consts
     )
     return out

@@ -24,8 +24,9 @@ import torch
 from torch.distributed import ProcessGroup
 
 from moewire.comm._collectives import all_gather, all_to_all, reduce_scatter
-from moewire.comm.base import Comm, CommHandle, SendBuffer
+from moewire.comm.base import Comm, CommHandle, Counts, SendBuffer
 from moewire.comm.combine_wire import combine_codec
+from moewire.comm.counts import normalize_counts
 from moewire.formats.spec import WireSpec
 
 
@@ -43,16 +44,18 @@ class AllGatherHandle(CommHandle):
     padded_index: torch.Tensor | None
 
 
+#: Padded indices an :class:`AllGatherComm` keeps (one per distinct counts tuple).
+_INDEX_CACHE_SIZE = 256
+
+
 def _padded_index(counts: tuple[int, ...], m: int, device: torch.device) -> torch.Tensor | None:
+    """int64 ``[N]``: where each received row sits in the padded ``[W*M]`` buffer; None when
+    every rank has ``M`` rows. Built on ``device`` from Python ints by device ops only (no
+    host-to-device copy, so it can be built inside a CUDA graph capture too)."""
     if all(c == m for c in counts):
         return None
-    starts = torch.arange(len(counts), dtype=torch.int64) * m
-    counts_t = torch.tensor(counts, dtype=torch.int64)
-    first = torch.repeat_interleave(starts, counts_t)
-    within = torch.arange(int(counts_t.sum())) - torch.repeat_interleave(
-        torch.cumsum(counts_t, 0) - counts_t, counts_t
-    )
-    return (first + within).to(device)
+    parts = [torch.arange(r * m, r * m + c, device=device) for r, c in enumerate(counts) if c]
+    return torch.cat(parts)
 
 
 class AllGatherComm(Comm):
@@ -78,42 +81,77 @@ class AllGatherComm(Comm):
         spec: WireSpec | None = None,
         num_experts: int | None = None,
         combine_wire: str = "bf16",
+        check: str = "once",
     ):
-        super().__init__(group, spec=spec, num_experts=num_experts, combine_wire=combine_wire)
+        super().__init__(
+            group, spec=spec, num_experts=num_experts, combine_wire=combine_wire, check=check
+        )
+        self._index_cache: dict[tuple, torch.Tensor | None] = {}
 
-    def _agree(self, row_bytes: int) -> dict[str, int]:
-        return {"row width (bytes)": row_bytes}
+    def _index(self, counts: tuple[int, ...], m: int, device: torch.device) -> torch.Tensor | None:
+        key = (counts, device)
+        if key in self._index_cache:
+            return self._index_cache[key]
+        if len(self._index_cache) >= _INDEX_CACHE_SIZE:
+            del self._index_cache[next(iter(self._index_cache))]
+        index = self._index_cache[key] = _padded_index(counts, m, device)
+        return index
 
     def dispatch_buffer(
-        self, num_tokens: int, row_bytes: int, device: torch.device | str
+        self,
+        num_tokens: int,
+        row_bytes: int,
+        device: torch.device | str,
+        *,
+        counts: Counts | None = None,
     ) -> SendBuffer:
-        """See :meth:`Comm.dispatch_buffer`. A collective here: exchanges the counts and
-        allocates the all-gather output ``[W*M, R]``; ``buf.rows`` is this rank's slot."""
+        """See :meth:`Comm.dispatch_buffer`. Allocates the all-gather output ``[W*M, R]``;
+        ``buf.rows`` is this rank's slot. A collective (the count exchange) unless
+        ``counts`` is given; then pass the same ``counts`` (or none) to :meth:`dispatch`."""
         self._check_buffer_args(num_tokens, row_bytes)
         device = torch.device(device)
-        gathered = self._exchange(self._agree(row_bytes), [num_tokens], device)
-        m = max(c for (c,) in gathered)
+        counts_W = self._counts(row_bytes, num_tokens, counts, device)
+        m = max(counts_W)
         buffer = torch.empty((self.world_size * m, row_bytes), dtype=torch.uint8, device=device)
         slot = buffer[self.rank * m : self.rank * m + num_tokens]
-        return SendBuffer(rows=slot, buffer=buffer, gathered=tuple(gathered), owner=self)
+        gathered = tuple((c,) for c in counts_W)
+        return SendBuffer(rows=slot, buffer=buffer, gathered=gathered, owner=self)
 
     def dispatch(
-        self, rows: torch.Tensor | SendBuffer, topk_ids: torch.Tensor | None = None
+        self,
+        rows: torch.Tensor | SendBuffer,
+        topk_ids: torch.Tensor | None = None,
+        *,
+        counts: Counts | None = None,
     ) -> tuple[torch.Tensor, AllGatherHandle]:
-        """See :meth:`Comm.dispatch`. ``recv``: uint8 ``[sum_r T_r, R]`` in rank order."""
+        """See :meth:`Comm.dispatch`. ``recv``: uint8 ``[sum_r T_r, R]`` in rank order.
+
+        One all-gather of rows padded to ``M = max(counts)`` per rank (none when every rank
+        has 0 rows), then one ``index_select`` when the counts are uneven; with ``counts``
+        given nothing else (no count exchange, no host sync). The index of uneven counts is
+        built on the device once per counts tuple and cached on the comm (the 256 most
+        recent): a CUDA graph that captured such a dispatch must keep its handle alive
+        (``handle.padded_index``); with equal counts (every rank padded to the same ``T``,
+        as under CUDA graphs) there is no index."""
         rows_TR, buf = self._send_rows(rows)
         t, r = rows_TR.shape
         device = rows_TR.device
         if buf is not None and buf.buffer is not None and buf.gathered is not None:
-            counts = tuple(c for (c,) in buf.gathered)
-            m = max(counts)
+            counts_W = tuple(c for (c,) in buf.gathered)
+            if counts is not None:
+                given = normalize_counts(counts, self.world_size, self.rank, t)
+                if given != counts_W:
+                    raise ValueError(
+                        f"counts={list(given)} differ from the counts the SendBuffer was made "
+                        f"for ({list(counts_W)})"
+                    )
+            m = max(counts_W)
             out_WMR = buf.buffer
         else:
-            gathered = self._exchange(self._agree(r), [t], device)
-            counts = tuple(c for (c,) in gathered)
-            m = max(counts)
+            counts_W = self._counts(r, t, counts, device)
+            m = max(counts_W)
             out_WMR = torch.empty((self.world_size * m, r), dtype=torch.uint8, device=device)
-        padded_index = _padded_index(counts, m, device)
+        padded_index = self._index(counts_W, m, device)
         self._step = "all_gather of rows"
         if m and buf is None and padded_index is None:
             all_gather(out_WMR, rows_TR.contiguous(), self.group)
@@ -126,7 +164,7 @@ class AllGatherComm(Comm):
         handle = AllGatherHandle(
             num_tokens=t,
             send_counts=(t,) * self.world_size,
-            recv_counts=counts,
+            recv_counts=counts_W,
             device=device,
             max_count=m,
             padded_index=padded_index,

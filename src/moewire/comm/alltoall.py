@@ -26,8 +26,9 @@ import torch
 from torch.distributed import ProcessGroup
 
 from moewire.comm._collectives import all_to_all
-from moewire.comm.base import Comm, CommHandle, SendBuffer, offsets
+from moewire.comm.base import Comm, CommHandle, Counts, SendBuffer
 from moewire.comm.combine_wire import combine_codec
+from moewire.comm.counts import normalize_counts, offsets
 from moewire.formats.spec import WireSpec
 
 #: Most distinct bad expert ids an error message lists.
@@ -90,10 +91,13 @@ class AllToAllComm(Comm):
         spec: WireSpec | None = None,
         src_index: bool = False,
         combine_wire: str = "bf16",
+        check: str = "once",
     ):
         if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
             raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
-        super().__init__(group, spec=spec, num_experts=num_experts, combine_wire=combine_wire)
+        super().__init__(
+            group, spec=spec, num_experts=num_experts, combine_wire=combine_wire, check=check
+        )
         if num_experts % self.world_size:
             raise ValueError(
                 f"num_experts={num_experts} must be a multiple of the group size "
@@ -101,6 +105,7 @@ class AllToAllComm(Comm):
             )
         self._num_experts = num_experts
         self._src_index = bool(src_index)
+        self._agreement["src_index"] = int(self._src_index)
 
     @property
     def num_experts(self) -> int:
@@ -119,10 +124,19 @@ class AllToAllComm(Comm):
         )
 
     def dispatch(
-        self, rows: torch.Tensor | SendBuffer, topk_ids: torch.Tensor | None = None
+        self,
+        rows: torch.Tensor | SendBuffer,
+        topk_ids: torch.Tensor | None = None,
+        *,
+        counts: Counts | None = None,
     ) -> tuple[torch.Tensor, AllToAllHandle]:
         """See :meth:`Comm.dispatch`. ``topk_ids`` is required; the rows are gathered into
-        send order (a copy, whichever way they were packed)."""
+        send order (a copy, whichever way they were packed).
+
+        ``counts`` is checked (``counts[rank] == T``) but does not save the exchange: the
+        rows each rank sends to each other rank depend on the routing, so this backend
+        always all-gathers every rank's ``[W]`` send counts and reads them on the host (a
+        host sync, not capturable in a CUDA graph; use ``allgather`` there)."""
         rows_TR, _ = self._send_rows(rows)
         t, r = rows_TR.shape
         device = rows_TR.device
@@ -130,6 +144,8 @@ class AllToAllComm(Comm):
             raise ValueError(
                 "topk_ids is required by the 'alltoall' backend (int32/int64 [T, K]); got None"
             )
+        if counts is not None:
+            normalize_counts(counts, self.world_size, self.rank, t)
         ids_TK = check_topk_ids(topk_ids, t, self._num_experts).to(device)
         w = self.world_size
         dest_TK = torch.div(ids_TK, self.num_local_experts, rounding_mode="floor").long()
@@ -138,12 +154,7 @@ class AllToAllComm(Comm):
         send_src_index = mask_TW.t().nonzero()[:, 1].contiguous()
         send_counts = tuple(mask_TW.sum(0).tolist())
 
-        agree = {
-            "row width (bytes)": r,
-            "num_experts": self._num_experts,
-            "src_index": int(self._src_index),
-        }
-        matrix = self._exchange(agree, send_counts, device)
+        matrix = self._exchange(r, send_counts, device)
         recv_counts = tuple(matrix[src][self.rank] for src in range(w))
         n = sum(recv_counts)
         recv_NR = torch.empty((n, r), dtype=torch.uint8, device=device)

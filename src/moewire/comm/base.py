@@ -5,13 +5,16 @@ ranks that own the tokens to the ranks that host their experts (``dispatch``) an
 experts' partial outputs back onto the owners (``combine``). Backends only see bytes, so
 every backend carries every format and every extra.
 
-Every dispatch starts with one small all-gather of an int64 vector per rank: the values all
-ranks must agree on (:data:`AGREE_KEYS`: backend, row width ``R``, and where the comm knows
-them the wire format, ``H``, the nvfp4 global scale, the extras layout, ``E``), then the
-backend's counts. The vector has the same length on every rank whatever the backend, so a
-disagreement raises ``ValueError`` on every rank alike, naming each rank's value, instead of
-deadlocking or corrupting a collective. It rides in the count exchange each dispatch makes
-anyway: no extra collective.
+Token counts. A dispatch needs every rank's token count. Given by the caller
+(``dispatch(rows, counts=[T_0, T_1, ...])``, as an engine's data-parallel metadata has it),
+``allgather`` and ``grouped`` move the rows with no count exchange and no host sync; not
+given, every dispatch first all-gathers one small int64 vector per rank (the counts plus a
+fingerprint of the agreement values, :mod:`moewire.comm.agreement`) and reads it on the host.
+
+Agreement. The values every rank must agree on (format, ``H``, global scale, extras, ``E``,
+row width, ...) are checked in full once per comm, at its first dispatch, and again only
+when they change (see :mod:`moewire.comm.agreement`; ``check="every_call"`` checks at every
+dispatch). A disagreement raises ``ValueError`` on every rank alike, naming each rank's value.
 
 A collective that fails (gloo and NCCL with ``TORCH_NCCL_BLOCKING_WAIT=1`` raise a
 ``RuntimeError`` when a peer dies or the group's timeout passes) is re-raised as
@@ -23,108 +26,24 @@ Shape legend: ``T`` tokens on this rank, ``N`` rows received, ``S`` rows sent (a
 
 from __future__ import annotations
 
-import functools
-import struct
 import time
-import zlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
+from moewire.comm import agreement as agr
 from moewire.comm.combine_wire import COMBINE_DTYPES, COMBINE_WIRES, check_combine_wire
-from moewire.formats import FORMATS
+from moewire.comm.counts import normalize_counts
+from moewire.comm.errors import CommError, group_timeout, named_failures
 from moewire.formats.spec import WireSpec
 
-#: Backend names in the order of their agreement id (append only: the id is on the wire).
-_BACKEND_IDS = ("allgather", "alltoall", "grouped")
-#: The values every rank's dispatch must agree on, in wire order; ``-1`` means "not known
-#: to this comm" (no ``spec`` / no ``num_experts`` given), which must agree too.
-AGREE_KEYS = (
-    "comm backend",
-    "row width (bytes)",
-    "wire format",
-    "hidden",
-    "nvfp4 global_scale",
-    "extras layout",
-    "num_experts",
-    "src_index",
-    "combine wire",
-)
-_UNSET = -1
-
-
-def _show(key: str, value: int) -> str:
-    if value == _UNSET and key not in ("row width (bytes)", "src_index"):
-        return "not given"
-    if key == "comm backend" and 0 <= value < len(_BACKEND_IDS):
-        return repr(_BACKEND_IDS[value])
-    if key == "wire format" and 0 <= value < len(FORMATS):
-        return repr(FORMATS[value])
-    if key == "nvfp4 global_scale":
-        return repr(struct.unpack("<d", struct.pack("<q", value))[0])
-    if key == "extras layout":
-        return f"{value:#010x}"
-    if key == "combine wire" and 0 <= value < len(COMBINE_WIRES):
-        return repr(COMBINE_WIRES[value])
-    return str(value)
-
-
-def _spec_agreement(spec: WireSpec | None) -> dict[str, int]:
-    if spec is None:
-        return {}
-    g = spec.global_scale
-    layout = ";".join(f"{n}:{d}:{w}" for n, (d, w) in spec.extras.items())
-    return {
-        "wire format": FORMATS.index(spec.format),
-        "hidden": spec.hidden,
-        "nvfp4 global_scale": (
-            _UNSET if g is None else struct.unpack("<q", struct.pack("<d", float(g)))[0]
-        ),
-        "extras layout": zlib.crc32(layout.encode()),
-    }
-
-
-class CommError(RuntimeError):
-    """A collective of a moewire comm failed: a peer rank died, exited, raised before the
-    call or did not reach it within the process group's timeout. The group is unusable
-    afterwards (destroy it and restart the ranks). ``__cause__`` is torch's error."""
-
-
-def _group_timeout(group: ProcessGroup) -> str:
-    for device in ("cpu", "cuda"):
-        try:
-            backend = group._get_backend(torch.device(device))
-            return f"{backend.options._timeout.total_seconds():g} s"
-        except Exception:
-            continue
-    return "unknown"
-
-
-_F = TypeVar("_F", bound=Callable[..., Any])
-
-
-def _named_failures(method: str, fn: _F) -> _F:
-    """Wrap a collective method so that a torch.distributed failure inside it raises
-    :class:`CommError` naming the backend, the method and the collective."""
-
-    @functools.wraps(fn)
-    def wrapper(self: Comm, *args: Any, **kwargs: Any) -> Any:
-        self._step = None
-        start = time.monotonic()
-        try:
-            return fn(self, *args, **kwargs)
-        except (CommError, torch.OutOfMemoryError):
-            raise
-        except RuntimeError as err:
-            raise self._failure(method, start, err) from err
-
-    wrapper._moewire_named = True  # type: ignore[attr-defined]
-    return wrapper  # type: ignore[return-value]
+#: What ``counts=`` may be: a sequence of ints or a CPU integer tensor ``[W]``.
+Counts = Sequence[int] | torch.Tensor
 
 
 def _check_counts(name: str, counts: object) -> None:
@@ -215,7 +134,7 @@ class Comm(ABC):
         for method in ("dispatch", "dispatch_buffer", "combine"):
             fn = cls.__dict__.get(method)
             if fn is not None and not getattr(fn, "_moewire_named", False):
-                setattr(cls, method, _named_failures(method, fn))
+                setattr(cls, method, named_failures(method, fn))
 
     def __init__(
         self,
@@ -224,6 +143,7 @@ class Comm(ABC):
         spec: WireSpec | None = None,
         num_experts: int | None = None,
         combine_wire: str = "bf16",
+        check: str = "once",
     ):
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError(
@@ -248,15 +168,21 @@ class Comm(ABC):
         self._world_size = dist.get_world_size(group)
         self._spec = spec
         self._backend = str(dist.get_backend(group)).lower()
-        #: Agreement values fixed at construction (see :data:`AGREE_KEYS`).
+        #: Agreement values fixed at construction (see :data:`agreement.AGREE_KEYS`).
         self._agreement = {
-            **dict.fromkeys(AGREE_KEYS, _UNSET),
-            "comm backend": _BACKEND_IDS.index(self.name) if self.name in _BACKEND_IDS else _UNSET,
+            **dict.fromkeys(agr.AGREE_KEYS, agr.UNSET),
+            "comm backend": agr.BACKEND_IDS.index(self.name),
             "src_index": 0,
-            **_spec_agreement(spec),
-            "num_experts": _UNSET if num_experts is None else num_experts,
+            **agr.spec_agreement(spec),
+            "num_experts": agr.UNSET if num_experts is None else num_experts,
             "combine wire": COMBINE_WIRES.index(check_combine_wire(combine_wire)),
         }
+        self._extras_text = agr.extras_text(spec)
+        self._check_every_call = agr.check_mode(check)
+        #: row width -> (agreement vector, its fingerprint), built on first use.
+        self._vectors: dict[int, tuple[tuple[int, ...], int]] = {}
+        #: The row width whose agreement every rank has confirmed (None: not yet).
+        self._agreed_width: int | None = None
         self._combine_wire = combine_wire
         #: The collective running now, for :class:`CommError` messages.
         self._step: str | None = None
@@ -290,7 +216,12 @@ class Comm(ABC):
 
     # ------------------------------------------------------------------- the API
     def dispatch_buffer(
-        self, num_tokens: int, row_bytes: int, device: torch.device | str
+        self,
+        num_tokens: int,
+        row_bytes: int,
+        device: torch.device | str,
+        *,
+        counts: Counts | None = None,
     ) -> SendBuffer:
         """Rows to pack into, then pass to :meth:`dispatch` (the in-place send path).
 
@@ -298,31 +229,56 @@ class Comm(ABC):
             num_tokens: ``T``, this rank's tokens (0 allowed).
             row_bytes: ``R``, bytes per row (``spec.row_bytes``).
             device: where the rows live (the group's device: CPU for gloo, CUDA for NCCL).
+            counts: every rank's token count, as in :meth:`dispatch`; optional.
 
         Returns:
             a :class:`SendBuffer`; pack with ``spec.pack(x, out=buf.rows, ...)`` and call
-            ``dispatch(buf, topk_ids)``. A collective for ``allgather`` (it exchanges the
-            counts then, so dispatch does not); allocation only for the other backends.
+            ``dispatch(buf, topk_ids)``. For ``allgather`` a collective unless ``counts`` is
+            given (it exchanges the counts then, so dispatch does not); allocation only for
+            the other backends.
         """
         self._check_buffer_args(num_tokens, row_bytes)
+        if counts is not None:
+            normalize_counts(counts, self.world_size, self.rank, num_tokens, "num_tokens")
         rows = torch.empty((num_tokens, row_bytes), dtype=torch.uint8, device=device)
         return SendBuffer(rows=rows, owner=self)
 
     @abstractmethod
     def dispatch(
-        self, rows: torch.Tensor | SendBuffer, topk_ids: torch.Tensor | None = None
+        self,
+        rows: torch.Tensor | SendBuffer,
+        topk_ids: torch.Tensor | None = None,
+        *,
+        counts: Counts | None = None,
     ) -> tuple[torch.Tensor, CommHandle]:
         """Move this rank's rows to the ranks that need them.
 
         Args:
-            rows: uint8 ``[T, R]`` wire rows (``T`` may be 0 and may differ per rank; ``R``
-                must be equal on every rank), or a :class:`SendBuffer` packed in place.
-            topk_ids: int32/int64 ``[T, K]`` expert ids in ``[0, E)``; needed by
-                ``alltoall``, ignored by the others.
+            rows: uint8 ``[T, R]`` wire rows on the group's device (CPU for gloo, CUDA
+                for NCCL), or a :class:`SendBuffer` packed in place. ``T`` may be 0 and
+                may differ per rank; ``R`` must be equal on every rank (``spec.row_bytes``
+                when the comm has a ``spec``).
+            topk_ids: int32/int64 ``[T, K]`` expert ids in ``[0, E)`` on any device;
+                required by ``alltoall``, ignored by the others.
+            counts: every rank's token count ``[T_0, ..., T_{W-1}]``: a sequence of ``W``
+                non-negative Python ints or a CPU integer tensor ``[W]``, the same on every
+                rank (an engine's data-parallel metadata), with ``counts[rank] == T``.
+                ``allgather`` and ``grouped`` then skip the count exchange: no host sync and
+                no blocking host-to-device copy (capturable in a CUDA graph, once the comm
+                has checked agreement, i.e. after one eager dispatch). ``alltoall`` still
+                exchanges its per-destination counts (data dependent). None: exchanged.
+                Pass ``counts`` on every rank or on none in one dispatch (like any argument
+                that decides which collectives run).
 
         Returns:
             ``(recv, handle)``: ``recv`` uint8 ``[N, R]`` (order: see the backend) and the
-            handle to pass to :meth:`combine`.
+            handle to pass to :meth:`combine`; handles of both paths are alike.
+
+        Raises:
+            ValueError: ``counts`` of the wrong length, with a negative or non-int entry, or
+                whose entry for this rank is not ``T`` (the message names both); a value the
+                ranks disagree on (on every rank, naming each rank's value).
+            CommError: a collective failed (a peer died or the group's timeout passed).
         """
 
     @abstractmethod
@@ -370,46 +326,67 @@ class Comm(ABC):
         return CommError(
             f"moewire {self.name}.{method} (rank {self._rank} of {self._world_size}): {step} "
             f"failed after {time.monotonic() - start:.1f} s (process-group timeout "
-            f"{_group_timeout(self._group)}): a peer rank died, exited, raised before this "
+            f"{group_timeout(self._group)}): a peer rank died, exited, raised before this "
             f"call or did not reach it in time; the group is unusable now. "
             f"{type(err).__name__}: {first}"
         )
 
+    def _vector(self, row_bytes: int) -> tuple[tuple[int, ...], int]:
+        got = self._vectors.get(row_bytes)
+        if got is None:
+            vec = agr.agreement_vector({**self._agreement, "row width (bytes)": row_bytes})
+            got = self._vectors[row_bytes] = (vec, agr.fingerprint(vec))
+        return got
+
+    def _check_agreement(self, row_bytes: int, device: torch.device) -> None:
+        """The full agreement check (a small collective); raises on every rank alike."""
+        self._step = "the agreement check (all_gather of the values every rank must share)"
+        vec = self._vector(row_bytes)[0]
+        who = f"{self.name} dispatch"
+        agr.check_agreement(self._group, vec, self._extras_text, device, who)
+        self._step = None
+        self._agreed_width = row_bytes
+
+    def _ensure_agreed(self, row_bytes: int, device: torch.device) -> None:
+        """The full check at the first dispatch, after a row width change, or every call
+        with ``check="every_call"``; nothing otherwise (no collective, no sync)."""
+        if self._check_every_call or self._agreed_width != row_bytes:
+            self._check_agreement(row_bytes, device)
+
     def _exchange(
-        self,
-        agree: Mapping[str, int],
-        values: Sequence[int],
-        device: torch.device,
+        self, row_bytes: int, values: Sequence[int], device: torch.device
     ) -> list[tuple[int, ...]]:
-        """All-gather this rank's agreement vector (:data:`AGREE_KEYS`, from the comm's own
-        values updated with ``agree``) and ``values`` (int64, padded to ``W`` entries so that
-        every backend sends the same length); raise ``ValueError`` on every rank if an
-        agreement value differs, naming each rank's value. Returns each rank's ``values``,
-        in rank order."""
-        fields = {**self._agreement, **agree}
-        assert len(fields) == len(AGREE_KEYS), f"unknown agreement keys {sorted(agree)}"
+        """All-gather this rank's ``values`` (int64, padded to ``W`` entries so that every
+        backend sends the same length) with the fingerprint of its agreement values; returns
+        each rank's ``values`` in rank order. A fingerprint that differs between ranks (seen
+        by every rank alike) runs the full check, which raises naming the values."""
+        fp = self._vector(row_bytes)[1]
         n = len(values)
         pad = [0] * (self._world_size - n) if n < self._world_size else []
-        local = torch.tensor(
-            [*(fields[k] for k in AGREE_KEYS), *values, *pad], dtype=torch.int64, device=device
-        )
+        local = torch.tensor([fp, *values, *pad], dtype=torch.int64, device=device)
         from moewire.comm._collectives import all_gather
 
         out = torch.empty(self._world_size * local.numel(), dtype=torch.int64, device=device)
-        self._step = "the count exchange (all_gather of the agreement values and counts)"
+        self._step = "the count exchange (all_gather of the counts)"
         all_gather(out, local, self._group)
         self._step = None
-        rows = [tuple(r) for r in out.view(self._world_size, -1).tolist()]
-        for i, key in enumerate(AGREE_KEYS):
-            seen = [r[i] for r in rows]
-            if len(set(seen)) > 1:
-                per_rank = ", ".join(f"rank {r}: {_show(key, v)}" for r, v in enumerate(seen))
-                raise ValueError(
-                    f"{key} differs across ranks ({per_rank}); every rank must use the "
-                    f"same value ({self.name} dispatch)"
-                )
-        k = len(AGREE_KEYS)
-        return [r[k : k + n] for r in rows]
+        rows = out.view(self._world_size, -1).tolist()
+        if self._check_every_call or any(r[0] != fp for r in rows):
+            self._check_agreement(row_bytes, device)
+        assert all(r[0] == fp for r in rows), "agreement fingerprints differ, values agree"
+        self._agreed_width = row_bytes
+        return [tuple(r[1 : 1 + n]) for r in rows]
+
+    def _counts(
+        self, row_bytes: int, num_tokens: int, counts: Counts | None, device: torch.device
+    ) -> tuple[int, ...]:
+        """Every rank's token count: ``counts`` checked (plus the agreement check when it is
+        due), or exchanged when None."""
+        if counts is None:
+            return tuple(c for (c,) in self._exchange(row_bytes, [num_tokens], device))
+        counts_W = normalize_counts(counts, self._world_size, self._rank, num_tokens)
+        self._ensure_agreed(row_bytes, device)
+        return counts_W
 
     def _check_partial(
         self, partial: object, handle: object, handle_type: type[CommHandle]
@@ -433,12 +410,3 @@ class Comm(ABC):
                 f"partial is on {partial.device}, the dispatched rows were on {handle.device}"
             )
         return partial.contiguous()
-
-
-def offsets(counts: Sequence[int]) -> list[int]:
-    """Exclusive prefix sum: where each rank's block starts in a rank-ordered buffer."""
-    out, acc = [], 0
-    for c in counts:
-        out.append(acc)
-        acc += c
-    return out

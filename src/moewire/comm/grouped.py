@@ -23,7 +23,8 @@ import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
 from moewire.comm.allgather import AllGatherHandle
-from moewire.comm.base import Comm, SendBuffer, offsets
+from moewire.comm.base import Comm, Counts, SendBuffer
+from moewire.comm.counts import offsets
 from moewire.formats.spec import WireSpec
 
 
@@ -55,26 +56,32 @@ class GroupedComm(Comm):
         *,
         spec: WireSpec | None = None,
         num_experts: int | None = None,
+        check: str = "once",
     ):
         if spec is None:
             raise ValueError(
                 "the 'grouped' backend needs spec= (a moewire.WireSpec) to send each row "
                 "section in its own collective; got None"
             )
-        super().__init__(group, spec=spec, num_experts=num_experts)
+        super().__init__(group, spec=spec, num_experts=num_experts, check=check)
         self._ranges = byte_ranges(spec)
 
     def _global(self, group_rank: int) -> int:
         return dist.get_global_rank(self.group, group_rank)
 
     def dispatch(
-        self, rows: torch.Tensor | SendBuffer, topk_ids: torch.Tensor | None = None
+        self,
+        rows: torch.Tensor | SendBuffer,
+        topk_ids: torch.Tensor | None = None,
+        *,
+        counts: Counts | None = None,
     ) -> tuple[torch.Tensor, AllGatherHandle]:
-        """See :meth:`Comm.dispatch`. ``recv``: uint8 ``[sum_r T_r, R]`` in rank order."""
+        """See :meth:`Comm.dispatch`. ``recv``: uint8 ``[sum_r T_r, R]`` in rank order.
+        With ``counts`` no count exchange: only the broadcasts of the row sections."""
         rows_TR, _ = self._send_rows(rows)
         t, r = rows_TR.shape
         device = rows_TR.device
-        counts = tuple(c for (c,) in self._exchange({"row width (bytes)": r}, [t], device))
+        counts = self._counts(r, t, counts, device)
         starts = offsets(counts)
         recv_NR = torch.empty((sum(counts), r), dtype=torch.uint8, device=device)
         for section, lo, hi in self._ranges:

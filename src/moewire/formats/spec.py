@@ -138,6 +138,8 @@ class WireSpec:
             offset = _align(sec.end)
         self._sections = {s.name: s for s in sections}
         self._row_bytes = max(offset, ROW_ALIGN)
+        #: The Triton launchers' cached layout and launch arguments (``formats/_tiles.py``).
+        self._launch: tuple | None = None
 
     # ----------------------------------------------------------------- properties
     @property
@@ -206,9 +208,9 @@ class WireSpec:
             raise ValueError(f"x must be [T, hidden={self._hidden}], got shape {tuple(x.shape)}")
 
     def _check_extras(self, num_tokens: int, device: torch.device, extras: dict) -> None:
-        missing = [n for n in self._extras if n not in extras]
-        unknown = [n for n in extras if n not in self._extras]
-        if missing or unknown:
+        if extras.keys() != self._extras.keys():
+            missing = [n for n in self._extras if n not in extras]
+            unknown = [n for n in extras if n not in self._extras]
             raise ValueError(
                 f"extras: declared {sorted(self._extras)}, missing {missing}, undeclared {unknown}"
             )
@@ -218,7 +220,7 @@ class WireSpec:
                 raise TypeError(f"extra {name!r} must be a torch.Tensor, got {type(t).__name__}")
             if t.dtype != dtype:
                 raise TypeError(f"extra {name!r} must have dtype {dtype}, got {t.dtype}")
-            if tuple(t.shape) != (num_tokens, width):
+            if t.shape != (num_tokens, width):
                 raise ValueError(
                     f"extra {name!r} must have shape [T={num_tokens}, {width}], "
                     f"got {tuple(t.shape)}"
@@ -289,9 +291,7 @@ class WireSpec:
         self._check_extras(x.shape[0], x.device, extras)
         rows = self._out_rows(out, x.shape[0], x.device)
         if self._pick_backend(backend, x.device) == "triton":
-            from moewire.formats import _triton
-
-            return _triton.pack(self, x, rows, extras)
+            return _triton_module().pack(self, x, rows, extras)
         step = max(1, _CHUNK_VALUES // self._hidden)
         for start in range(0, x.shape[0], step):
             stop = min(start + step, x.shape[0])
@@ -380,9 +380,7 @@ class WireSpec:
             raise TypeError(f"dtype must be bfloat16, float16 or float32, got {dtype}")
         self.check_rows(rows)
         if self._pick_backend(backend, rows.device) == "triton":
-            from moewire.formats import _triton
-
-            return _triton.dequantize(self, rows, dtype)
+            return _triton_module().dequantize(self, rows, dtype)
         view = self.unpack(rows)
         return self._format.dequantize(view.payload, view.scales, dtype)
 
@@ -431,6 +429,14 @@ def pick_backend(backend: str | None, device: torch.device) -> str:
     if backend == "triton" and not _triton_available():
         raise RuntimeError("backend='triton' needs the triton package, which is not importable")
     return backend
+
+
+@functools.cache
+def _triton_module():
+    """``moewire.formats._triton`` (imports triton: only on the Triton paths)."""
+    from moewire.formats import _triton
+
+    return _triton
 
 
 @functools.cache
