@@ -397,9 +397,7 @@ class WireSpec:
             raise ValueError(f"swizzled_scales needs format 'nvfp4', got {self.format!r}")
         self.check_rows(rows)
         if self._pick_backend(backend, rows.device) == "triton":
-            from moewire.formats import _triton
-
-            return _triton.gather_swizzled_scales(self, rows)
+            return _triton_module().gather_swizzled_scales(self, rows)
         from moewire.formats.nvfp4 import swizzle_128x4
 
         return swizzle_128x4(self.unpack(rows).scales)
