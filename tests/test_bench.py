@@ -68,9 +68,9 @@ def test_bench_spawned_workers_write_every_output(tmp_path):
     assert r.returncode == 0, r.stderr[-4000:]
     for routine in ("## quantize", "## dispatch", "## combine", "## layer"):
         assert routine in r.stdout
-    # progress lines: 34 steps, plus 8 quantized combine cases (4 wires x 2 backends) at
+    # progress lines: 36 steps, plus 8 quantized combine cases (4 wires x 2 backends) at
     # each of the 2 token counts
-    assert "[ 1/50]" in r.stderr and "[50/50]" in r.stderr
+    assert "[ 1/52]" in r.stderr and "[52/52]" in r.stderr
     doc = json.loads(out["json"].read_text())
     assert doc["environment"]["world_size"] == 3 and doc["environment"]["backend"] == "gloo"
     recs = doc["records"]

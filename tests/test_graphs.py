@@ -47,7 +47,7 @@ def test_padding_errors():
         layer(x, logits, valid_counts=v)
     with pytest.raises(ValueError, match=r"valid_counts must be an int tensor \[W=1\]"):
         layer(x, logits, counts=[4], valid_counts=torch.tensor([1, 2]))
-    with pytest.raises(ValueError, match="comm='local' has one rank"):
+    with pytest.raises(ValueError, match="contradicts this rank"):
         layer(x, logits, counts=[3])
 
 

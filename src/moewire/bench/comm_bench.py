@@ -1,6 +1,8 @@
 """Routines ``dispatch`` and ``combine`` of ``moewire bench``.
 
-``dispatch`` times pack (quantization included) + dispatch, side by side, for:
+``dispatch`` times pack (quantization included) + dispatch, side by side, each dispatch
+given every rank's token count (``counts=``, as a serving engine knows them; one more case
+exchanges them instead, to show what that costs), for:
 the seed's baseline (bf16 activations + fp32 router logits, one collective per tensor:
 ``grouped``), bf16 rows in one collective, and every quantized format in both routing
 modes over each backend. ``combine`` times the return trip: bf16/fp32 partial rows (the
@@ -40,12 +42,16 @@ class Case:
     fmt: str
     routing: str
     backend: str
+    #: every rank's token count passed to dispatch (as a serving engine knows them); False:
+    #: the dispatch exchanges the counts itself
+    counts: bool = True
 
     @property
     def label(self) -> str:
+        tail = "" if self.counts else ", count exchange"
         if (self.fmt, self.routing, self.backend) == BASELINE:
-            return "seed baseline: bf16+logits, grouped"
-        return f"{self.fmt}+{self.routing}, {self.backend}"
+            return "seed baseline: bf16+logits, grouped" + tail
+        return f"{self.fmt}+{self.routing}, {self.backend}{tail}"
 
 
 def token_counts(tokens: int, world_size: int, skew: str) -> list[int]:
@@ -122,6 +128,10 @@ def cases_for(args, shape: ModelShape) -> list[Case]:
                     cases.append(c)
     if "nvfp4" in args.formats and Case("nvfp4", "logits", "grouped") not in cases:
         cases.append(Case("nvfp4", "logits", "grouped"))
+    # what the counts save: the first quantized allgather case once more, exchanging them
+    first = next((c for c in cases[2:] if c.backend == "allgather"), None)
+    if first is not None:
+        cases.append(Case(first.fmt, first.routing, first.backend, counts=False))
     return cases
 
 
@@ -176,8 +186,10 @@ def run_dispatch(ctx: BenchContext, shape: ModelShape) -> list[dict]:
             comm = make_comm(case.backend, ctx.group, num_experts=shape.num_experts, spec=spec)
             extras = extras_for(case.routing, logits, shape.top_k)
 
-            def step(spec=spec, comm=comm, extras=extras, x=x, ids=ids):
-                return comm.dispatch(spec.pack(x, **extras), ids)
+            kw = {"counts": counts} if case.counts else {}
+
+            def step(spec=spec, comm=comm, extras=extras, x=x, ids=ids, kw=kw):
+                return comm.dispatch(spec.pack(x, **extras), ids, **kw)
 
             recv, _ = step()
             want = expected_recv(ctx, case, spec, shape, counts, args.seed)
@@ -213,6 +225,7 @@ def run_dispatch(ctx: BenchContext, shape: ModelShape) -> list[dict]:
                     "baseline": case == Case(*BASELINE),
                     "tokens": tokens,
                     "counts": "/".join(map(str, counts)),
+                    "counts_given": case.counts,
                     "bytes_per_token": spec.row_bytes,
                     "wire_bytes": wire_bytes,
                     "time_us": t * 1e6,

@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from moewire.comm.counts import normalize_counts
+
 
 class LocalComm:
     """World size 1 without a process group: dispatch is the identity; combine is too with
@@ -28,11 +30,8 @@ class LocalComm:
         *,
         counts: Sequence[int] | torch.Tensor | None = None,
     ):
-        if counts is not None and [int(c) for c in counts] != [rows_TR.shape[0]]:
-            raise ValueError(
-                f"counts={list(counts)}: comm='local' has one rank, whose rows have "
-                f"{rows_TR.shape[0]} tokens"
-            )
+        if counts is not None:
+            normalize_counts(counts, 1, 0, rows_TR.shape[0])
         return rows_TR, None
 
     def combine(self, partial_NH: torch.Tensor, handle: Any) -> torch.Tensor:
