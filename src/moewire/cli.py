@@ -187,9 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser(
         "bench",
         help="quantize / dispatch / combine / layer benchmarks",
-        description="Measure the routines side by side, baseline first. With no GPU: 4 CPU "
-        "processes with gloo and small shapes; with GPUs: NCCL on every visible GPU and "
-        "DeepSeek-R1 shapes. Also runs unchanged under torchrun.",
+        description="Measure the routines side by side, baseline first. With no GPU: up to "
+        "4 CPU processes (one per core) with gloo and small shapes; with GPUs: NCCL on every "
+        "visible GPU and DeepSeek-R1 shapes. Also runs unchanged under torchrun.",
     )
     bench.add_arguments(b)
     b.set_defaults(func=bench.run)
@@ -215,6 +215,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(value, int) and value <= 0:
             print(f"moewire: error: --{name} must be positive, got {value}", file=sys.stderr)
             return 2
+    experts, topk = getattr(args, "experts", None), getattr(args, "topk", None)
+    if experts is not None and topk is not None and topk > experts:
+        print(
+            f"moewire: error: --topk {topk} is more than --experts {experts} "
+            "(each token picks top-k distinct experts)",
+            file=sys.stderr,
+        )
+        return 2
     try:
         return args.func(args)
     except (ValueError, TypeError) as e:

@@ -120,7 +120,8 @@ def cases_for(args, shape: ModelShape) -> list[Case]:
                 c = Case(fmt, mode, backend)
                 if c not in cases:
                     cases.append(c)
-    if "nvfp4" in args.formats and Case("nvfp4", "logits", "grouped") not in cases:
+    nvfp4_ok = shape.hidden % format_class("nvfp4").block == 0
+    if "nvfp4" in args.formats and nvfp4_ok and Case("nvfp4", "logits", "grouped") not in cases:
         cases.append(Case("nvfp4", "logits", "grouped"))
     return cases
 

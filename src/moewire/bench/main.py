@@ -291,7 +291,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="even",
         help="tokens per rank: the same on every rank, or split 1:2:..:W (default even)",
     )
-    p.add_argument("--world-size", type=int, help="ranks to spawn (default: GPUs, or 4 on CPU)")
+    p.add_argument(
+        "--world-size",
+        type=int,
+        help="ranks to spawn (default: one per GPU; on CPU 4, at most one per core)",
+    )
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if visible")
     p.add_argument("--iters", type=int, default=None, help="timed iterations (default 20/50)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up iterations (default 3/10)")
@@ -322,6 +326,11 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--{name} must be positive, got {v}")
     if args.tokens and any(t < 0 for t in args.tokens):
         raise ValueError(f"--tokens must be >= 0, got {args.tokens}")
+    if "quantize" in (args.routines or DEFAULT_ROUTINES) and args.tokens and max(args.tokens) == 0:
+        raise ValueError(
+            f"routine quantize needs at least one --tokens value > 0 (got {args.tokens}): "
+            "it times pack and dequantize of that many tokens"
+        )
     shape = resolve_shape(args, on_gpu)  # validate overrides before spawning
     from moewire.bench.layer_bench import layer_config
 

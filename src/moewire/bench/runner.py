@@ -3,8 +3,8 @@
 The benchmark runs one process per rank. ``launch`` either joins the group that torchrun
 set up (``RANK``/``WORLD_SIZE`` in the environment, single- or multi-node), or spawns its
 own workers on this machine: one per visible GPU with NCCL, or ``--world-size`` CPU
-processes (default 4) with gloo over a file store. Every rank runs every routine; rank 0
-prints progress and the report and writes ``--json``/``--csv``/``--plot``.
+processes (default: 4, at most one per core) with gloo over a file store. Every rank runs
+every routine; rank 0 prints progress and the report and writes ``--json``/``--csv``/``--plot``.
 
 Timing: each iteration starts with all ranks aligned (device sync + barrier); the time of
 an iteration is measured with CUDA events on GPU and ``time.perf_counter`` on CPU; a case's
@@ -272,12 +272,19 @@ def resolve_world(args: object) -> tuple[str, int, bool]:
     device_type = args.device or ("cuda" if ngpu else "cpu")
     if device_type == "cuda" and ngpu == 0:
         raise ValueError("--device cuda: no CUDA GPU is visible")
-    world = args.world_size or (ngpu if device_type == "cuda" else 4)
+    if args.world_size is not None and args.world_size < 1:
+        raise ValueError(f"--world-size must be >= 1, got {args.world_size}")
+    world = args.world_size or (ngpu if device_type == "cuda" else min(4, cpu_cores()))
     if device_type == "cuda" and world > ngpu:
         raise ValueError(f"--world-size {world} > {ngpu} visible GPUs")
-    if world < 1:
-        raise ValueError(f"--world-size must be >= 1, got {world}")
     return device_type, world, False
+
+
+def cpu_cores() -> int:
+    """Cores this process may run on (its affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
 
 
 def launch(main: Callable[[BenchContext], None], args: object) -> None:
@@ -289,9 +296,24 @@ def launch(main: Callable[[BenchContext], None], args: object) -> None:
         return
     with tempfile.TemporaryDirectory(prefix="moewire-bench-") as tmp:
         init = f"file://{os.path.join(tmp, 'store')}"
-        torch.multiprocessing.spawn(
-            _worker,
-            args=(world, device_type, init, main, args),
-            nprocs=world,
-            join=True,
-        )
+        try:
+            torch.multiprocessing.spawn(
+                _worker,
+                args=(world, device_type, init, main, args),
+                nprocs=world,
+                join=True,
+            )
+        except torch.multiprocessing.ProcessRaisedException as e:
+            raise _user_error(e) from None
+
+
+def _user_error(e: Exception) -> Exception:
+    """A worker's ``ValueError``/``TypeError`` as one line naming the rank and the cause
+    (the CLI prints it); any other failure keeps its full traceback."""
+    last = [line for line in str(e).splitlines() if line.strip()][-1:]
+    for kind in (ValueError, TypeError):
+        prefix = f"{kind.__name__}: "
+        if last and last[0].startswith(prefix):
+            rank = getattr(e, "error_index", "?")
+            return kind(f"rank {rank}: {last[0].removeprefix(prefix)}")
+    return e

@@ -70,6 +70,47 @@ class _LocalComm:
         return codec.decode_sum(codec.encode(partial_NH), index_T1, partial_NH.dtype)
 
 
+def _check_process_group(comm: str) -> None:
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(
+            f"EPMoE(comm={comm!r}) needs an initialized process group: call "
+            "torch.distributed.init_process_group(...) first (torchrun sets up its "
+            "environment), or use comm='local' for one process that holds every expert"
+        )
+
+
+def check_fp8_device(device: torch.device | None) -> None:
+    """Raise ``ValueError`` unless ``experts="fp8"`` (``torch._scaled_grouped_mm``) can run
+    on ``device`` (None: on any visible device): a CUDA GPU of compute capability 9.0+."""
+    fix = "use experts='fp8_loop' (runs anywhere) or 'auto'"
+    if device is not None and device.type != "cuda":
+        raise ValueError(
+            f"experts='fp8' runs torch._scaled_grouped_mm, which needs a CUDA GPU of compute "
+            f"capability 9.0+; the expert weights are on {device}: {fix}"
+        )
+    if not torch.cuda.is_available() or not hasattr(torch, "_scaled_grouped_mm"):
+        raise ValueError(
+            "experts='fp8' runs torch._scaled_grouped_mm, which needs a CUDA GPU of compute "
+            f"capability 9.0+; no CUDA GPU is visible (or this torch lacks the op): {fix}"
+        )
+    cap = torch.cuda.get_device_capability(device)
+    if cap[0] < 9:
+        raise ValueError(
+            f"experts='fp8' needs compute capability 9.0+ (torch._scaled_grouped_mm); "
+            f"{torch.cuda.get_device_name(device)} has {cap[0]}.{cap[1]}: {fix}"
+        )
+
+
+def _reload_global_scale(module: nn.Module, incompatible_keys: object) -> None:
+    """After ``load_state_dict``: rebuild the nvfp4 wire from the loaded global scale
+    (0: not calibrated, so the next forward calibrates)."""
+    g = float(module.global_scale_bits.view(torch.float32).item())
+    if g == 0:
+        module.spec = module.travel_spec = module.comm = None
+    elif module.spec is None or module.spec.global_scale != g:
+        module._build_wire(g)
+
+
 def _choice(name: str, value: object, allowed: tuple) -> None:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
@@ -149,6 +190,8 @@ class EPMoE(nn.Module):
             )
         if experts in FP8_IMPLS and wire != "fp8":
             raise ValueError(f"experts={experts!r} consumes 'fp8' wire rows; got wire={wire!r}")
+        if experts == "fp8":
+            check_fp8_device(None)
         if shared_expert is not None and not callable(shared_expert):
             raise TypeError(f"shared_expert must be callable, got {type(shared_expert).__name__}")
         self.config = config
@@ -171,11 +214,17 @@ class EPMoE(nn.Module):
         if comm == "local":
             self.world_size, self.rank = 1, 0
         else:
+            _check_process_group(comm)
             self.world_size = dist.get_world_size(group)
             self.rank = dist.get_rank(group)
         self.spec: WireSpec | None = None
         self.travel_spec: WireSpec | None = None
         self.comm: Any = None
+        if wire == "nvfp4":
+            # The fp32 bits of g (0: not calibrated yet), so that state_dict() holds the
+            # calibrated scale and model.to(dtype) cannot round it.
+            self.register_buffer("global_scale_bits", torch.zeros((), dtype=torch.int32))
+            self.register_load_state_dict_post_hook(_reload_global_scale)
         if wire == "nvfp4" and global_scale is None:
             WireSpec(wire, config.hidden, global_scale=1.0, extras=extras)  # validate now
         else:
@@ -196,6 +245,9 @@ class EPMoE(nn.Module):
         """The row layouts and the comm, once the wire format's parameters are known."""
         hidden, extras = self.config.hidden, self._extras
         self.spec = WireSpec(self._wire, hidden, global_scale=global_scale, extras=extras)
+        if self._wire == "nvfp4":
+            g = torch.tensor(self.spec.global_scale, dtype=torch.float32)
+            self.global_scale_bits.copy_(g.view(torch.int32))
         self.travel_spec = (
             self.spec if self.quantize == "before" else WireSpec("bf16", hidden, extras=extras)
         )
@@ -216,17 +268,21 @@ class EPMoE(nn.Module):
 
     def _calibrate(self, x16_TH: torch.Tensor) -> None:
         """nvfp4 without a global scale: ``g = 448*6 / max finite |x|`` over every rank."""
-        finite = torch.nan_to_num(x16_TH.float().abs(), nan=0.0, posinf=0.0)
-        amax = finite.amax() if finite.numel() else finite.new_zeros(())
-        amax = amax.reshape(1)
+        abs_TH = x16_TH.float().abs()
+        finite = torch.nan_to_num(abs_TH, nan=0.0, posinf=0.0)
+        stats = torch.zeros(2, device=x16_TH.device)  # [max finite |x|, any NaN/Inf]
+        if finite.numel():
+            stats[0] = finite.amax()
+            stats[1] = (~torch.isfinite(abs_TH)).any().float()
         if self.comm_name != "local":
-            dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=self._group)
-        value = float(amax.item())
+            dist.all_reduce(stats, op=dist.ReduceOp.MAX, group=self._group)
+        value = float(stats[0].item())
         if value == 0:
+            what = "NaN/Inf or zero" if stats[1].item() else "zero (or empty)"
             raise ValueError(
                 "EPMoE(wire='nvfp4', global_scale=None) calibrates on the first forward, but "
-                "every rank's x was zero (or empty); pass global_scale=g, e.g. "
-                "moewire.nvfp4_global_scale(calibration_amax)"
+                f"every rank's x was {what}: no finite nonzero value to calibrate on; pass "
+                "global_scale=g, e.g. moewire.nvfp4_global_scale(calibration_amax)"
             )
         self._build_wire(nvfp4_global_scale(value))
 
@@ -265,6 +321,8 @@ class EPMoE(nn.Module):
         if w13_E2IH.device != w2_EHI.device:
             raise ValueError(f"w13 is on {w13_E2IH.device}, w2 on {w2_EHI.device}")
         check_router_bias(c, router_bias)
+        if self.experts_impl == "fp8":
+            check_fp8_device(w13_E2IH.device)
         for name, w in (("w13", w13_E2IH), ("w2", w2_EHI), ("router_bias", router_bias)):
             if w is not None and not bool(torch.isfinite(w).all()):
                 n_bad = int((~torch.isfinite(w)).sum())
