@@ -41,7 +41,7 @@ def test_global_scale_out_of_fp32_range_is_a_clean_error(amax):
 def test_wirespec_global_scale_out_of_range_no_warning(g):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        with pytest.raises(ValueError, match="global_scale must be a finite fp32 > 0"):
+        with pytest.raises(ValueError, match="global_scale must be finite and > 0, an fp32"):
             mw.WireSpec("nvfp4", H, global_scale=g)
 
 

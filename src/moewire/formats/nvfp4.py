@@ -60,7 +60,7 @@ def check_global_scale(global_scale: object, name: str = "global_scale") -> floa
     g = _fp32(global_scale)
     if not math.isfinite(g) or g <= 0 or not math.isfinite(_fp32(1.0 / g)):
         raise ValueError(
-            f"{name} must be a finite fp32 > 0 whose reciprocal is finite too "
+            f"{name} must be finite and > 0, an fp32 whose reciprocal is finite too "
             f"(about 2.9e-39 to 3.4e38), got {global_scale!r}"
         )
     return g
