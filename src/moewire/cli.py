@@ -30,7 +30,7 @@ def routing_extras(mode: str, num_experts: int, top_k: int) -> dict[str, tuple[t
 
 
 def baseline_row_bytes(hidden: int, num_experts: int) -> int:
-    """Bytes per token of the seed's baseline: bf16 activations plus fp32 router logits."""
+    """Bytes per token of the baseline: bf16 activations plus fp32 router logits."""
     return WireSpec("bf16", hidden, extras=routing_extras("logits", num_experts, 1)).row_bytes
 
 
@@ -114,7 +114,7 @@ def _cmd_formats(args: argparse.Namespace) -> int:
     base = baseline_row_bytes(args.hidden, args.experts)
     print(
         f"wire rows for hidden={args.hidden}, experts={args.experts}, top-k={args.topk}; "
-        f"baseline (the seed's path before the change): bf16 + fp32 router logits = "
+        f"baseline (vLLM before its PR 30014): bf16 + fp32 router logits = "
         f"{base} bytes/token"
     )
     print(

@@ -1,7 +1,8 @@
 """Routines ``dispatch`` and ``combine`` of ``moewire bench``.
 
 ``dispatch`` times pack (quantization included) + dispatch, side by side, for:
-the seed's baseline (bf16 activations + fp32 router logits, one collective per tensor:
+the baseline (bf16 activations + fp32 router logits, one collective per tensor, as vLLM
+did before its PR 30014:
 ``grouped``), bf16 rows in one collective, and every quantized format in both routing
 modes over each backend. ``combine`` times the return trip: bf16/fp32 partial rows (the
 bf16 reduce-scatter first, the baseline) and each quantized ``combine_wire`` over
@@ -31,7 +32,7 @@ from moewire.bench.runner import BenchContext
 from moewire.comm.combine_wire import COMBINE_WIRES
 from moewire.formats import WireSpec, format_class, nvfp4_global_scale
 
-#: The seed's path before the change: bf16 + fp32 logits, one collective per tensor.
+#: The baseline, vLLM before its PR 30014: bf16 + fp32 logits, one collective per tensor.
 BASELINE = ("bf16", "logits", "grouped")
 
 
@@ -44,7 +45,7 @@ class Case:
     @property
     def label(self) -> str:
         if (self.fmt, self.routing, self.backend) == BASELINE:
-            return "seed baseline: bf16+logits, grouped"
+            return "baseline: bf16+logits, one collective per tensor"
         return f"{self.fmt}+{self.routing}, {self.backend}"
 
 
@@ -110,7 +111,7 @@ def calibrated_global_scale(ctx: BenchContext, x_TH: torch.Tensor) -> float:
 
 def cases_for(args, shape: ModelShape) -> list[Case]:
     """The baseline first, then bf16 rows in one collective, then each quantized format in
-    each routing mode over each backend (and nvfp4 over ``grouped``, the seed's own way)."""
+    each routing mode over each backend (and nvfp4 over ``grouped``, PR 30014's own way)."""
     cases = [Case(*BASELINE), Case("bf16", "logits", "allgather")]
     for fmt in args.formats:
         if shape.hidden % format_class(fmt).block:

@@ -4,9 +4,9 @@ Cases, the all-bf16 layer first (the baseline of the speedup column):
 
 - ``bf16 rows, bf16 experts``: no quantization anywhere;
 - ``nvfp4 rows, bf16 experts``: 4-bit rows on the wire, dequantized, bf16 grouped GEMM;
-- ``fp8 rows quantized after dispatch, fp8 experts``: the seed's old path on Hopper
+- ``fp8 rows quantized after dispatch, fp8 experts``: vLLM's path before PR 30014, on Hopper
   (bf16 rows travel, the receiver quantizes to fp8, ``quantize="after"``);
-- ``fp8 rows quantized before dispatch, fp8 experts``: the seed's change on Hopper;
+- ``fp8 rows quantized before dispatch, fp8 experts``: PR 30014's change, on Hopper;
   the fp8 GEMM consumes the wire rows directly.
 - ``fp8 rows + fp8 experts + fp8 combine``: the same with the partial outputs quantized
   to fp8 for the return trip (``combine_wire="fp8"``, the combine with the best measured
@@ -92,7 +92,7 @@ def layer_cases(ctx: BenchContext) -> list[tuple[str, dict]]:
     if fp8_skip_reason(ctx) is None:
         cases += [
             (
-                "fp8 after dispatch (seed's old path), fp8 experts",
+                "fp8 after dispatch (pre-PR-30014 path), fp8 experts",
                 {"wire": "fp8", "experts": "fp8", "quantize": "after"},
             ),
             (

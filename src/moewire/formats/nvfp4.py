@@ -1,5 +1,5 @@
 """``nvfp4``: e2m1 values in blocks of 16 with a linear e4m3 block scale and a static fp32
-global scale ``g`` (the format of the seed, the input of the NVFP4 MoE kernels).
+global scale ``g`` (the format of vLLM PR 30014, the input of the NVFP4 MoE kernels).
 
 Bit layout: payload = ``H/2`` bytes of packed e2m1 codes, element ``2j`` in the low nibble;
 scales = ``H/16`` e4m3 bytes, row-major ``[T, H/16]`` (linear, so rows of several ranks can

@@ -4,14 +4,14 @@
 
 Rank ``r`` of ``W`` hosts experts ``[r*E/W, (r+1)*E/W)``. Rows carry the quantized tokens
 plus either the fp32 router logits (``routing="logits"``: every rank routes every row it
-receives, the seed's way) or the top-k ids (int32) and weights (fp32) (``routing="topk"``:
+receives, as vLLM PR 30014 does) or the top-k ids (int32) and weights (fp32) (``routing="topk"``:
 each rank routes its own tokens before the dispatch). Routing is deterministic
 (``routing.py``), so both modes pick the same experts with the same weights.
 
 **Activation dtype.** The layer rounds ``x`` to bf16 at its boundary (a no-op for bf16
-models, the seed's case) and returns ``y`` in ``x``'s dtype. So the wire always quantizes
+models, vLLM PR 30014's case) and returns ``y`` in ``x``'s dtype. So the wire always quantizes
 bf16 values, and ``quantize="after"`` (bf16 rows travel, the receiver quantizes them: the
-path the seed replaced) is bitwise identical to ``quantize="before"`` for every input dtype:
+path PR 30014 replaced) is bitwise identical to ``quantize="before"`` for every input dtype:
 bf16 rows hold ``x`` exactly, quantization is row-local, so the receiver quantizes the same
 values to the same bytes (WIRE_FORMATS.md, last section). Without the cast, an fp32 ``x``
 would be quantized directly in "before" but through bf16 in "after".
@@ -134,7 +134,7 @@ class EPMoE(nn.Module):
             all-reduce, that forward only), then fixed; pass a calibrated scale in
             production, where the first batch may not be representative.
         quantize: ``"before"`` (rows quantized before the dispatch) or ``"after"`` (bf16
-            rows travel and the receiver quantizes them: the seed's old path, kept for
+            rows travel and the receiver quantizes them: vLLM's path before PR 30014, kept for
             measurement). Outputs are bitwise identical.
         experts: compute path of the local experts: ``"auto"``, ``"loop"``, ``"grouped"``,
             ``"fp8"`` or ``"fp8_loop"`` (see ``moe/experts.py``; the fp8 paths need
@@ -180,8 +180,8 @@ class EPMoE(nn.Module):
         check_combine_wire(combine_wire)
         if comm == "grouped" and combine_wire != "bf16":
             raise ValueError(
-                f"combine_wire={combine_wire!r}: comm='grouped' (the seed's baseline) "
-                "supports only combine_wire='bf16'"
+                f"combine_wire={combine_wire!r}: comm='grouped' (the one-collective-per-tensor "
+                "baseline) supports only combine_wire='bf16'"
             )
         if experts not in ("auto", "loop", "grouped", *FP8_IMPLS):
             raise ValueError(
