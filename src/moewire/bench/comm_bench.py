@@ -190,6 +190,7 @@ def run_dispatch(ctx: BenchContext, shape: ModelShape) -> list[dict]:
                     "senders' bytes on some rank; not timing a wrong result"
                 )
             t = ctx.time(step, args.iters, args.warmup)
+            spread = ctx.spread()
             if case == Case(*BASELINE):
                 base_time = t
             n_rows = torch.tensor([recv.shape[0]], device=ctx.device)
@@ -218,6 +219,7 @@ def run_dispatch(ctx: BenchContext, shape: ModelShape) -> list[dict]:
                     "bytes_per_token": spec.row_bytes,
                     "wire_bytes": wire_bytes,
                     "time_us": t * 1e6,
+                    **spread,
                     "busbw_GBps": busbw / 1e9,
                     "ref_allgather_busbw_GBps": ref_bw / 1e9 if ref_bw else None,
                     "frac_of_ref": busbw / ref_bw if ref_bw else None,
@@ -355,6 +357,7 @@ def run_combine(ctx: BenchContext, shape: ModelShape) -> list[dict]:
             t = ctx.time(
                 lambda c=comm, p=partial, h=handle: c.combine(p, h), args.iters, args.warmup
             )
+            spread = ctx.spread()
             if i == 0:
                 base_time = t
             row_b = (
@@ -376,6 +379,7 @@ def run_combine(ctx: BenchContext, shape: ModelShape) -> list[dict]:
                     "bytes_per_token": row_b,
                     "wire_bytes": nbytes,
                     "time_us": t * 1e6,
+                    **spread,
                     "busbw_GBps": nbytes * (ctx.world_size - 1) / ctx.world_size / t / 1e9,
                     "speedup": base_time / t if base_time else None,
                 }

@@ -167,6 +167,7 @@ def run_layer(ctx: BenchContext, shape: ModelShape) -> list[dict]:
             if ctx.is_cuda:
                 torch.cuda.reset_peak_memory_stats(ctx.device)
             total = ctx.time(lambda m=layer, x=x, lg=logits: m(x, lg), iters, warmup)
+            spread = ctx.spread()
             timer.flush()
             peak = torch.cuda.max_memory_allocated(ctx.device) if ctx.is_cuda else None
             layer.stage_timer = None
@@ -193,6 +194,7 @@ def run_layer(ctx: BenchContext, shape: ModelShape) -> list[dict]:
                     "bytes_per_token": layer.spec.row_bytes,
                     **{f"{s}_us": stages[s] * 1e6 for s in STAGES},
                     "time_us": total * 1e6,
+                    **spread,
                     "speedup": base / total,
                     "peak_mem_GB": peak_max / 1e9 if peak_max is not None else None,
                     "sqnr_vs_bf16_db": sq,

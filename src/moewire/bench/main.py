@@ -8,6 +8,7 @@ import sys
 from moewire.bench.presets import PRESETS, ModelShape
 from moewire.bench.runner import (
     BenchContext,
+    cpu_cores,
     fmt_num,
     launch,
     render_table,
@@ -15,6 +16,14 @@ from moewire.bench.runner import (
     write_csv,
     write_json,
     write_plot,
+)
+from moewire.bench.verdict import (
+    LEGENDS,
+    annotate,
+    fmt_speedup,
+    fmt_time,
+    skipped_notes,
+    verdict_lines,
 )
 
 ROUTINES = ("quantize", "dispatch", "combine", "layer", "model")
@@ -44,6 +53,13 @@ def resolve_shape(args: argparse.Namespace, on_gpu: bool) -> ModelShape:
 
 def _print_report(ctx: BenchContext, shape: ModelShape, records: list[dict]) -> None:
     env = ctx.env
+    notes = skipped_notes(ctx.args, shape.hidden, ctx.is_cuda)
+    from moewire.bench.layer_bench import fp8_skip_reason
+
+    reason = fp8_skip_reason(ctx)
+    if reason:
+        notes["layer"].append(reason)
+    annotate(records)
     print(
         f"\nmoewire bench: {env['card']} x{env['world_size']} ({env['backend']}), "
         f"torch {env['torch']}"
@@ -61,7 +77,7 @@ def _print_report(ctx: BenchContext, shape: ModelShape, records: list[dict]) -> 
         recs = [r for r in records if r["routine"] == routine]
         print(f"\n## {routine}")
         if routine in ("dispatch", "combine"):
-            headers = ["case", "T/rank", "B/token", "time us", "bus GB/s"]
+            headers = ["case", "T/rank", "B/token", "time us (min-max)", "bus GB/s"]
             if routine == "dispatch":
                 headers += ["% of all-gather", "SQNR dB"]
             headers += ["speedup"]
@@ -71,13 +87,13 @@ def _print_report(ctx: BenchContext, shape: ModelShape, records: list[dict]) -> 
                     r["case"],
                     r["tokens"],
                     r["bytes_per_token"],
-                    fmt_num(r["time_us"]),
+                    fmt_time(r),
                     fmt_num(r["busbw_GBps"], 2),
                 ]
                 if routine == "dispatch":
                     frac = r.get("frac_of_ref")
                     row += [fmt_num(100 * frac, 0) if frac else "-", fmt_num(r["sqnr_db"], 1)]
-                row += [f"{r['speedup']:.2f}x" if r.get("speedup") else "-"]
+                row += [fmt_speedup(r)]
                 rows.append(row)
             print(render_table(headers, rows))
         elif routine == "layer":
@@ -92,7 +108,7 @@ def _print_report(ctx: BenchContext, shape: ModelShape, records: list[dict]) -> 
                 "dispatch us",
                 "experts us",
                 "combine us",
-                "total us",
+                "total us (min-max)",
                 "speedup",
                 "peak GB",
                 "SQNR vs bf16 dB",
@@ -105,13 +121,16 @@ def _print_report(ctx: BenchContext, shape: ModelShape, records: list[dict]) -> 
                     fmt_num(r["dispatch_us"]),
                     fmt_num(r["experts_us"]),
                     fmt_num(r["combine_us"]),
-                    fmt_num(r["time_us"]),
-                    f"{r['speedup']:.2f}x",
+                    fmt_time(r),
+                    fmt_speedup(r),
                     fmt_num(r["peak_mem_GB"], 2),
                     fmt_num(r["sqnr_vs_bf16_db"], 1),
                 ]
                 for r in recs
             ]
+            if not ctx.is_cuda:  # peak GB is CUDA memory
+                headers.pop(8)
+                rows = [row[:8] + row[9:] for row in rows]
             print(render_table(headers, rows))
         elif routine == "model":
             print(
@@ -147,13 +166,13 @@ def _print_report(ctx: BenchContext, shape: ModelShape, records: list[dict]) -> 
 
             print(format_table(recs))
         elif routine == "quantize":
-            headers = ["case", "T", "MB moved", "time us", "GB/s"]
+            headers = ["case", "T", "MB moved", "time us (min-max)", "GB/s"]
             rows = [
                 [
                     r["case"],
                     r["tokens"],
                     fmt_num(r["bytes"] / 1e6, 2),
-                    fmt_num(r["time_us"]),
+                    fmt_time(r),
                     fmt_num(r["GBps"], 2),
                 ]
                 for r in recs
@@ -162,6 +181,12 @@ def _print_report(ctx: BenchContext, shape: ModelShape, records: list[dict]) -> 
         else:
             keys = [k for k in recs[0] if k not in ("routine",)]
             print(render_table(keys, [[fmt_num(r.get(k), 2) for k in keys] for r in recs]))
+        print(f"({LEGENDS[routine]})" if routine in LEGENDS else "", end="")
+        for note in notes.get(routine, []):
+            print(f"\n- {note}", end="")
+        print()
+    print("\n## verdict")
+    print("\n".join(verdict_lines(records, ctx.env, cpu_cores())))
 
 
 def bench_main(ctx: BenchContext) -> None:

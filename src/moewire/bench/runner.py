@@ -44,6 +44,8 @@ class BenchContext:
     #: Steps of the whole run, for the progress lines.
     total_steps: int = 0
     _step: int = 0
+    #: Seconds per iteration of the last :meth:`time` call, slowest rank of each.
+    last_samples: list = field(default_factory=list)
 
     @property
     def is_cuda(self) -> bool:
@@ -72,7 +74,8 @@ class BenchContext:
 
     def time(self, fn: Callable[[], object], iters: int, warmup: int) -> float:
         """Seconds per call of ``fn``: median over ``iters`` aligned iterations after
-        ``warmup`` untimed ones, then the maximum over ranks."""
+        ``warmup`` untimed ones, then the maximum over ranks. The slowest rank's time of
+        each iteration is kept for :meth:`spread`."""
         for _ in range(warmup):
             fn()
         samples = []
@@ -92,7 +95,16 @@ class BenchContext:
                 t0 = time.perf_counter()
                 fn()
                 samples.append(time.perf_counter() - t0)
+        per_iter = torch.tensor(samples, dtype=torch.float64, device=self.device)
+        dist.all_reduce(per_iter, op=dist.ReduceOp.MAX, group=self.group)
+        self.last_samples = per_iter.tolist()
         return self.max_over_ranks(statistics.median(samples))
+
+    def spread(self) -> dict:
+        """The last :meth:`time` call's per-iteration times (slowest rank, us) and their
+        min and max, for a record."""
+        us = [s * 1e6 for s in self.last_samples]
+        return {"time_us_min": min(us), "time_us_max": max(us), "samples_us": us}
 
     def progress(self, label: str) -> None:
         """One progress line on rank 0 (stderr): ``[ k/total] label``."""
