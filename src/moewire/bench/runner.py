@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import datetime
 import json
+import logging
 import math
 import os
 import platform
@@ -308,6 +309,9 @@ def launch(main: Callable[[BenchContext], None], args: object) -> None:
         return
     with tempfile.TemporaryDirectory(prefix="moewire-bench-") as tmp:
         init = f"file://{os.path.join(tmp, 'store')}"
+        # A worker's error is reported once, by _user_error; not also as torch's
+        # "Terminating process" warning for each of the other workers.
+        logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)
         try:
             torch.multiprocessing.spawn(
                 _worker,
