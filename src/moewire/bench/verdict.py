@@ -144,11 +144,12 @@ def _dispatch(recs: list[dict]) -> list[str]:
         sq = best["sqnr_db"]
         acc = "lossless" if sq is None or math.isinf(sq) else f"SQNR {sq:.1f} dB"
         b = base["bytes_per_token"]
-        size = (
-            f"{lo}-{hi} B/token ({b / hi:.1f}-{b / lo:.1f}x fewer)"
-            if lo != hi
-            else (f"{lo} B/token ({b / lo:.1f}x fewer)")
-        )
+        if lo != hi:
+            size = f"{lo}-{hi} B/token ({b / hi:.1f}-{b / lo:.1f}x fewer)"
+        elif lo == b:
+            size = f"{lo} B/token (as many as the baseline)"
+        else:
+            size = f"{lo} B/token ({b / lo:.1f}x fewer)"
         out.append(f"  {fmt}: {size}, {acc}; fastest case {best['case']}: {_words(best)}")
     return out
 
