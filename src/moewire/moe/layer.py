@@ -39,6 +39,7 @@ from moewire.comm.combine_wire import COMBINE_DTYPES
 from moewire.formats import WireSpec, nvfp4_global_scale
 from moewire.moe.config import MoEConfig
 from moewire.moe.experts import FP8_IMPLS, LocalExperts, resolve_impl
+from moewire.moe.layer_checks import check_fp8_device, check_process_group, reload_global_scale
 from moewire.moe.routing import check_router_bias, check_topk_ids, route
 
 #: ``comm`` names: the backends of :func:`moewire.make_comm`, plus ``local`` (no process
@@ -68,47 +69,6 @@ class _LocalComm:
         codec = combine_codec(self.combine_wire, partial_NH.shape[1])
         index_T1 = torch.arange(partial_NH.shape[0], device=partial_NH.device)[:, None]
         return codec.decode_sum(codec.encode(partial_NH), index_T1, partial_NH.dtype)
-
-
-def _check_process_group(comm: str) -> None:
-    if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError(
-            f"EPMoE(comm={comm!r}) needs an initialized process group: call "
-            "torch.distributed.init_process_group(...) first (torchrun sets up its "
-            "environment), or use comm='local' for one process that holds every expert"
-        )
-
-
-def check_fp8_device(device: torch.device | None) -> None:
-    """Raise ``ValueError`` unless ``experts="fp8"`` (``torch._scaled_grouped_mm``) can run
-    on ``device`` (None: on any visible device): a CUDA GPU of compute capability 9.0+."""
-    fix = "use experts='fp8_loop' (runs anywhere) or 'auto'"
-    if device is not None and device.type != "cuda":
-        raise ValueError(
-            f"experts='fp8' runs torch._scaled_grouped_mm, which needs a CUDA GPU of compute "
-            f"capability 9.0+; the expert weights are on {device}: {fix}"
-        )
-    if not torch.cuda.is_available() or not hasattr(torch, "_scaled_grouped_mm"):
-        raise ValueError(
-            "experts='fp8' runs torch._scaled_grouped_mm, which needs a CUDA GPU of compute "
-            f"capability 9.0+; no CUDA GPU is visible (or this torch lacks the op): {fix}"
-        )
-    cap = torch.cuda.get_device_capability(device)
-    if cap[0] < 9:
-        raise ValueError(
-            f"experts='fp8' needs compute capability 9.0+ (torch._scaled_grouped_mm); "
-            f"{torch.cuda.get_device_name(device)} has {cap[0]}.{cap[1]}: {fix}"
-        )
-
-
-def _reload_global_scale(module: nn.Module, incompatible_keys: object) -> None:
-    """After ``load_state_dict``: rebuild the nvfp4 wire from the loaded global scale
-    (0: not calibrated, so the next forward calibrates)."""
-    g = float(module.global_scale_bits.view(torch.float32).item())
-    if g == 0:
-        module.spec = module.travel_spec = module.comm = None
-    elif module.spec is None or module.spec.global_scale != g:
-        module._build_wire(g)
 
 
 def _choice(name: str, value: object, allowed: tuple) -> None:
@@ -214,7 +174,7 @@ class EPMoE(nn.Module):
         if comm == "local":
             self.world_size, self.rank = 1, 0
         else:
-            _check_process_group(comm)
+            check_process_group(comm)
             self.world_size = dist.get_world_size(group)
             self.rank = dist.get_rank(group)
         self.spec: WireSpec | None = None
@@ -224,7 +184,7 @@ class EPMoE(nn.Module):
             # The fp32 bits of g (0: not calibrated yet), so that state_dict() holds the
             # calibrated scale and model.to(dtype) cannot round it.
             self.register_buffer("global_scale_bits", torch.zeros((), dtype=torch.int32))
-            self.register_load_state_dict_post_hook(_reload_global_scale)
+            self.register_load_state_dict_post_hook(reload_global_scale)
         if wire == "nvfp4" and global_scale is None:
             WireSpec(wire, config.hidden, global_scale=1.0, extras=extras)  # validate now
         else:
