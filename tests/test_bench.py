@@ -66,8 +66,13 @@ def test_bench_spawned_workers_write_every_output(tmp_path):
         out.pop("png")
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=_env(), check=False)
     assert r.returncode == 0, r.stderr[-4000:]
-    for routine in ("## quantize", "## dispatch", "## combine", "## layer"):
+    for routine in ("## quantize", "## dispatch", "## combine", "## layer", "## verdict"):
         assert routine in r.stdout
+    # every table has its legend; skipped rows and the CPU caveat are stated
+    assert r.stdout.count("\n(") >= 4 and "speedup: baseline median / case median" in r.stdout
+    assert "- peak GB: CUDA memory only" in r.stdout and "peak GB  " not in r.stdout
+    assert "do not predict a GPU cluster" in r.stdout and "BENCHMARKS.md" in r.stdout
+    assert "dispatch at 5 tokens/rank: the baseline" in r.stdout
     # progress lines: 36 steps, plus 8 quantized combine cases (4 wires x 2 backends) at
     # each of the 2 token counts
     assert "[ 1/52]" in r.stderr and "[52/52]" in r.stderr

@@ -47,7 +47,7 @@ def test_bench_model_cpu_two_ranks(tmp_path):
     assert "## model" in r.stdout and "fp8 cases skipped" in r.stdout
     recs = json.loads(out.read_text())["records"]
     assert [x["case"] for x in recs] == [
-        "bf16 rows (seed before), bf16 experts",
+        "bf16 rows (before PR 30014), bf16 experts",
         "nvfp4 rows, bf16 experts",
     ]
     assert recs[0]["baseline"] and recs[0]["speedup"] == 1.0

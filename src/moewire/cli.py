@@ -30,7 +30,7 @@ def routing_extras(mode: str, num_experts: int, top_k: int) -> dict[str, tuple[t
 
 
 def baseline_row_bytes(hidden: int, num_experts: int) -> int:
-    """Bytes per token of the seed's baseline: bf16 activations plus fp32 router logits."""
+    """Bytes per token of the baseline: bf16 activations plus fp32 router logits."""
     return WireSpec("bf16", hidden, extras=routing_extras("logits", num_experts, 1)).row_bytes
 
 
@@ -114,7 +114,7 @@ def _cmd_formats(args: argparse.Namespace) -> int:
     base = baseline_row_bytes(args.hidden, args.experts)
     print(
         f"wire rows for hidden={args.hidden}, experts={args.experts}, top-k={args.topk}; "
-        f"baseline (the seed's path before the change): bf16 + fp32 router logits = "
+        f"baseline (vLLM before its PR 30014): bf16 + fp32 router logits = "
         f"{base} bytes/token"
     )
     print(
@@ -187,9 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser(
         "bench",
         help="quantize / dispatch / combine / layer benchmarks",
-        description="Measure the routines side by side, baseline first. With no GPU: 4 CPU "
-        "processes with gloo and small shapes; with GPUs: NCCL on every visible GPU and "
-        "DeepSeek-R1 shapes. Also runs unchanged under torchrun.",
+        description="Measure the routines side by side, baseline first. With no GPU: up to "
+        "4 CPU processes (one per core) with gloo and small shapes; with GPUs: NCCL on every "
+        "visible GPU and DeepSeek-R1 shapes. Also runs unchanged under torchrun.",
     )
     bench.add_arguments(b)
     b.set_defaults(func=bench.run)
@@ -215,6 +215,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(value, int) and value <= 0:
             print(f"moewire: error: --{name} must be positive, got {value}", file=sys.stderr)
             return 2
+    experts, topk = getattr(args, "experts", None), getattr(args, "topk", None)
+    if experts is not None and topk is not None and topk > experts:
+        print(
+            f"moewire: error: --topk {topk} is more than --experts {experts} "
+            "(each token picks top-k distinct experts)",
+            file=sys.stderr,
+        )
+        return 2
     try:
         return args.func(args)
     except (ValueError, TypeError) as e:

@@ -3,7 +3,8 @@
 ``dispatch`` times pack (quantization included) + dispatch, side by side, each dispatch
 given every rank's token count (``counts=``, as a serving engine knows them; one more case
 exchanges them instead, to show what that costs), for:
-the seed's baseline (bf16 activations + fp32 router logits, one collective per tensor:
+the baseline (bf16 activations + fp32 router logits, one collective per tensor, as vLLM
+did before its PR 30014:
 ``grouped``), bf16 rows in one collective, and every quantized format in both routing
 modes over each backend. ``combine`` times the return trip: bf16/fp32 partial rows (the
 bf16 reduce-scatter first, the baseline) and each quantized ``combine_wire`` over
@@ -33,7 +34,7 @@ from moewire.bench.runner import BenchContext
 from moewire.comm.combine_wire import COMBINE_WIRES
 from moewire.formats import WireSpec, format_class, nvfp4_global_scale
 
-#: The seed's path before the change: bf16 + fp32 logits, one collective per tensor.
+#: The baseline, vLLM before its PR 30014: bf16 + fp32 logits, one collective per tensor.
 BASELINE = ("bf16", "logits", "grouped")
 
 
@@ -50,7 +51,7 @@ class Case:
     def label(self) -> str:
         tail = "" if self.counts else ", count exchange"
         if (self.fmt, self.routing, self.backend) == BASELINE:
-            return "seed baseline: bf16+logits, grouped" + tail
+            return "baseline: bf16+logits, one collective per tensor" + tail
         return f"{self.fmt}+{self.routing}, {self.backend}{tail}"
 
 
@@ -116,7 +117,7 @@ def calibrated_global_scale(ctx: BenchContext, x_TH: torch.Tensor) -> float:
 
 def cases_for(args, shape: ModelShape) -> list[Case]:
     """The baseline first, then bf16 rows in one collective, then each quantized format in
-    each routing mode over each backend (and nvfp4 over ``grouped``, the seed's own way)."""
+    each routing mode over each backend (and nvfp4 over ``grouped``, PR 30014's own way)."""
     cases = [Case(*BASELINE), Case("bf16", "logits", "allgather")]
     for fmt in args.formats:
         if shape.hidden % format_class(fmt).block:
@@ -126,7 +127,8 @@ def cases_for(args, shape: ModelShape) -> list[Case]:
                 c = Case(fmt, mode, backend)
                 if c not in cases:
                     cases.append(c)
-    if "nvfp4" in args.formats and Case("nvfp4", "logits", "grouped") not in cases:
+    nvfp4_ok = shape.hidden % format_class("nvfp4").block == 0
+    if "nvfp4" in args.formats and nvfp4_ok and Case("nvfp4", "logits", "grouped") not in cases:
         cases.append(Case("nvfp4", "logits", "grouped"))
     # what the counts save: the first quantized allgather case once more, exchanging them
     first = next((c for c in cases[2:] if c.backend == "allgather"), None)
@@ -200,6 +202,7 @@ def run_dispatch(ctx: BenchContext, shape: ModelShape) -> list[dict]:
                     "senders' bytes on some rank; not timing a wrong result"
                 )
             t = ctx.time(step, args.iters, args.warmup)
+            spread = ctx.spread()
             if case == Case(*BASELINE):
                 base_time = t
             n_rows = torch.tensor([recv.shape[0]], device=ctx.device)
@@ -229,6 +232,7 @@ def run_dispatch(ctx: BenchContext, shape: ModelShape) -> list[dict]:
                     "bytes_per_token": spec.row_bytes,
                     "wire_bytes": wire_bytes,
                     "time_us": t * 1e6,
+                    **spread,
                     "busbw_GBps": busbw / 1e9,
                     "ref_allgather_busbw_GBps": ref_bw / 1e9 if ref_bw else None,
                     "frac_of_ref": busbw / ref_bw if ref_bw else None,
@@ -366,6 +370,7 @@ def run_combine(ctx: BenchContext, shape: ModelShape) -> list[dict]:
             t = ctx.time(
                 lambda c=comm, p=partial, h=handle: c.combine(p, h), args.iters, args.warmup
             )
+            spread = ctx.spread()
             if i == 0:
                 base_time = t
             row_b = (
@@ -387,6 +392,7 @@ def run_combine(ctx: BenchContext, shape: ModelShape) -> list[dict]:
                     "bytes_per_token": row_b,
                     "wire_bytes": nbytes,
                     "time_us": t * 1e6,
+                    **spread,
                     "busbw_GBps": nbytes * (ctx.world_size - 1) / ctx.world_size / t / 1e9,
                     "speedup": base_time / t if base_time else None,
                 }

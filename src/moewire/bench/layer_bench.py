@@ -4,9 +4,9 @@ Cases, the all-bf16 layer first (the baseline of the speedup column):
 
 - ``bf16 rows, bf16 experts``: no quantization anywhere;
 - ``nvfp4 rows, bf16 experts``: 4-bit rows on the wire, dequantized, bf16 grouped GEMM;
-- ``fp8 rows quantized after dispatch, fp8 experts``: the seed's old path on Hopper
+- ``fp8 rows quantized after dispatch, fp8 experts``: vLLM's path before PR 30014, on Hopper
   (bf16 rows travel, the receiver quantizes to fp8, ``quantize="after"``);
-- ``fp8 rows quantized before dispatch, fp8 experts``: the seed's change on Hopper;
+- ``fp8 rows quantized before dispatch, fp8 experts``: PR 30014's change, on Hopper;
   the fp8 GEMM consumes the wire rows directly.
 - ``fp8 rows + fp8 experts + fp8 combine``: the same with the partial outputs quantized
   to fp8 for the return trip (``combine_wire="fp8"``, the combine with the best measured
@@ -100,7 +100,7 @@ def layer_cases(ctx: BenchContext) -> list[tuple[str, dict]]:
     if fp8_skip_reason(ctx) is None:
         cases += [
             (
-                "fp8 after dispatch (seed's old path), fp8 experts",
+                "fp8 after dispatch (pre-PR-30014 path), fp8 experts",
                 {"wire": "fp8", "experts": "fp8", "quantize": "after"},
             ),
             (
@@ -150,10 +150,11 @@ def _case_record(ctx, layer, label, kw, x, logits, counts, iters, warmup) -> dic
     # every rank's count is known, as an engine's data-parallel metadata has it: no count
     # exchange in the dispatch
     total = ctx.time(lambda m=layer, x=x, lg=logits: m(x, lg, counts=counts), iters, warmup)
+    spread = ctx.spread()
     timer.flush()
     layer.stage_timer = None
     peak = torch.cuda.max_memory_allocated(ctx.device) if ctx.is_cuda else None
-    rec = {"routine": "layer", "case": label, "time_us": total * 1e6}
+    rec = {"routine": "layer", "case": label, "time_us": total * 1e6, **spread}
     for s in STAGES:
         vals = timer.samples.get(s, [])[warmup:]
         rec[f"{s}_us"] = ctx.max_over_ranks(statistics.median(vals)) * 1e6 if vals else 0.0
@@ -272,13 +273,14 @@ def run_layer(ctx: BenchContext, shape: ModelShape) -> list[dict]:
     return records
 
 
-def format_table(recs: list[dict]) -> str:
-    """The layer routine's table, with its legend."""
+def format_table(recs: list[dict], is_cuda: bool) -> str:
+    """The layer routine's table (its legend is ``verdict.LEGENDS["layer"]``)."""
     from moewire.bench.runner import fmt_num, render_table
+    from moewire.bench.verdict import fmt_speedup, fmt_time
 
-    headers = ["case", "T", *(f"{s} us" for s in STAGES), "layer us", "replay us",
+    headers = ["case", "T", *(f"{s} us" for s in STAGES), "total us (min-max)", "replay us",
                "speedup", "experts TFLOP/s", "experts / bare", "layer / read", "peak GB",
-               "SQNR dB"]  # fmt: skip
+               "SQNR vs bf16 dB"]  # fmt: skip
     rows = []
     for r in recs:
         if r.get("reference"):
@@ -288,17 +290,13 @@ def format_table(recs: list[dict]) -> str:
                          "", ""])  # fmt: skip
             continue
         rows.append([
-            r["case"], r["tokens"], *(fmt_num(r[f"{s}_us"]) for s in STAGES),
-            fmt_num(r["time_us"]), fmt_num(r["replay_us"]), f"{r['speedup']:.2f}x",
-            fmt_num(r["experts_tflops"], 1), fmt_num(r["experts_vs_bare"], 2),
-            fmt_num(r["layer_vs_read"], 2), fmt_num(r["peak_mem_GB"], 2),
-            fmt_num(r["sqnr_vs_bf16_db"], 1),
+            r["case"], r["tokens"], *(fmt_num(r[f"{s}_us"]) for s in STAGES), fmt_time(r),
+            fmt_num(r["replay_us"]), fmt_speedup(r), fmt_num(r["experts_tflops"], 1),
+            fmt_num(r["experts_vs_bare"], 2), fmt_num(r["layer_vs_read"], 2),
+            fmt_num(r["peak_mem_GB"], 2), fmt_num(r["sqnr_vs_bf16_db"], 1),
         ])  # fmt: skip
-    legend = (
-        "stage times: median per stage inside the eager forward, slowest rank; layer us: "
-        "the whole eager forward; replay us: the layer captured in a CUDA graph (--graph); "
-        "speedup: vs the first case; experts / bare: the experts stage over the bare grouped "
-        "GEMMs of its precision (ref rows, same pairs); layer / read: the eager layer over "
-        "the time to read the hit experts' weights at the measured copy bandwidth (ref rows)"
-    )
-    return render_table(headers, rows) + "\n" + legend
+    if not is_cuda:  # peak GB is CUDA memory, replay needs CUDA graphs
+        drop = {headers.index("peak GB"), headers.index("replay us")}
+        headers = [h for i, h in enumerate(headers) if i not in drop]
+        rows = [[v for i, v in enumerate(row) if i not in drop] for row in rows]
+    return render_table(headers, rows)

@@ -8,6 +8,7 @@ import sys
 from moewire.bench.presets import PRESETS, ModelShape
 from moewire.bench.runner import (
     BenchContext,
+    cpu_cores,
     fmt_num,
     launch,
     render_table,
@@ -15,6 +16,14 @@ from moewire.bench.runner import (
     write_csv,
     write_json,
     write_plot,
+)
+from moewire.bench.verdict import (
+    LEGENDS,
+    annotate,
+    fmt_speedup,
+    fmt_time,
+    skipped_notes,
+    verdict_lines,
 )
 
 ROUTINES = ("quantize", "dispatch", "combine", "layer", "model")
@@ -44,6 +53,13 @@ def resolve_shape(args: argparse.Namespace, on_gpu: bool) -> ModelShape:
 
 def _print_report(ctx: BenchContext, shape: ModelShape, records: list[dict]) -> None:
     env = ctx.env
+    notes = skipped_notes(ctx.args, shape.hidden, ctx.is_cuda)
+    from moewire.bench.layer_bench import fp8_skip_reason
+
+    reason = fp8_skip_reason(ctx)
+    if reason:
+        notes["layer"].append(reason)
+    annotate(records)
     print(
         f"\nmoewire bench: {env['card']} x{env['world_size']} ({env['backend']}), "
         f"torch {env['torch']}"
@@ -61,7 +77,7 @@ def _print_report(ctx: BenchContext, shape: ModelShape, records: list[dict]) -> 
         recs = [r for r in records if r["routine"] == routine]
         print(f"\n## {routine}")
         if routine in ("dispatch", "combine"):
-            headers = ["case", "T/rank", "B/token", "time us", "bus GB/s"]
+            headers = ["case", "T/rank", "B/token", "time us (min-max)", "bus GB/s"]
             if routine == "dispatch":
                 headers += ["% of all-gather", "SQNR dB"]
             headers += ["speedup"]
@@ -71,13 +87,13 @@ def _print_report(ctx: BenchContext, shape: ModelShape, records: list[dict]) -> 
                     r["case"],
                     r["tokens"],
                     r["bytes_per_token"],
-                    fmt_num(r["time_us"]),
+                    fmt_time(r),
                     fmt_num(r["busbw_GBps"], 2),
                 ]
                 if routine == "dispatch":
                     frac = r.get("frac_of_ref")
                     row += [fmt_num(100 * frac, 0) if frac else "-", fmt_num(r["sqnr_db"], 1)]
-                row += [f"{r['speedup']:.2f}x" if r.get("speedup") else "-"]
+                row += [fmt_speedup(r)]
                 rows.append(row)
             print(render_table(headers, rows))
         elif routine == "layer":
@@ -87,7 +103,7 @@ def _print_report(ctx: BenchContext, shape: ModelShape, records: list[dict]) -> 
                 f"times: median of {recs[0]['iters']} forwards after {recs[0]['warmup']} "
                 "warm-up, slowest rank; speedup vs the first case"
             )
-            print(format_table(recs))
+            print(format_table(recs, ctx.is_cuda))
         elif routine == "model":
             print(
                 f"{recs[0]['model']}\ntimes: median of {ctx.args.model_iters} forwards after "
@@ -122,13 +138,13 @@ def _print_report(ctx: BenchContext, shape: ModelShape, records: list[dict]) -> 
 
             print(format_table(recs))
         elif routine == "quantize":
-            headers = ["case", "T", "MB moved", "time us", "GB/s", "host us"]
+            headers = ["case", "T", "MB moved", "time us (min-max)", "GB/s", "host us"]
             rows = [
                 [
                     r["case"],
                     r["tokens"],
                     fmt_num(r["bytes"] / 1e6, 2),
-                    fmt_num(r["time_us"]),
+                    fmt_time(r),
                     fmt_num(r["GBps"], 2),
                     fmt_num(r["host_us"]),
                 ]
@@ -138,6 +154,12 @@ def _print_report(ctx: BenchContext, shape: ModelShape, records: list[dict]) -> 
         else:
             keys = [k for k in recs[0] if k not in ("routine",)]
             print(render_table(keys, [[fmt_num(r.get(k), 2) for k in keys] for r in recs]))
+        print(f"({LEGENDS[routine]})" if routine in LEGENDS else "", end="")
+        for note in notes.get(routine, []):
+            print(f"\n- {note}", end="")
+        print()
+    print("\n## verdict")
+    print("\n".join(verdict_lines(records, ctx.env, cpu_cores())))
 
 
 def bench_main(ctx: BenchContext) -> None:
@@ -272,7 +294,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="routine layer: also time the layer captured in a CUDA graph (GPU only)",
     )
-    p.add_argument("--world-size", type=int, help="ranks to spawn (default: GPUs, or 4 on CPU)")
+    p.add_argument(
+        "--world-size",
+        type=int,
+        help="ranks to spawn (default: one per GPU; on CPU 4, at most one per core)",
+    )
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if visible")
     p.add_argument("--iters", type=int, default=None, help="timed iterations (default 20/50)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up iterations (default 3/10)")
@@ -303,6 +329,15 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--{name} must be positive, got {v}")
     if args.tokens and any(t < 0 for t in args.tokens):
         raise ValueError(f"--tokens must be >= 0, got {args.tokens}")
+    if args.tokens and max(args.tokens) == 0:
+        if "quantize" in args.routines:
+            raise ValueError(
+                f"routine quantize needs at least one --tokens value > 0 (got {args.tokens}): "
+                "it times pack and dequantize of that many tokens"
+            )
+        if not args.routines:
+            args.routines = [r for r in DEFAULT_ROUTINES if r != "quantize"]
+            print("moewire bench: routine quantize skipped: every --tokens is 0", file=sys.stderr)
     shape = resolve_shape(args, on_gpu)  # validate overrides before spawning
     from moewire.bench.layer_bench import layer_config
 

@@ -5,17 +5,17 @@ default 2048; output length 1, so the LM head runs on the last position only) of
 transformers implementation of DeepSeek-V3 (``DeepseekV3ForCausalLM``) with random
 weights, attention data-parallel (each rank runs its own ``--batch`` prompts, default 1)
 and every MoE layer replaced by moewire's :class:`~moewire.EPMoE` over all ranks
-(``comm="allgather"``, ``routing="logits"``, as in the seed). Throughput is
+(``comm="allgather"``, ``routing="logits"``, as in vLLM PR 30014). Throughput is
 ``W * batch * seq / time``, with ``time`` the median forward time of the slowest rank.
 
-Cases, the seed's path before its change first (the baseline of the speedup column):
+Cases, vLLM's path before its PR 30014 first (the baseline of the speedup column):
 
-1. ``bf16 rows (seed before), bf16 experts``: bf16 rows plus fp32 router logits gathered;
-2. ``nvfp4 rows, bf16 experts``: the seed's change (4-bit rows on the wire; on Hopper the
+1. ``bf16 rows (before PR 30014), bf16 experts``: bf16 rows plus fp32 router logits gathered;
+2. ``nvfp4 rows, bf16 experts``: PR 30014's change (4-bit rows on the wire; on Hopper the
    experts dequantize and run in bf16, there is no FP4 GEMM), one static global scale per
    layer, calibrated on case 1's inputs of that layer (``448*6 / amax`` over all ranks);
-3. ``fp8 after dispatch (seed's old path), fp8 experts``: bf16 rows travel, the receiver
-   quantizes to fp8 for the fp8 grouped GEMM (the Hopper analogue of the seed's "before");
+3. ``fp8 after dispatch (pre-PR-30014 path), fp8 experts``: bf16 rows travel, the receiver
+   quantizes to fp8 for the fp8 grouped GEMM (the Hopper analogue of PR 30014's "before");
 4. ``fp8 before dispatch, fp8 experts``: fp8 rows on the wire, consumed by the fp8 GEMM.
 
 Cases 3 and 4 need ``torch._scaled_grouped_mm`` (CUDA sm90+) and are skipped elsewhere,
@@ -42,7 +42,7 @@ shard is exactly the slice of the global weights) and the swap builds what
 (``EPMoEBlock(gate, EPMoE(..., shared_expert=shared_experts), fp32_logits=True)``);
 tests/test_bench_model.py checks that the two give bitwise the same logits.
 
-How it differs from the seed's vLLM benchmark (69219 -> 73714 tok/s, +6.5%, 4x GB200,
+How it differs from vLLM PR 30014's benchmark (69219 -> 73714 tok/s, +6.5%, 4x GB200,
 the full 61-layer model with FP4 weights): no serving engine (no KV cache, no batching
 scheduler, no CUDA graphs or fused attention/MLA kernels): transformers' own attention
 (``sdpa``) in eager PyTorch, bf16 (or fp8) expert weights, fewer layers; so the absolute
@@ -72,7 +72,7 @@ from moewire.bench.runner import BenchContext
 
 #: Fraction of GPU memory the default layer count fills with weights.
 MEMORY_FRACTION = 0.6
-#: Default sequence length per rank (the seed's input length) and the CPU default.
+#: Default sequence length per rank (PR 30014's input length) and the CPU default.
 GPU_SEQ, CPU_SEQ = 2048, 64
 #: The CPU default shape (when the preset is the unmodified ``cpu-small``).
 CPU_TINY = ModelShape("cpu-tiny-model", 256, 128, 16, 4, "deepseek_v3", 4, 2, 2.5)
@@ -106,13 +106,13 @@ TINY_ATTENTION = {
 def model_cases(ctx: BenchContext) -> list[tuple[str, dict]]:
     """``(label, EPMoE keyword arguments)`` per case, the baseline first."""
     cases = [
-        ("bf16 rows (seed before), bf16 experts", {"wire": "bf16", "experts": "auto"}),
+        ("bf16 rows (before PR 30014), bf16 experts", {"wire": "bf16", "experts": "auto"}),
         ("nvfp4 rows, bf16 experts", {"wire": "nvfp4", "experts": "auto"}),
     ]
     if fp8_skip_reason(ctx) is None:
         cases += [
             (
-                "fp8 after dispatch (seed's old path), fp8 experts",
+                "fp8 after dispatch (pre-PR-30014 path), fp8 experts",
                 {"wire": "fp8", "experts": "fp8", "quantize": "after"},
             ),
             ("fp8 before dispatch, fp8 experts", {"wire": "fp8", "experts": "fp8"}),

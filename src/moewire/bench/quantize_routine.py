@@ -19,15 +19,17 @@ from moewire.bench.runner import BenchContext
 from moewire.formats import FORMATS, WireSpec, format_class, nvfp4_global_scale
 
 
-def _cpu_time_us(fn, iters: int, warmup: int) -> float:
+def _cpu_time_us(fn, iters: int, warmup: int) -> tuple[float, dict]:
+    """Median microseconds per call, and the spread fields of a record."""
     for _ in range(warmup):
         fn()
     samples = []
     for _ in range(iters):
         t0 = time.perf_counter()
         fn()
-        samples.append(time.perf_counter() - t0)
-    return statistics.median(samples) * 1e6
+        samples.append((time.perf_counter() - t0) * 1e6)
+    spread = {"time_us_min": min(samples), "time_us_max": max(samples), "samples_us": samples}
+    return statistics.median(samples), spread
 
 
 def _cpu_records(ctx: BenchContext, shape: ModelShape) -> list[dict]:
@@ -39,7 +41,7 @@ def _cpu_records(ctx: BenchContext, shape: ModelShape) -> list[dict]:
     records = []
     for fmt in formats:
         if h % format_class(fmt).block:
-            continue
+            continue  # listed under the table (bench/verdict.py)
         spec = WireSpec(fmt, h, global_scale=g if fmt == "nvfp4" else None)
         for t in args.tokens:
             x = x_all[:t]
@@ -49,7 +51,7 @@ def _cpu_records(ctx: BenchContext, shape: ModelShape) -> list[dict]:
                 ("pack", lambda s=spec, x=x, r=rows: s.pack(x, out=r)),
                 ("dequantize", lambda s=spec, r=rows: s.dequantize(r, torch.bfloat16)),
             ):
-                us = _cpu_time_us(fn, args.iters, args.warmup)
+                us, spread = _cpu_time_us(fn, args.iters, args.warmup)
                 records.append(
                     {
                         "routine": "quantize",
@@ -60,6 +62,7 @@ def _cpu_records(ctx: BenchContext, shape: ModelShape) -> list[dict]:
                         "bytes_per_token": spec.row_bytes,
                         "bytes": nbytes,
                         "time_us": us,
+                        **spread,
                         "GBps": nbytes / us / 1e3,
                         "host_us": us,
                     }

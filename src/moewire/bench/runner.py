@@ -3,8 +3,8 @@
 The benchmark runs one process per rank. ``launch`` either joins the group that torchrun
 set up (``RANK``/``WORLD_SIZE`` in the environment, single- or multi-node), or spawns its
 own workers on this machine: one per visible GPU with NCCL, or ``--world-size`` CPU
-processes (default 4) with gloo over a file store. Every rank runs every routine; rank 0
-prints progress and the report and writes ``--json``/``--csv``/``--plot``.
+processes (default: 4, at most one per core) with gloo over a file store. Every rank runs
+every routine; rank 0 prints progress and the report and writes ``--json``/``--csv``/``--plot``.
 
 Timing: each iteration starts with all ranks aligned (device sync + barrier); the time of
 an iteration is measured with CUDA events on GPU and ``time.perf_counter`` on CPU; a case's
@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import datetime
 import json
+import logging
 import math
 import os
 import platform
@@ -44,6 +45,8 @@ class BenchContext:
     #: Steps of the whole run, for the progress lines.
     total_steps: int = 0
     _step: int = 0
+    #: Seconds per iteration of the last :meth:`time` call, slowest rank of each.
+    last_samples: list = field(default_factory=list)
 
     @property
     def is_cuda(self) -> bool:
@@ -72,7 +75,8 @@ class BenchContext:
 
     def time(self, fn: Callable[[], object], iters: int, warmup: int) -> float:
         """Seconds per call of ``fn``: median over ``iters`` aligned iterations after
-        ``warmup`` untimed ones, then the maximum over ranks."""
+        ``warmup`` untimed ones, then the maximum over ranks. The slowest rank's time of
+        each iteration is kept for :meth:`spread`."""
         for _ in range(warmup):
             fn()
         samples = []
@@ -92,7 +96,16 @@ class BenchContext:
                 t0 = time.perf_counter()
                 fn()
                 samples.append(time.perf_counter() - t0)
+        per_iter = torch.tensor(samples, dtype=torch.float64, device=self.device)
+        dist.all_reduce(per_iter, op=dist.ReduceOp.MAX, group=self.group)
+        self.last_samples = per_iter.tolist()
         return self.max_over_ranks(statistics.median(samples))
+
+    def spread(self) -> dict:
+        """The last :meth:`time` call's per-iteration times (slowest rank, us) and their
+        min and max, for a record."""
+        us = [s * 1e6 for s in self.last_samples]
+        return {"time_us_min": min(us), "time_us_max": max(us), "samples_us": us}
 
     def progress(self, label: str) -> None:
         """One progress line on rank 0 (stderr): ``[ k/total] label``."""
@@ -272,12 +285,19 @@ def resolve_world(args: object) -> tuple[str, int, bool]:
     device_type = args.device or ("cuda" if ngpu else "cpu")
     if device_type == "cuda" and ngpu == 0:
         raise ValueError("--device cuda: no CUDA GPU is visible")
-    world = args.world_size or (ngpu if device_type == "cuda" else 4)
+    if args.world_size is not None and args.world_size < 1:
+        raise ValueError(f"--world-size must be >= 1, got {args.world_size}")
+    world = args.world_size or (ngpu if device_type == "cuda" else min(4, cpu_cores()))
     if device_type == "cuda" and world > ngpu:
         raise ValueError(f"--world-size {world} > {ngpu} visible GPUs")
-    if world < 1:
-        raise ValueError(f"--world-size must be >= 1, got {world}")
     return device_type, world, False
+
+
+def cpu_cores() -> int:
+    """Cores this process may run on (its affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
 
 
 def launch(main: Callable[[BenchContext], None], args: object) -> None:
@@ -289,9 +309,27 @@ def launch(main: Callable[[BenchContext], None], args: object) -> None:
         return
     with tempfile.TemporaryDirectory(prefix="moewire-bench-") as tmp:
         init = f"file://{os.path.join(tmp, 'store')}"
-        torch.multiprocessing.spawn(
-            _worker,
-            args=(world, device_type, init, main, args),
-            nprocs=world,
-            join=True,
-        )
+        # A worker's error is reported once, by _user_error; not also as torch's
+        # "Terminating process" warning for each of the other workers.
+        logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)
+        try:
+            torch.multiprocessing.spawn(
+                _worker,
+                args=(world, device_type, init, main, args),
+                nprocs=world,
+                join=True,
+            )
+        except torch.multiprocessing.ProcessRaisedException as e:
+            raise _user_error(e) from None
+
+
+def _user_error(e: Exception) -> Exception:
+    """A worker's ``ValueError``/``TypeError`` as one line naming the rank and the cause
+    (the CLI prints it); any other failure keeps its full traceback."""
+    last = [line for line in str(e).splitlines() if line.strip()][-1:]
+    for kind in (ValueError, TypeError):
+        prefix = f"{kind.__name__}: "
+        if last and last[0].startswith(prefix):
+            rank = getattr(e, "error_index", "?")
+            return kind(f"rank {rank}: {last[0].removeprefix(prefix)}")
+    return e

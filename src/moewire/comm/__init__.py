@@ -3,7 +3,7 @@
 
 - ``allgather`` (:mod:`.allgather`): one all-gather / one reduce-scatter; the default.
 - ``alltoall`` (:mod:`.alltoall`): sparse, each token only to the ranks of its experts.
-- ``grouped`` (:mod:`.grouped`): the seed's one-collective-per-section baseline.
+- ``grouped`` (:mod:`.grouped`): the one-collective-per-section baseline (vLLM before PR 30014).
 
 Usage (every call is a collective over ``group``)::
 
@@ -68,7 +68,7 @@ def make_comm(
         combine_wire: how ``combine`` moves the partial rows back, one of
             :data:`COMBINE_WIRES`: ``"bf16"`` (default: unquantized, in the partial dtype),
             ``"fp8"``, ``"mxfp8"``, ``"nvfp4"`` (dynamic per-row global scale) or
-            ``"mxfp4"``; see :mod:`moewire.comm.combine_wire`. ``"grouped"`` (the seed's
+            ``"mxfp4"``; see :mod:`moewire.comm.combine_wire`. ``"grouped"`` (the
             baseline) supports only ``"bf16"``.
         check: when every rank's agreement on the values above (and the row width) is
             checked in full: ``"once"`` (default: at the first dispatch, again if the row
@@ -98,7 +98,7 @@ def make_comm(
     if name == "grouped":
         if combine_wire != "bf16":
             raise ValueError(
-                f"combine_wire={combine_wire!r}: the 'grouped' backend (the seed's baseline, "
+                f"combine_wire={combine_wire!r}: the 'grouped' backend (the baseline, "
                 "one reduce per rank) supports only combine_wire='bf16'; use 'allgather' or "
                 "'alltoall' for a quantized combine"
             )

@@ -5,7 +5,7 @@ choice while ``W <= top_k`` (with top-8 routing and 4-8 ranks most tokens reach 
 anyway) and at small token counts, where one collective's latency dominates: it is always
 exactly one collective of rows per dispatch and one per combine, plus a small count
 exchange. Uneven counts (zero included) are padded to the largest count ``M``; on 4x H200
-that measured 1.3-2.2x faster than the seed's all-gather-v made of a group of broadcasts
+that measured 1.3-2.2x faster than vLLM's all-gather-v made of a group of broadcasts
 (the ``grouped`` backend).
 
 In-place send: :meth:`AllGatherComm.dispatch_buffer` hands out this rank's slot of the

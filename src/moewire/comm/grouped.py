@@ -1,7 +1,7 @@
-"""``grouped``: the seed's way, kept as the measured baseline. It never wins.
+"""``grouped``: vLLM's way before its PR 30014, kept as the measured baseline. It never wins.
 
 Each section of the row (payload, scales, each extra) travels in its own collective, and
-uneven per-rank counts are handled as the seed's engine did (vLLM's ``all_gatherv`` /
+uneven per-rank counts are handled as vLLM did (vLLM's ``all_gatherv`` /
 ``reduce_scatterv``): dispatch is, per section, a group of ``W`` broadcasts (rank ``r``
 broadcasts its ``T_r`` rows of that section); combine is a group of ``W`` reduces (the
 rows of rank ``r``'s tokens are summed onto rank ``r``). That is ``W * sections``
@@ -41,11 +41,11 @@ def byte_ranges(spec: WireSpec) -> tuple[tuple[str, int, int], ...]:
 
 
 class GroupedComm(Comm):
-    """One collective per row section (the seed's baseline); needs ``spec``.
+    """One collective per row section (the baseline); needs ``spec``.
 
     ``dispatch`` returns every rank's rows in rank order, bit-identical to ``allgather``;
     ``topk_ids`` is ignored. ``combine`` sums in ``partial``'s dtype with one reduce per
-    rank (the seed's ``reduce_scatterv``); its handle is an :class:`AllGatherHandle`.
+    rank (vLLM's ``reduce_scatterv``); its handle is an :class:`AllGatherHandle`.
     """
 
     name = "grouped"

@@ -59,7 +59,7 @@ def encode_e2m1(v: torch.Tensor) -> torch.Tensor:
     """
     assert v.dtype == torch.float32
     bounds = _table("e2m1_bounds", _E2M1_BOUNDS, v.device)
-    mag = torch.bucketize(v.abs(), bounds, out_int32=True).to(torch.uint8)
+    mag = torch.bucketize(v.abs().contiguous(), bounds, out_int32=True).to(torch.uint8)
     return mag | (torch.signbit(v).to(torch.uint8) << 3)
 
 

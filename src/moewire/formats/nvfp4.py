@@ -1,5 +1,5 @@
 """``nvfp4``: e2m1 values in blocks of 16 with a linear e4m3 block scale and a static fp32
-global scale ``g`` (the format of the seed, the input of the NVFP4 MoE kernels).
+global scale ``g`` (the format of vLLM PR 30014, the input of the NVFP4 MoE kernels).
 
 Bit layout: payload = ``H/2`` bytes of packed e2m1 codes, element ``2j`` in the low nibble;
 scales = ``H/16`` e4m3 bytes, row-major ``[T, H/16]`` (linear, so rows of several ranks can
@@ -57,10 +57,19 @@ def check_global_scale(global_scale: object, name: str = "global_scale") -> floa
         global_scale = global_scale.detach().float().cpu().item()
     if isinstance(global_scale, bool) or not isinstance(global_scale, (int, float, np.floating)):
         raise TypeError(f"{name} must be a float or a 1-element tensor, got {global_scale!r}")
-    g = float(np.float32(global_scale))
-    if not math.isfinite(g) or g <= 0:
-        raise ValueError(f"{name} must be finite and > 0, got {global_scale!r}")
+    g = _fp32(global_scale)
+    if not math.isfinite(g) or g <= 0 or not math.isfinite(_fp32(1.0 / g)):
+        raise ValueError(
+            f"{name} must be finite and > 0, an fp32 whose reciprocal is finite too "
+            f"(about 2.9e-39 to 3.4e38), got {global_scale!r}"
+        )
     return g
+
+
+def _fp32(value: float) -> float:
+    """``value`` rounded to fp32 (inf or 0 where it does not fit), without numpy's warning."""
+    with np.errstate(over="ignore", under="ignore"):
+        return float(np.float32(value))
 
 
 def nvfp4_global_scale(amax: float | torch.Tensor) -> float:
@@ -80,7 +89,15 @@ def nvfp4_global_scale(amax: float | torch.Tensor) -> float:
         raise TypeError(f"amax must be a float or a tensor, got {amax!r}")
     if not math.isfinite(amax) or amax <= 0:
         raise ValueError(f"amax must be finite and > 0, got {amax!r}")
-    return float(np.float32(NVFP4_GLOBAL_NUMERATOR) / np.float32(amax))
+    a = _fp32(amax)
+    with np.errstate(over="ignore", divide="ignore"):
+        g = float(np.float32(NVFP4_GLOBAL_NUMERATOR) / np.float32(a))
+    if not (math.isfinite(g) and g > 0 and math.isfinite(a) and a > 0):
+        raise ValueError(
+            f"amax={amax!r} gives no usable fp32 global scale 448*6/amax (got {g!r}); "
+            "amax must be within about 7.9e-36 to 3.4e38"
+        )
+    return check_global_scale(g, "the global scale 448*6/amax")
 
 
 @register

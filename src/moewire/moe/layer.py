@@ -4,14 +4,14 @@
 
 Rank ``r`` of ``W`` hosts experts ``[r*E/W, (r+1)*E/W)``. Rows carry the quantized tokens
 plus either the fp32 router logits (``routing="logits"``: every rank routes every row it
-receives, the seed's way) or the top-k ids (int32) and weights (fp32) (``routing="topk"``:
+receives, as vLLM PR 30014 does) or the top-k ids (int32) and weights (fp32) (``routing="topk"``:
 each rank routes its own tokens before the dispatch). Routing is deterministic
 (``routing.py``), so both modes pick the same experts with the same weights.
 
 **Activation dtype.** The layer rounds ``x`` to bf16 at its boundary (a no-op for bf16
-models, the seed's case) and returns ``y`` in ``x``'s dtype. So the wire always quantizes
+models, vLLM PR 30014's case) and returns ``y`` in ``x``'s dtype. So the wire always quantizes
 bf16 values, and ``quantize="after"`` (bf16 rows travel, the receiver quantizes them: the
-path the seed replaced) is bitwise identical to ``quantize="before"`` for every input dtype:
+path PR 30014 replaced) is bitwise identical to ``quantize="before"`` for every input dtype:
 bf16 rows hold ``x`` exactly, quantization is row-local, so the receiver quantizes the same
 values to the same bytes (WIRE_FORMATS.md, last section). Without the cast, an fp32 ``x``
 would be quantized directly in "before" but through bf16 in "after".
@@ -40,6 +40,7 @@ from moewire.comm.local import LocalComm
 from moewire.formats import WireSpec, nvfp4_global_scale
 from moewire.moe.config import MoEConfig
 from moewire.moe.experts import FP8_IMPLS, LocalExperts, resolve_impl
+from moewire.moe.layer_checks import check_fp8_device, check_process_group, reload_global_scale
 from moewire.moe.routing import check_router_bias, check_topk_ids, route
 from moewire.moe.weights import check_expert_weights
 
@@ -78,7 +79,7 @@ class EPMoE(nn.Module):
             all-reduce, that forward only), then fixed; pass a calibrated scale in
             production, where the first batch may not be representative.
         quantize: ``"before"`` (rows quantized before the dispatch) or ``"after"`` (bf16
-            rows travel and the receiver quantizes them: the seed's old path, kept for
+            rows travel and the receiver quantizes them: vLLM's path before PR 30014, kept for
             measurement). Outputs are bitwise identical.
         experts: compute path of the local experts: ``"auto"``, ``"loop"``, ``"grouped"``,
             ``"fp8"`` or ``"fp8_loop"`` (see ``moe/experts.py``; the fp8 paths take every
@@ -125,14 +126,16 @@ class EPMoE(nn.Module):
         check_combine_wire(combine_wire)
         if comm == "grouped" and combine_wire != "bf16":
             raise ValueError(
-                f"combine_wire={combine_wire!r}: comm='grouped' (the seed's baseline) "
-                "supports only combine_wire='bf16'"
+                f"combine_wire={combine_wire!r}: comm='grouped' (the one-collective-per-tensor "
+                "baseline) supports only combine_wire='bf16'"
             )
         if experts not in ("auto", "loop", "grouped", *FP8_IMPLS):
             raise ValueError(
                 f"experts must be one of ('auto', 'loop', 'grouped', 'fp8', 'fp8_loop'), "
                 f"got {experts!r}"
             )
+        if experts == "fp8":
+            check_fp8_device(None)
         if shared_expert is not None and not callable(shared_expert):
             raise TypeError(f"shared_expert must be callable, got {type(shared_expert).__name__}")
         self.config = config
@@ -155,11 +158,17 @@ class EPMoE(nn.Module):
         if comm == "local":
             self.world_size, self.rank = 1, 0
         else:
+            check_process_group(comm)
             self.world_size = dist.get_world_size(group)
             self.rank = dist.get_rank(group)
         self.spec: WireSpec | None = None
         self.travel_spec: WireSpec | None = None
         self.comm: Any = None
+        if wire == "nvfp4":
+            # The fp32 bits of g (0: not calibrated yet), so that state_dict() holds the
+            # calibrated scale and model.to(dtype) cannot round it.
+            self.register_buffer("global_scale_bits", torch.zeros((), dtype=torch.int32))
+            self.register_load_state_dict_post_hook(reload_global_scale)
         if wire == "nvfp4" and global_scale is None:
             WireSpec(wire, config.hidden, global_scale=1.0, extras=extras)  # validate now
         else:
@@ -180,6 +189,9 @@ class EPMoE(nn.Module):
         """The row layouts and the comm, once the wire format's parameters are known."""
         hidden, extras = self.config.hidden, self._extras
         self.spec = WireSpec(self._wire, hidden, global_scale=global_scale, extras=extras)
+        if self._wire == "nvfp4":
+            g = torch.tensor(self.spec.global_scale, dtype=torch.float32)
+            self.global_scale_bits.copy_(g.view(torch.int32))
         self.travel_spec = (
             self.spec if self.quantize == "before" else WireSpec("bf16", hidden, extras=extras)
         )
@@ -200,17 +212,21 @@ class EPMoE(nn.Module):
 
     def _calibrate(self, x16_TH: torch.Tensor) -> None:
         """nvfp4 without a global scale: ``g = 448*6 / max finite |x|`` over every rank."""
-        finite = torch.nan_to_num(x16_TH.float().abs(), nan=0.0, posinf=0.0)
-        amax = finite.amax() if finite.numel() else finite.new_zeros(())
-        amax = amax.reshape(1)
+        abs_TH = x16_TH.float().abs()
+        finite = torch.nan_to_num(abs_TH, nan=0.0, posinf=0.0)
+        stats = torch.zeros(2, device=x16_TH.device)  # [max finite |x|, any NaN/Inf]
+        if finite.numel():
+            stats[0] = finite.amax()
+            stats[1] = (~torch.isfinite(abs_TH)).any().float()
         if self.comm_name != "local":
-            dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=self._group)
-        value = float(amax.item())
+            dist.all_reduce(stats, op=dist.ReduceOp.MAX, group=self._group)
+        value = float(stats[0].item())
         if value == 0:
+            what = "NaN/Inf or zero" if stats[1].item() else "zero (or empty)"
             raise ValueError(
                 "EPMoE(wire='nvfp4', global_scale=None) calibrates on the first forward, but "
-                "every rank's x was zero (or empty); pass global_scale=g, e.g. "
-                "moewire.nvfp4_global_scale(calibration_amax)"
+                f"every rank's x was {what}: no finite nonzero value to calibrate on; pass "
+                "global_scale=g, e.g. moewire.nvfp4_global_scale(calibration_amax)"
             )
         self._build_wire(nvfp4_global_scale(value))
 
@@ -264,6 +280,8 @@ class EPMoE(nn.Module):
         else:
             sl = slice(0, n)
         check_router_bias(self.config, router_bias)
+        if self.experts_impl == "fp8":
+            check_fp8_device(w13_E2IH.device)
         if router_bias is not None and not bool(torch.isfinite(router_bias).all()):
             n_bad = int((~torch.isfinite(router_bias)).sum())
             raise ValueError(f"router_bias must be finite, got {n_bad} NaN/Inf values")

@@ -2,7 +2,7 @@
 
 Every rank that routes the same logits row picks the same experts with bitwise the same
 weights, whatever else is in its batch and on any device. That is what lets
-``routing="logits"`` route after the dispatch (the seed's way) and agree with the sender
+``routing="logits"`` route after the dispatch (as vLLM PR 30014 does) and agree with the sender
 (``alltoall`` sends by the sender's routing; the receiver routes again). torch's own
 kernels do not promise it: on CPU, ``torch.exp``/``sigmoid`` take a vectorized or a scalar
 path depending on where an element falls in the tensor (the tail of a chunk), and the two

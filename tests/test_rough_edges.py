@@ -1,0 +1,119 @@
+"""Tier a and b: the first-hour rough edges (issue 18). Each error names its cause in one
+line; nothing is accepted silently, and nothing warns on the way to the right error."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import moewire as mw
+from moewire.bench.runner import _user_error
+from moewire.cli import main
+from moewire.formats.elements import encode_e2m1
+
+H, I, E, K = 64, 32, 4, 2
+
+
+def _cfg() -> mw.MoEConfig:
+    return mw.MoEConfig(
+        hidden=H, intermediate=I, num_experts=E, top_k=K, router="softmax", renormalize=True
+    )
+
+
+def _weights() -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(E, 2 * I, H, generator=gen), torch.randn(E, H, I, generator=gen)
+
+
+@pytest.mark.parametrize("amax", [1e-40, 1e-300, 1e300])
+def test_global_scale_out_of_fp32_range_is_a_clean_error(amax):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match="no usable fp32 global scale"):
+            mw.nvfp4_global_scale(amax)
+
+
+@pytest.mark.parametrize("g", [1e300, 1e-40, 1e-50])
+def test_wirespec_global_scale_out_of_range_no_warning(g):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match="global_scale must be finite and > 0, an fp32"):
+            mw.WireSpec("nvfp4", H, global_scale=g)
+
+
+def test_encode_e2m1_non_contiguous_input_does_not_warn():
+    v_TH = torch.randn(8, 6).t()  # a transposed view
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        codes = encode_e2m1(v_TH)
+    assert torch.equal(codes, encode_e2m1(v_TH.contiguous()))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error")
+def test_fp8_experts_without_cuda_is_a_construction_error():
+    with pytest.raises(ValueError, match=r"experts=.fp8.*fp8_loop"):
+        mw.EPMoE(_cfg(), comm="local", wire="fp8", experts="fp8")
+    layer = mw.EPMoE(_cfg(), comm="local", wire="fp8", experts="fp8_loop")  # runs anywhere
+    layer.load_experts(*_weights())
+    assert layer(torch.randn(3, H), torch.randn(3, E)).shape == (3, H)
+
+
+def test_epmoe_without_process_group_names_the_fix():
+    assert not dist.is_initialized()
+    with pytest.raises(RuntimeError, match=r"init_process_group.*comm='local'"):
+        mw.EPMoE(_cfg(), None, wire="bf16", comm="allgather")
+
+
+def test_calibration_on_all_nan_says_nan():
+    layer = mw.EPMoE(_cfg(), comm="local", wire="nvfp4")
+    layer.load_experts(*_weights())
+    with pytest.raises(ValueError, match="every rank's x was NaN/Inf or zero"):
+        layer(torch.full((3, H), float("nan")), torch.randn(3, E))
+    with pytest.raises(ValueError, match=r"every rank's x was zero \(or empty\)"):
+        layer(torch.zeros(3, H), torch.randn(3, E))
+
+
+def test_calibrated_global_scale_is_in_state_dict():
+    w13, w2 = _weights()
+    lazy = mw.EPMoE(_cfg(), comm="local", wire="nvfp4")
+    lazy.load_experts(w13, w2)
+    assert int(lazy.state_dict()["global_scale_bits"]) == 0  # not calibrated yet
+    x, logits = torch.randn(5, H) * 3, torch.randn(5, E)
+    y = lazy(x, logits)
+    state = lazy.state_dict()
+    g = float(state["global_scale_bits"].view(torch.float32))
+    assert g == lazy.spec.global_scale
+    restored = mw.EPMoE(_cfg(), comm="local", wire="nvfp4")
+    restored.load_experts(w13, w2)
+    restored.load_state_dict(state)
+    assert restored.spec.global_scale == g
+    restored.to(torch.bfloat16)  # a dtype cast must not round the scale
+    assert restored.spec.global_scale == g
+    assert torch.equal(restored(x, logits), y)
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["bench", "quantize", "--tokens", "0"], "routine quantize needs at least one --tokens"),
+        (["bench", "--world-size", "0"], "--world-size must be >= 1, got 0"),
+        (["formats", "--topk", "9", "--experts", "8"], "--topk 9 is more than --experts 8"),
+    ],
+)
+def test_cli_bad_arguments_are_one_line_errors(capsys, argv, needle):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert needle in err and len(err.strip().splitlines()) == 1
+
+
+def test_worker_value_error_comes_back_as_one_line():
+    from torch.multiprocessing import ProcessRaisedException
+
+    tb = "Traceback (most recent call last):\n  File 'x.py', line 1\nValueError: bad hidden\n"
+    e = _user_error(ProcessRaisedException(tb, 1, 1234))
+    assert isinstance(e, ValueError) and str(e) == "rank 1: bad hidden"
+    other = ProcessRaisedException("Traceback\nKeyError: 'x'\n", 0, 1)
+    assert _user_error(other) is other  # a bug keeps its traceback
