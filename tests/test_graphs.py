@@ -51,11 +51,13 @@ def test_padding_errors():
         layer(x, logits, counts=[3])
 
 
-def test_graphed_moe_needs_cuda():
+def test_graphed_moe_needs_cuda_and_a_calibrated_layer():
     from moewire.graphs import GraphedMoE
 
     with pytest.raises(ValueError, match="needs the layer on CUDA"):
         GraphedMoE(_layer("cpu"), 8)
+    with pytest.raises(ValueError, match="global scale is not calibrated yet"):
+        GraphedMoE(_layer("cpu", wire="nvfp4"), 8)
 
 
 def _check_replay(layer, max_tokens: int) -> None:
@@ -96,7 +98,8 @@ def test_graph_replay_bitwise_nccl_one_rank(routing, tmp_path):
     try:
         cfg = make_config()
         w13, w2, _ = make_weights()
-        layer = mw.EPMoE(cfg, None, wire="nvfp4", routing=routing, comm="allgather")
+        g = mw.nvfp4_global_scale(8.0)
+        layer = mw.EPMoE(cfg, None, wire="nvfp4", routing=routing, comm="allgather", global_scale=g)
         layer.load_experts(w13.cuda(), w2.cuda())
         _check_replay(layer, M)
     finally:

@@ -60,6 +60,12 @@ class GraphedMoE:
             raise TypeError(f"layer must be an EPMoE, got {type(layer).__name__}")
         if layer.local_experts is None:
             raise RuntimeError("GraphedMoE: call layer.load_experts(...) before capture")
+        if layer.spec is None:
+            raise ValueError(
+                "GraphedMoE: the layer's nvfp4 global scale is not calibrated yet; pass "
+                "global_scale= to EPMoE or run one eager forward on real activations first "
+                "(capture runs on zero-filled buffers)"
+            )
         dev = layer.local_experts.device
         if dev.type != "cuda":
             raise ValueError(f"GraphedMoE needs the layer on CUDA, its experts are on {dev}")
