@@ -252,9 +252,37 @@ class EPMoE(nn.Module):
         weights' device, which is where the forward runs.
         """
         c = self.config
+        self._check_weights(w13_E2IH, w2_EHI, router_bias, c.num_experts)
+        sl = slice(self.first_expert, self.first_expert + self.num_local)
+        self._keep(w13_E2IH[sl], w2_EHI[sl], router_bias)
+
+    def load_local_experts(
+        self,
+        w13_L2IH: torch.Tensor,
+        w2_LHI: torch.Tensor,
+        router_bias: torch.Tensor | None = None,
+    ) -> None:
+        """Keep this rank's experts, given only them (a checkpoint read shard by shard).
+
+        Args:
+            w13_L2IH: ``[L, 2I, H]`` float, ``L = E/W``: gate rows, then up rows, of the
+                global experts ``[rank*L, (rank+1)*L)``.
+            w2_LHI: ``[L, H, I]`` float: their down projections.
+            router_bias: ``deepseek_v3`` only: the full ``[E]`` score correction bias.
+
+        Same storage as :meth:`load_experts` (bf16 weights already bf16 and contiguous are
+        kept without a copy, so several layers can share one shard).
+        """
+        self._check_weights(w13_L2IH, w2_LHI, router_bias, self.num_local)
+        self._keep(w13_L2IH, w2_LHI, router_bias)
+
+    def _check_weights(
+        self, w13: torch.Tensor, w2: torch.Tensor, router_bias: torch.Tensor | None, n: int
+    ) -> None:
+        c = self.config
         for name, w, shape in (
-            ("w13", w13_E2IH, (c.num_experts, 2 * c.intermediate, c.hidden)),
-            ("w2", w2_EHI, (c.num_experts, c.hidden, c.intermediate)),
+            ("w13", w13, (n, 2 * c.intermediate, c.hidden)),
+            ("w2", w2, (n, c.hidden, c.intermediate)),
         ):
             if not isinstance(w, torch.Tensor):
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(w).__name__}")
@@ -262,24 +290,27 @@ class EPMoE(nn.Module):
                 raise TypeError(f"{name} must be floating point, got dtype {w.dtype}")
             if tuple(w.shape) != shape:
                 raise ValueError(f"{name} must have shape {list(shape)}, got {list(w.shape)}")
-        if w13_E2IH.device != w2_EHI.device:
-            raise ValueError(f"w13 is on {w13_E2IH.device}, w2 on {w2_EHI.device}")
+        if w13.device != w2.device:
+            raise ValueError(f"w13 is on {w13.device}, w2 on {w2.device}")
         check_router_bias(c, router_bias)
-        for name, w in (("w13", w13_E2IH), ("w2", w2_EHI), ("router_bias", router_bias)):
+        for name, w in (("w13", w13), ("w2", w2), ("router_bias", router_bias)):
             if w is not None and not bool(torch.isfinite(w).all()):
                 n_bad = int((~torch.isfinite(w)).sum())
                 raise ValueError(f"{name} must be finite, got {n_bad} NaN/Inf values")
-        sl = slice(self.first_expert, self.first_expert + self.num_local)
+
+    def _keep(
+        self, w13_L2IH: torch.Tensor, w2_LHI: torch.Tensor, router_bias: torch.Tensor | None
+    ) -> None:
         self.local_experts = LocalExperts(
-            w13_E2IH[sl].detach(),
-            w2_EHI[sl].detach(),
+            w13_L2IH.detach(),
+            w2_LHI.detach(),
             self.first_expert,
             fp8=self.experts_impl in FP8_IMPLS,
         )
         self.router_bias_E = (
             None
             if router_bias is None
-            else router_bias.detach().to(device=w13_E2IH.device, dtype=torch.float32)
+            else router_bias.detach().to(device=w13_L2IH.device, dtype=torch.float32)
         )
 
     # ------------------------------------------------------------------ forward
