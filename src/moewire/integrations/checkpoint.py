@@ -146,7 +146,8 @@ def load_config(path: str | Path, trust_remote_code: bool = False):
     )
 
 
-def _meta_model(config, trust_remote_code: bool) -> nn.Module:
+def meta_model(config, trust_remote_code: bool = False) -> nn.Module:
+    """The causal LM of ``config`` on the ``meta`` device: shapes, no memory."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
@@ -220,7 +221,7 @@ def load_expert_parallel(
     device = torch.device(device)
     config = load_config(path, trust_remote_code)
     ckpt = Checkpoint(path)
-    model = _meta_model(config, trust_remote_code)
+    model = meta_model(config, trust_remote_code)
     blocks = moe_block_names(model)
     _load_dense(model, ckpt, tuple(f"{b}.experts." for b in blocks), device)
     _rebuild_buffers(model, device)
