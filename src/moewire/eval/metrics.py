@@ -28,8 +28,9 @@ class Metrics:
     """Accumulates one configuration's figures over batches of tokens."""
 
     def __init__(self, device: torch.device) -> None:
-        #: [sum of NLL, tokens, tokens whose top-1 matches the reference], float64.
-        self._sums = torch.zeros(3, dtype=torch.float64, device=device)
+        #: [sum of NLL, tokens, tokens whose top-1 matches the reference, sum and sum of
+        #: squares of the per-token NLL difference to the reference], float64.
+        self._sums = torch.zeros(5, dtype=torch.float64, device=device)
         self._kl: list[torch.Tensor] = []
 
     def add(self, ref_TV: torch.Tensor, logp_TV: torch.Tensor, target_T: torch.Tensor) -> None:
@@ -40,17 +41,21 @@ class Metrics:
             logp_TV: fp32 ``[T, V]`` log-probabilities of this configuration.
             target_T: int64 ``[T]`` the actual next tokens.
         """
-        nll = -logp_TV.gather(1, target_T[:, None]).sum(dtype=torch.float64)
+        nll_T = -logp_TV.gather(1, target_T[:, None]).squeeze(1).double()
+        d_T = nll_T + ref_TV.gather(1, target_T[:, None]).squeeze(1).double()
         same = (ref_TV.argmax(-1) == logp_TV.argmax(-1)).sum(dtype=torch.float64)
-        self._sums += torch.stack([nll, nll.new_tensor(target_T.numel()), same])
+        count = nll_T.new_tensor(target_T.numel())
+        self._sums += torch.stack([nll_T.sum(), count, same, d_T.sum(), (d_T * d_T).sum()])
         self._kl.append((ref_TV.exp() * (ref_TV - logp_TV)).sum(-1))
 
     def summary(self, group: dist.ProcessGroup | None, reference_ppl: float | None) -> dict:
         """The figures over every rank's tokens (a collective: every rank calls it).
 
         Returns:
-            ``{"ppl", "ppl_ratio", "kl_mean", "kl_p99", "top1_same_pct", "tokens"}``;
-            ``ppl_ratio`` is 1 when ``reference_ppl`` is None (the reference itself).
+            ``{"ppl", "ppl_ratio", "ln_ppl_ratio_se", "kl_mean", "kl_p99", "top1_same_pct",
+            "tokens"}``; ``ppl_ratio`` is 1 when ``reference_ppl`` is None (the reference
+            itself); ``ln_ppl_ratio_se`` is the standard error of ``ln(ppl_ratio)``, the mean
+            per-token NLL difference to the reference (its sample std / sqrt(tokens)).
         """
         sums = self._sums.clone()
         kl_T = torch.cat(self._kl) if self._kl else sums.new_zeros(0, dtype=torch.float32)
@@ -59,12 +64,14 @@ class Metrics:
             parts = [torch.empty_like(kl_T) for _ in range(dist.get_world_size(group))]
             dist.all_gather(parts, kl_T.contiguous(), group=group)  # equal sizes by design
             kl_T = torch.cat(parts)
-        nll, count, same = (float(v) for v in sums.cpu())
+        nll, count, same, d_sum, d_sq = (float(v) for v in sums.cpu())
         ppl = math.exp(nll / count)
+        d_var = max(d_sq / count - (d_sum / count) ** 2, 0.0)
         kl = kl_T.double().cpu().numpy()
         return {
             "ppl": ppl,
             "ppl_ratio": 1.0 if reference_ppl is None else ppl / reference_ppl,
+            "ln_ppl_ratio_se": math.sqrt(d_var / max(count - 1, 1)),
             "kl_mean": float(kl.mean()),
             "kl_p99": float(np.percentile(kl, 99.0)),
             "top1_same_pct": 100.0 * same / count,

@@ -47,8 +47,9 @@ def model_shape(path: str | Path, trust_remote_code: bool) -> tuple[int, int, li
         ValueError: not a checkpoint, remote code needed, or no MoE block that
             ``expert_parallel`` knows.
     """
+    config = load_config(path, trust_remote_code)
     Checkpoint(path)
-    model = meta_model(load_config(path, trust_remote_code), trust_remote_code)
+    model = meta_model(config, trust_remote_code)
     names = moe_block_names(model)
     w13 = model.get_submodule(names[0]).experts.gate_up_proj
     return int(w13.shape[2]), int(w13.shape[0]), names

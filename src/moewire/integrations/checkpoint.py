@@ -69,7 +69,10 @@ class Checkpoint:
             if f.suffix == ".safetensors":
                 from safetensors import safe_open
 
-                self._open[f] = safe_open(str(f), framework="pt", device="cpu")
+                try:
+                    self._open[f] = safe_open(str(f), framework="pt", device="cpu")
+                except Exception as e:
+                    raise ValueError(f"{f}: not a readable safetensors file ({e})") from None
             else:
                 try:
                     self._open[f] = torch.load(f, map_location="cpu", weights_only=True, mmap=True)

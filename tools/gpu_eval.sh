@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Train the GPU-size model and run `moewire eval` on it, in one call of under 10 minutes on
+# one H200 (the issue 17 table: 6 dispatch formats x 3 combine wires, >= 200k held-out tokens).
+# Run from the repository root:
+#
+#   bash tools/gpu_eval.sh OUT          # GPU: NCCL, one rank under torchrun
+#   bash tools/gpu_eval.sh OUT --cpu    # the same steps on CPU (gloo), small and short
+#
+# Writes OUT/env.txt, OUT/train.log, OUT/train_log.json (perplexity curve), OUT/eval.log,
+# OUT/eval.json, OUT/eval.csv. Installs transformers from .whl/ if that folder is there
+# (the GPU machine has another transformers; moewire is tested with 5.24.0).
+# Training stops at TRAIN_LIMIT seconds (default 330) even if its steps are not done (the log
+# says so), so that the eval still fits the call.
+set -u
+out=${1:?usage: tools/gpu_eval.sh OUT [--cpu]}
+mode=${2:-gpu}
+mkdir -p "$out"
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+py=${PYTHON:-python3}
+site=${SITE_DIR:-/tmp/moewire-site}
+if ls .whl/*.whl >/dev/null 2>&1; then
+  $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target "$site" .whl/*.whl || { echo "wheel install failed"; exit 1; }
+  export PYTHONPATH="$PWD/src:$site"
+else
+  export PYTHONPATH="$PWD/src"
+fi
+model=${MODEL_DIR:-/tmp/moewire-eval-model}
+rm -rf "$model"
+
+if [ "$mode" = "--cpu" ]; then
+  size=cpu device=cpu steps=${STEPS:-6} limit=${TRAIN_LIMIT:-120}
+  eval_args=(--device cpu --tokens "${TOKENS:-2048}" --seq-len 128 --batch 8)
+else
+  size=gpu device=cuda steps=${STEPS:-} limit=${TRAIN_LIMIT:-330}
+  eval_args=(--device cuda --tokens "${TOKENS:-262144}" --seq-len 256 --batch 64)
+fi
+
+{
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null
+  $py -c "import sys, torch, transformers; print('python', sys.version.split()[0], 'torch', \
+torch.__version__, 'transformers', transformers.__version__, 'cuda', torch.cuda.is_available())"
+  git rev-parse HEAD 2>/dev/null || echo "commit: (no .git here)"
+  date -u
+} >"$out/env.txt" 2>&1
+cat "$out/env.txt"
+
+echo "== train ($size, limit ${limit} s)"
+start=$SECONDS
+$py tools/train_moe.py --size "$size" --out "$model" --device "$device" \
+  ${steps:+--steps "$steps"} --time-limit "$limit" >"$out/train.log" 2>&1
+rc=$?
+echo "== train: rc=$rc in $((SECONDS - start)) s"
+grep -v "Writing model" "$out/train.log" | tail -n 25
+cp "$model/train_log.json" "$out/" 2>/dev/null
+[ $rc -eq 0 ] || exit $rc
+
+echo "== eval"
+start=$SECONDS
+$py -m torch.distributed.run --standalone --nproc_per_node 1 -m moewire eval \
+  --model "$model" "${eval_args[@]}" --formats bf16,fp8,fp8_block128,mxfp8,nvfp4,mxfp4 \
+  --combine bf16,fp8,nvfp4 --json "$out/eval.json" --csv "$out/eval.csv" >"$out/eval.log" 2>&1
+rc=$?
+echo "== eval: rc=$rc in $((SECONDS - start)) s"
+grep -v "^\[eval\] batch" "$out/eval.log" | tail -n 40
+exit $rc
