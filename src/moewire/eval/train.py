@@ -156,7 +156,19 @@ def train(
     model = _build(size, device, seed)
     opt = torch.optim.AdamW(model.parameters(), lr=size.lr, weight_decay=0.1, betas=(0.9, 0.95))
     gen = torch.Generator().manual_seed(seed)
-    curve, t0, stopped = [], time.perf_counter(), None
+    h0 = heldout_loss(model.eval(), held_NS, size.batch, amp)
+    model.train()
+    curve = [
+        {
+            "step": 0,
+            "train_loss": None,
+            "heldout_loss": h0,
+            "heldout_ppl": math.exp(h0),
+            "seconds": 0.0,
+        }
+    ]
+    log(f"[train {size_name}] step 0/{steps}  held-out loss {h0:.3f}  ppl {math.exp(h0):.3f}")
+    t0, stopped = time.perf_counter(), None
     for step in range(steps):
         starts = torch.randint(
             0, train_ids.numel() - size.seq_len - 1, (size.batch,), generator=gen
