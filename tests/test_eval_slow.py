@@ -17,7 +17,7 @@ from moewire.eval.configs import COMBINE_WIRES, DISPATCH_FORMATS, EvalConfig, gr
 from moewire.eval.corpus import builtin_text, byte_ids, sequences
 from test_eval import check_result, eval_worker
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
 
 
 def test_eval_trained_cpu_model(tmp_path):

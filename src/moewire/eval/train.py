@@ -149,49 +149,42 @@ def train(
     device = torch.device(device)
     amp = device.type == "cuda"
     train_ids = byte_ids(builtin_text("train")).to(device)
-    held = byte_ids(builtin_text("heldout"))
-    n_held = min(64, (held.numel() - 1) // size.seq_len)
-    held_NS = held[: n_held * size.seq_len + 1].unfold(0, size.seq_len + 1, size.seq_len)
-    held_NS = held_NS.to(device)
+    held_NS = _held_out(size.seq_len).to(device)
     model = _build(size, device, seed)
     opt = torch.optim.AdamW(model.parameters(), lr=size.lr, weight_decay=0.1, betas=(0.9, 0.95))
     gen = torch.Generator().manual_seed(seed)
-    h0 = heldout_loss(model.eval(), held_NS, size.batch, amp)
-    model.train()
-    curve = [
-        {
-            "step": 0,
-            "train_loss": None,
-            "heldout_loss": h0,
-            "heldout_ppl": math.exp(h0),
-            "seconds": 0.0,
-        }
-    ]
-    log(f"[train {size_name}] step 0/{steps}  held-out loss {h0:.3f}  ppl {math.exp(h0):.3f}")
     t0, stopped = time.perf_counter(), None
-    for step in range(steps):
-        starts = torch.randint(
-            0, train_ids.numel() - size.seq_len - 1, (size.batch,), generator=gen
+
+    def point(step: int, loss: float | None) -> None:
+        h = heldout_loss(model.eval(), held_NS, size.batch, amp)
+        model.train()
+        sec = time.perf_counter() - t0
+        curve.append(
+            {
+                "step": step,
+                "train_loss": loss,
+                "heldout_loss": h,
+                "heldout_ppl": math.exp(h),
+                "seconds": sec,
+            }
         )
-        ids = train_ids[starts.to(device)[:, None] + torch.arange(size.seq_len + 1, device=device)]
+        train_loss = "" if loss is None else f"  train loss {loss:.3f}"
+        log(
+            f"[train {size_name}] step {step}/{steps}{train_loss}  held-out loss {h:.3f}  "
+            f"ppl {math.exp(h):.3f}  {sec:.0f} s"
+        )
+
+    curve: list[dict] = []
+    point(0, None)
+    for step in range(steps):
+        hi = train_ids.numel() - size.seq_len - 1
+        starts = torch.randint(0, hi, (size.batch,), generator=gen).to(device)
+        ids = train_ids[starts[:, None] + torch.arange(size.seq_len + 1, device=device)]
         loss = _try_step(model, opt, ids, _lr(step, size), amp, step, log)
         last = step + 1 == steps
         over = time_limit_s is not None and time.perf_counter() - t0 > time_limit_s
         if (step + 1) % size.eval_every == 0 or last or over:
-            h = heldout_loss(model.eval(), held_NS, size.batch, amp)
-            model.train()
-            point = {
-                "step": step + 1,
-                "train_loss": loss,
-                "heldout_loss": h,
-                "heldout_ppl": math.exp(h),
-                "seconds": time.perf_counter() - t0,
-            }
-            curve.append(point)
-            log(
-                f"[train {size_name}] step {step + 1}/{steps}  train loss {loss:.3f}  held-out "
-                f"loss {h:.3f}  ppl {math.exp(h):.3f}  {point['seconds']:.0f} s"
-            )
+            point(step + 1, loss)
         if over and not last:
             stopped = f"time limit {time_limit_s} s reached after {step + 1} of {steps} steps"
             log(f"[train {size_name}] {stopped}")
@@ -199,11 +192,18 @@ def train(
     return _save(model, out, size_name, size, seed, device, curve, stopped)
 
 
+def _held_out(seq_len: int, n: int = 64) -> torch.Tensor:
+    """The first ``n`` held-out sequences ``[n, seq_len + 1]``: the training curve's."""
+    held = byte_ids(builtin_text("heldout"))
+    n = min(n, (held.numel() - 1) // seq_len)
+    return held[: n * seq_len + 1].unfold(0, seq_len + 1, seq_len)
+
+
 def _try_step(model, opt, ids, lr, amp, step, log) -> float:
     """One step; on the first, fall back to transformers' eager experts if grouped_mm fails."""
     try:
         return _step(model, opt, ids, lr, amp)
-    except (RuntimeError, NotImplementedError, ValueError) as e:
+    except (RuntimeError, NotImplementedError, ValueError, TypeError) as e:
         if step != 0 or model.config._experts_implementation == "eager":
             raise
         log(f"[train] grouped_mm experts failed ({type(e).__name__}: {e}); using eager")
