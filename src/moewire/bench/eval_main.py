@@ -107,7 +107,7 @@ def worker(ctx) -> None:
 
     progress(
         f"{args.model}: {len(names)} MoE blocks expert-parallel over {ctx.world_size} "
-        f"ranks ({args.comm}); {args.seqs.shape[0]} sequences of {args.seq_len} tokens; "
+        f"rank(s) ({args.comm}); {args.seqs.shape[0]} sequences of {args.seq_len} tokens; "
         f"{len(args.configs)} configurations + the unquantized reference"
     )
     result = run_eval(model, ctx.group, seqs, args.configs, batch=args.batch, progress=progress)
@@ -119,7 +119,7 @@ def _report(args: argparse.Namespace, env: dict, result: dict) -> None:
     records = result["records"]
     mark_recommended(records)
     print(
-        f"moewire eval: {args.model}, {env['card']}, {env['world_size']} ranks, "
+        f"moewire eval: {args.model}, {env['card']}, {env['world_size']} rank(s), "
         f"{records[0]['tokens']} tokens, seq-len {args.seq_len}, comm {args.comm}"
     )
     print(render_table(HEADERS, table_rows(records)))
