@@ -7,9 +7,10 @@
 #   bash tools/gpu_eval.sh OUT --cpu    # the same steps on CPU (gloo), small and short
 #
 # Writes OUT/env.txt, OUT/train.log, OUT/train_log.json (perplexity curve), OUT/eval.log,
-# OUT/eval.json, OUT/eval.csv. Installs transformers from .whl/ if that folder is there
+# OUT/eval.json, OUT/eval.csv (and OUT/eval_dispatch.* if the full table failed and there
+# was time left to rerun it with an unquantized combine). Installs transformers from .whl/ if that folder is there
 # (the GPU machine has another transformers; moewire is tested with 5.24.0).
-# Training stops at TRAIN_LIMIT seconds (default 330) even if its steps are not done (the log
+# Training stops at TRAIN_LIMIT seconds (default 300) even if its steps are not done (the log
 # says so), so that the eval still fits the call.
 set -u
 out=${1:?usage: tools/gpu_eval.sh OUT [--cpu]}
@@ -37,7 +38,7 @@ if [ "$mode" = "--cpu" ]; then
   size=cpu device=cpu steps=${STEPS:-6} limit=${TRAIN_LIMIT:-120}
   eval_args=(--device cpu --tokens "${TOKENS:-2048}" --seq-len 128 --batch 8)
 else
-  size=gpu device=cuda steps=${STEPS:-} limit=${TRAIN_LIMIT:-330}
+  size=gpu device=cuda steps=${STEPS:-} limit=${TRAIN_LIMIT:-300}
   eval_args=(--device cuda --tokens "${TOKENS:-262144}" --seq-len 256 --batch 64)
 fi
 
@@ -60,12 +61,24 @@ grep -v "Writing model" "$out/train.log" | tail -n 25
 cp "$model/train_log.json" "$out/" 2>/dev/null
 [ $rc -eq 0 ] || exit $rc
 
-echo "== eval"
-start=$SECONDS
-$py -m torch.distributed.run --standalone --nproc_per_node 1 -m moewire eval \
-  --model "$model" "${eval_args[@]}" --formats bf16,fp8,fp8_block128,mxfp8,nvfp4,mxfp4 \
-  --combine bf16,fp8,nvfp4 --json "$out/eval.json" --csv "$out/eval.csv" >"$out/eval.log" 2>&1
+run_eval() {  # run_eval NAME LIMIT_S COMBINE
+  echo "== $1 (combine $3, limit $2 s)"
+  local start=$SECONDS
+  timeout "$2" $py -m torch.distributed.run --standalone --nproc_per_node 1 -m moewire eval \
+    --model "$model" "${eval_args[@]}" --formats bf16,fp8,fp8_block128,mxfp8,nvfp4,mxfp4 \
+    --combine "$3" --json "$out/$1.json" --csv "$out/$1.csv" >"$out/$1.log" 2>&1
+  local rc=$?
+  echo "== $1: rc=$rc in $((SECONDS - start)) s"
+  grep -v "^\[eval\] batch" "$out/$1.log" | tail -n 40
+  return $rc
+}
+# the whole call must end within 600 s: leave what is left, minus a margin, to the eval
+left=$((${BUDGET_S:-585} - SECONDS))
+run_eval eval "$left" bf16,fp8,nvfp4
 rc=$?
-echo "== eval: rc=$rc in $((SECONDS - start)) s"
-grep -v "^\[eval\] batch" "$out/eval.log" | tail -n 40
+left=$((${BUDGET_S:-585} - SECONDS))
+if [ $rc -ne 0 ] && [ "$left" -gt 60 ]; then
+  echo "== the full table failed; salvaging the dispatch formats with an unquantized combine"
+  run_eval eval_dispatch "$left" bf16
+fi
 exit $rc
