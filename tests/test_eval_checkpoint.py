@@ -129,3 +129,28 @@ def test_errors(tmp_path, capsys):
     assert "do not split over 3 ranks" in _err(
         capsys, ["--model", str(moe), "--world-size", "3", "--formats", "fp8"]
     )
+
+
+class _NotATensor:
+    """A pickled object that ``torch.load(weights_only=True)`` must refuse."""
+
+
+def test_bin_checkpoints_load_tensors_only(tmp_path):
+    """``*.bin`` weights: read with ``torch.load(weights_only=True)``, same logits as the
+    safetensors checkpoint; a file with any other pickled object is refused in one line."""
+    from moewire.integrations.checkpoint import Checkpoint
+
+    st, pt = tmp_path / "st", tmp_path / "pt"
+    _save("qwen3_moe", st)
+    _save("qwen3_moe", pt)
+    state = {k: v.contiguous() for k, v in tiny_model("qwen3_moe").state_dict().items()}
+    (pt / "model.safetensors").unlink()
+    torch.save(state, pt / "pytorch_model.bin")
+    ids = prompts(0)
+    with torch.no_grad():
+        a = load_expert_parallel(st, None, device="cpu", comm="local")[0](ids).logits
+        b = load_expert_parallel(pt, None, device="cpu", comm="local")[0](ids).logits
+    assert torch.equal(a, b)
+    torch.save({"x": _NotATensor()}, pt / "pytorch_model.bin")
+    with pytest.raises(ValueError, match=r"weights_only=True.*never unpickles"):
+        Checkpoint(pt)
