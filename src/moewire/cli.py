@@ -1,7 +1,8 @@
 """The ``moewire`` command (also ``python -m moewire``).
 
 Subcommands: ``formats`` (bytes per token and accuracy of every wire format),
-``bench`` (measurement routines), ``check`` (correctness self-test on this machine).
+``bench`` (measurement routines), ``check`` (correctness self-test on this machine),
+``eval`` (what each dispatch/combine configuration does to a trained model's outputs).
 """
 
 from __future__ import annotations
@@ -205,12 +206,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="any of formats, kernels, invariance, layer (default: all)",
     )
     c.set_defaults(func=_cmd_check)
+
+    from moewire.bench import eval_main
+
+    ev = sub.add_parser(
+        "eval",
+        help="perplexity, KL and top-1 agreement of a trained MoE model per configuration",
+        description="Run a transformers MoE causal LM over held-out text, its MoE layers "
+        "expert-parallel, once unquantized and once per dispatch/combine configuration.",
+    )
+    eval_main.add_arguments(ev)
+    ev.set_defaults(func=eval_main.run)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    for name in ("hidden", "experts", "topk", "tokens"):
+    for name in ("hidden", "experts", "topk", "tokens", "seq_len", "batch"):
         value = getattr(args, name, None)
         if isinstance(value, int) and value <= 0:
             print(f"moewire: error: --{name} must be positive, got {value}", file=sys.stderr)

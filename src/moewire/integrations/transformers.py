@@ -40,6 +40,9 @@ from torch import nn
 
 from moewire.moe import EPMoE, MoEConfig
 
+#: ``(block name, first expert, count) -> (w13_L2IH, w2_LHI)``: a rank's experts, read alone.
+ExpertShardReader = Callable[[str, int, int], tuple[torch.Tensor, torch.Tensor]]
+
 #: transformers versions this module was tested with (inclusive).
 TESTED_TRANSFORMERS = ("5.24.0", "5.24.0")
 
@@ -148,6 +151,32 @@ def _block_classes() -> list[tuple[type, _Arch]]:
     return out
 
 
+def _find_blocks(model: nn.Module) -> list[tuple[str, nn.Module, _Arch]]:
+    classes = _block_classes()
+    found = [
+        (name, module, arch)
+        for name, module in model.named_modules()
+        for cls, arch in classes
+        if type(module) is cls
+    ]
+    if not found:
+        raise ValueError(
+            f"expert_parallel: {type(model).__name__} has no sparse MoE block of a supported "
+            f"architecture ({', '.join(SUPPORTED_BLOCKS)}; tested with transformers "
+            f"{TESTED_TRANSFORMERS[0]}-{TESTED_TRANSFORMERS[1]})"
+        )
+    return found
+
+
+def moe_block_names(model: nn.Module) -> list[str]:
+    """Qualified names of the sparse MoE blocks :func:`expert_parallel` would replace.
+
+    Raises:
+        ValueError: ``model`` has none (names the model class and the supported blocks).
+    """
+    return [name for name, _, _ in _find_blocks(model)]
+
+
 class EPMoEBlock(nn.Module):
     """Drop-in for a transformers sparse MoE block: ``[B, S, H] -> [B, S, H]``.
 
@@ -179,6 +208,7 @@ def expert_parallel(
     wire: str = "bf16",
     comm: str = "allgather",
     global_scale: float | Mapping[str, float] | None = None,
+    expert_weights: ExpertShardReader | None = None,
     **layer_kwargs,
 ) -> list[str]:
     """Swap every supported sparse MoE block of ``model`` for an expert-parallel one, in place.
@@ -193,6 +223,12 @@ def expert_parallel(
         comm: ``"allgather"``, ``"alltoall"``, ``"grouped"`` or ``"local"``.
         global_scale: ``nvfp4`` only: one static global scale for every layer, or a mapping
             from the block's qualified name (as in ``model.named_modules()``) to its scale.
+        expert_weights: the shard-only path: ``(block name, first expert, count) ->
+            (w13 [L, 2I, H], w2 [L, H, I])`` returns this rank's experts, and the block's
+            own expert tensors are never read (they may be on the ``meta`` device, for a
+            model built without its experts: see
+            :func:`moewire.integrations.checkpoint.load_expert_parallel`). None: each rank
+            slices its experts out of the block's full weights.
         **layer_kwargs: passed to :class:`EPMoE` (``routing``, ``quantize``, ``experts``,
             ``combine_dtype``).
 
@@ -206,19 +242,7 @@ def expert_parallel(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    classes = _block_classes()
-    found = [
-        (name, module, arch)
-        for name, module in model.named_modules()
-        for cls, arch in classes
-        if type(module) is cls
-    ]
-    if not found:
-        raise ValueError(
-            f"expert_parallel: {type(model).__name__} has no sparse MoE block of a supported "
-            f"architecture ({', '.join(SUPPORTED_BLOCKS)}; tested with transformers "
-            f"{TESTED_TRANSFORMERS[0]}-{TESTED_TRANSFORMERS[1]})"
-        )
+    found = _find_blocks(model)
     replaced = []
     for name, block, arch in found:
         if isinstance(global_scale, Mapping):
@@ -238,7 +262,11 @@ def expert_parallel(
             **layer_kwargs,
         )
         bias = getattr(block.gate, "e_score_correction_bias", None)
-        moe.load_experts(block.experts.gate_up_proj, block.experts.down_proj, router_bias=bias)
+        if expert_weights is None:
+            moe.load_experts(block.experts.gate_up_proj, block.experts.down_proj, bias)
+        else:
+            w13, w2 = expert_weights(name, moe.first_expert, moe.num_local)
+            moe.load_local_experts(w13, w2, bias)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, EPMoEBlock(block.gate, moe, fp32_logits=arch.fp32_logits))

@@ -300,6 +300,26 @@ class EPMoE(nn.Module):
             else router_bias.detach().to(device=w13_E2IH.device, dtype=torch.float32)
         )
 
+    def load_local_experts(
+        self,
+        w13_L2IH: torch.Tensor,
+        w2_LHI: torch.Tensor,
+        router_bias: torch.Tensor | None = None,
+        **scales: torch.Tensor,
+    ) -> None:
+        """Keep this rank's experts, given only them (a checkpoint read shard by shard):
+        :meth:`load_experts` with ``first_expert`` this rank's. Weights already bf16 and
+        contiguous are kept without a copy, so several layers can share one shard.
+
+        Args:
+            w13_L2IH: ``[L, 2I, H]``, ``L = E/W``: gate rows, then up rows, of the global
+                experts ``[rank*L, (rank+1)*L)``.
+            w2_LHI: ``[L, H, I]``: their down projections.
+            router_bias: ``deepseek_v3`` only: the full ``[E]`` score correction bias.
+            **scales: ``w13_scale`` / ``w2_scale`` of e4m3 weights, as in :meth:`load_experts`.
+        """
+        self.load_experts(w13_L2IH, w2_LHI, router_bias, first_expert=self.first_expert, **scales)
+
     # ------------------------------------------------------------------ forward
     def _check_inputs(self, x_TH: torch.Tensor, router_logits_TE: torch.Tensor) -> None:
         c = self.config
