@@ -94,9 +94,10 @@ def eval_worker(path: str, seqs, configs, batch: int) -> dict:
 
     rank, world = dist.get_rank(), dist.get_world_size()
     local = seqs[rank::world]
-    model, _ = load_expert_parallel(path, None, device="cpu", comm="allgather")
+    f32 = {"combine_dtype": torch.float32}  # as moewire eval loads it
+    model, _ = load_expert_parallel(path, None, device="cpu", comm="allgather", **f32)
     result = run_eval(model, None, local, configs, batch=batch)
-    whole, _ = load_expert_parallel(path, None, device="cpu", comm="local")
+    whole, _ = load_expert_parallel(path, None, device="cpu", comm="local", **f32)
     result["unsharded"] = run_eval(whole, None, local, [], batch=batch)["records"][0]
     with torch.no_grad():
         a = log_probs(model(local[:batch, :-1]).logits.flatten(0, 1))

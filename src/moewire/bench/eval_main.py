@@ -98,6 +98,9 @@ def worker(ctx) -> None:
         device=ctx.device,
         comm=args.comm,
         trust_remote_code=args.trust_remote_code,
+        # unquantized reference: the experts' partial sums travel in fp32, so bf16 rows
+        # with the bf16 combine wire are the unsharded model up to fp32 reassociation
+        combine_dtype=torch.float32,
     )
     seqs = args.seqs[rank :: ctx.world_size]
 
