@@ -1,12 +1,13 @@
 """Tier b: quantized combine (``combine_wire``) over gloo groups of 2, 3 and 4 ranks.
 
 One spawned group per world size runs every case (token-count patterns with zero-token
-ranks x backend x combine wire x partial dtype), each combine twice (determinism). A rank's
-partial row for a token is ``table[rank, gid]`` (``gid``: the token's global id, carried
-in the dispatched rows), so the parent rebuilds every expected output itself, with the
-reference codec: quantize each source's rows, dequantize, add in fp32 in source-rank order,
-round once; and compares bitwise. The table has a NaN and an Inf entry (they must come out
-non-finite) and all-zero rows.
+ranks x backend x combine wire x partial dtype), each combine twice (determinism; each on
+a fresh copy of the handle, ``dataclasses.replace(handle)``: a handle combines once). A
+rank's partial row for a token is ``table[rank, gid]`` (``gid``: the token's global id,
+carried in the dispatched rows), so the parent rebuilds every expected output itself, with
+the reference codec: quantize each source's rows, dequantize, add in fp32 in source-rank
+order, round once; and compares bitwise. The table has a NaN and an Inf entry (they must
+come out non-finite) and all-zero rows.
 
 Shape legend: ``G`` tokens over all ranks, ``T`` tokens on a rank, ``H`` hidden, ``W``
 world size, ``K`` top-k.
@@ -15,6 +16,7 @@ world size, ``K`` top-k.
 from __future__ import annotations
 
 import functools
+from dataclasses import replace
 
 import pytest
 import torch
@@ -70,8 +72,8 @@ def _worker(world_size: int) -> dict:
                 got_gid = ROW_SPEC.unpack(recv).extras["gid"][:, 0]
                 for dtype in DTYPES:
                     partial = data["table"][rank][got_gid].to(dtype)
-                    first = comm.combine(partial, handle)
-                    again = comm.combine(partial, handle)
+                    first = comm.combine(partial, replace(handle))
+                    again = comm.combine(partial, replace(handle))  # a handle combines once
                     out[(case, backend, wire, dtype)] = (first, again)
         try:
             make_comm("grouped", None, spec=ROW_SPEC, combine_wire="fp8")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+from dataclasses import replace
 
 import pytest
 import torch
@@ -27,7 +28,7 @@ from moewire.comm.grouped import byte_ranges
 
 HIDDEN = 128  # a multiple of every format's block (fp8_block128 needs 128)
 TOP_K = 3
-COLS = 4  # C, columns of the combine partials
+COLS = HIDDEN  # C, columns of the combine partials: the comms' spec.hidden
 G_NVFP4 = mw.nvfp4_global_scale(4.0)
 WORLD_SIZES = (2, 3, 4)
 #: Per world size: per-rank token counts of each case (zero-token ranks, one rank with
@@ -112,9 +113,9 @@ def _dest_ranks(ids_GK: torch.Tensor, world_size: int) -> torch.Tensor:
 def _exact_partial(gid_N: torch.Tensor, rank: int, dtype: torch.dtype) -> torch.Tensor:
     """Integer-valued partial rows whose sums are exact in ``dtype``: column 0 is ``2^rank``
     (the sum is the bitmask of contributing ranks), column 1 ``g % 13 + 1``, column 2 the
-    constant 1 (the count of contributions), column 3 ``rank + 1``."""
+    constant 1 (the count of contributions), column 3 ``rank + 1``, the rest 0."""
     n = gid_N.shape[0]
-    out = torch.empty(n, COLS, dtype=torch.float32)
+    out = torch.zeros(n, COLS, dtype=torch.float32)
     out[:, 0] = 2.0**rank
     out[:, 1] = (gid_N % 13 + 1).float()
     out[:, 2] = 1.0
@@ -157,9 +158,12 @@ def _comm_worker(world_size: int) -> dict:
                     out["recv", case, fmt, name] = res
                     continue
                 gid_N = spec.unpack(recv_NR).extras["gid"][:, 0]
+                # three combines of one dispatch: a fresh copy of the handle for each
                 for dtype in (torch.float32, torch.bfloat16):
-                    res["exact", dtype] = comm.combine(_exact_partial(gid_N, rank, dtype), handle)
-                res["random"] = comm.combine(data["table"][rank][gid_N].contiguous(), handle)
+                    partial_NC = _exact_partial(gid_N, rank, dtype)
+                    res["exact", dtype] = comm.combine(partial_NC, replace(handle))
+                partial_NC = data["table"][rank][gid_N].contiguous()
+                res["random"] = comm.combine(partial_NC, replace(handle))
                 out["recv", case, fmt, name] = res
     out["errors"] = _error_cases(world_size)
     out["fallback"] = _fallback_case(world_size)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime
 import os
+from dataclasses import replace
 
 import pytest
 import torch
@@ -28,7 +29,7 @@ from moewire.comm import COMMS, make_comm
 pytestmark = [pytest.mark.multigpu, pytest.mark.timeout(600)]
 
 HIDDEN, EXPERTS, TOP_K = 7168, 256, 8  # DeepSeek-R1
-COLS = 64
+COLS = HIDDEN  # combine partials are [N, spec.hidden]
 #: Tokens per rank, indexed by ``rank % 4``: uneven, a zero-token rank, a 1-token rank;
 #: then uniform.
 PATTERNS = ((4096, 0, 8192, 1), (2048, 2048, 2048, 2048))
@@ -144,8 +145,8 @@ def test_dispatch_combine_nccl(group, name, pattern, routing):
     for d in range(w):
         m = dest[:, d]
         want[m] += _partial(torch.nonzero(m)[:, 0], d, torch.float32)
-    for dtype in (torch.float32, torch.bfloat16):
-        out_TH = comm.combine(_partial(gid_N, rank, dtype), handle)
+    for dtype in (torch.float32, torch.bfloat16):  # a fresh copy each: a handle combines once
+        out_TH = comm.combine(_partial(gid_N, rank, dtype), replace(handle))
         assert out_TH.dtype == dtype and out_TH.shape == (counts[rank], COLS)
         assert torch.equal(out_TH.float(), want[mine])
     dist.barrier(group)

@@ -4,14 +4,17 @@ line; nothing is accepted silently, and nothing warns on the way to the right er
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 
 import pytest
 import torch
 import torch.distributed as dist
 
 import moewire as mw
+from dist import run_distributed
 from moewire.bench.runner import _user_error
 from moewire.cli import main
+from moewire.comm import COMMS, make_comm
 from moewire.formats.elements import encode_e2m1
 
 H, I, E, K = 64, 32, 4, 2
@@ -117,3 +120,85 @@ def test_worker_value_error_comes_back_as_one_line():
     assert isinstance(e, ValueError) and str(e) == "rank 1: bad hidden"
     other = ProcessRaisedException("Traceback\nKeyError: 'x'\n", 0, 1)
     assert _user_error(other) is other  # a bug keeps its traceback
+
+
+# ------------------------------------------------------------------ combine: handle, width
+@pytest.fixture
+def one_rank_group(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+ROW_SPEC = mw.WireSpec("bf16", H)
+
+
+def _dispatched(name: str, t: int, spec: mw.WireSpec | None = ROW_SPEC):
+    """A comm of ``name`` (with ``spec``), its received rows and handle for ``t`` tokens;
+    token ``i`` routes to experts ``2i % E, 2i % E + 1`` (one rank of 2)."""
+    comm = make_comm(name, None, spec=spec, num_experts=E)
+    rows_TR = ROW_SPEC.pack(torch.randn(t, H))
+    recv_NR, handle = comm.dispatch(rows_TR, torch.arange(t * K).view(t, K) % E)
+    return comm, recv_NR, handle
+
+
+def _error(fn, *args) -> str:
+    try:
+        fn(*args)
+    except ValueError as e:
+        return str(e)
+    return "no error"
+
+
+@pytest.mark.parametrize("name", COMMS)
+def test_combine_twice_on_one_handle_is_an_error(one_rank_group, name):
+    comm, recv_NR, handle = _dispatched(name, 3)
+    fresh = replace(handle)  # made before the combine: a copy is a fresh, unused handle
+    partial_NH = torch.randn(recv_NR.shape[0], H)
+    first = comm.combine(partial_NH, handle)
+    msg = _error(comm.combine, partial_NH, handle)
+    assert msg.startswith(f"{name} combine: this handle was already combined; each dispatch's")
+    assert "dispatch again" in msg and "\n" not in msg
+    assert torch.equal(comm.combine(partial_NH, fresh), first)
+    assert torch.equal(comm.combine(partial_NH, replace(handle)), first)  # after, too
+
+
+@pytest.mark.parametrize("name", COMMS)
+def test_combine_partial_of_another_hidden_size_is_an_error(one_rank_group, name):
+    comm, recv_NR, handle = _dispatched(name, 3)
+    n = recv_NR.shape[0]
+    msg = _error(comm.combine, torch.zeros(n, 4), handle)
+    assert msg == (
+        f"partial has hidden size 4, but this {name} comm's spec has hidden={H}: "
+        "combine takes [N, spec.hidden] partial rows"
+    )
+    assert comm.combine(torch.ones(n, H), handle).shape == (3, H)  # not used up by the error
+    if name != "grouped":  # grouped needs a spec; without one any width goes
+        plain, recv_NR, handle = _dispatched(name, 3, spec=None)
+        assert plain.combine(torch.ones(recv_NR.shape[0], 4), handle).shape == (3, 4)
+
+
+def _combine_edges_worker() -> dict:
+    """Both combine errors on 2 ranks (rank 1 has no tokens), then a clean combine."""
+    rank, out = dist.get_rank(), {}
+    for name in COMMS:
+        comm, recv_NR, handle = _dispatched(name, 3 - 3 * rank)
+        ones_NH = torch.ones(recv_NR.shape[0], H)
+        out[name, "width"] = _error(comm.combine, ones_NH[:, :4], handle)
+        out[name, "sum"] = comm.combine(ones_NH, handle)
+        out[name, "twice"] = _error(comm.combine, ones_NH, handle)
+        out[name, "copy"] = comm.combine(ones_NH, replace(handle))
+    return out
+
+
+@pytest.mark.timeout(120)
+def test_combine_edges_on_two_ranks():
+    """Every rank raises alike before any collective; the group stays usable."""
+    for rank, res in enumerate(run_distributed(_combine_edges_worker, 2, timeout=90)):
+        for name in COMMS:
+            assert res[name, "width"].startswith(f"partial has hidden size 4, but this {name}")
+            assert res[name, "twice"].startswith(f"{name} combine: this handle was already")
+            hits = 1.0 if name == "alltoall" else 2.0  # ranks that got each token
+            want = torch.full((3 - 3 * rank, H), hits)
+            assert torch.equal(res[name, "sum"], want), (name, rank)
+            assert torch.equal(res[name, "copy"], want), (name, rank)

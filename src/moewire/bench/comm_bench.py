@@ -23,7 +23,7 @@ Shape legend: ``T`` tokens on a rank, ``N`` rows received, ``H`` hidden, ``E`` e
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -369,8 +369,10 @@ def run_combine(ctx: BenchContext, shape: ModelShape) -> list[dict]:
                     f"combine {label} T={tokens}: sums differ from the exact expectation "
                     "on some rank; not timing a wrong result"
                 )
+            # a handle combines once: one fresh copy per call, made before the timing
+            fresh = iter([replace(handle) for _ in range(args.warmup + args.iters)])
             t = ctx.time(
-                lambda c=comm, p=partial, h=handle: c.combine(p, h), args.iters, args.warmup
+                lambda c=comm, p=partial, h=fresh: c.combine(p, next(h)), args.iters, args.warmup
             )
             spread = ctx.spread()
             if i == 0:

@@ -9,7 +9,10 @@ Usage (every call is a collective over ``group``)::
 
     comm = mw.make_comm("allgather", group)
     recv_NR, handle = comm.dispatch(spec.pack(x_TH, **extras))
-    out_TH = comm.combine(partial_NH, handle)
+    out_TH = comm.combine(partial_NH, handle)  # [T, H]; a handle combines once
+
+    # to repeat a combine of one dispatch on purpose (timing, tests): a fresh copy each time
+    out_TH = comm.combine(partial_NH, dataclasses.replace(handle))
 
     # every rank's token count known (an engine's DP metadata): no count exchange
     recv_NR, handle = comm.dispatch(rows_TR, counts=[T0, T1, ...])
@@ -64,7 +67,8 @@ def make_comm(
         spec: the :class:`~moewire.WireSpec` of the rows; required by ``"grouped"``
             (section boundaries), optional otherwise (then dispatch checks
             ``rows.shape[1] == spec.row_bytes`` and that every rank uses the same format,
-            hidden size, nvfp4 global scale and extras layout).
+            hidden size, nvfp4 global scale and extras layout, and combine that
+            ``partial.shape[1] == spec.hidden``).
         combine_wire: how ``combine`` moves the partial rows back, one of
             :data:`COMBINE_WIRES`: ``"bf16"`` (default: unquantized, in the partial dtype),
             ``"fp8"``, ``"mxfp8"``, ``"nvfp4"`` (dynamic per-row global scale) or

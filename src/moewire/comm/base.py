@@ -62,12 +62,16 @@ class CommHandle:
         send_counts: ``[W]`` rows this rank sent to each rank.
         recv_counts: ``[W]`` rows this rank received from each rank (``N = sum``).
         device: device of the dispatched rows; combine's input must be on it.
+        combined: set by the combine that consumed this handle: a handle combines once.
+            Not an argument, so ``dataclasses.replace(handle)`` is a fresh, uncombined
+            copy: what a benchmark or a test that repeats a combine passes each time.
     """
 
     num_tokens: int
     send_counts: tuple[int, ...]
     recv_counts: tuple[int, ...]
     device: torch.device
+    combined: bool = field(default=False, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.num_tokens, bool) or not isinstance(self.num_tokens, int):
@@ -288,12 +292,17 @@ class Comm(ABC):
         Args:
             partial: bfloat16 or float32 ``[N, H]``, one row per received row of the
                 matching dispatch (zeros where this rank's experts did not apply).
-                ``H`` and the dtype must be the same on every rank.
-            handle: the handle that dispatch returned.
+                ``H`` and the dtype must be the same on every rank; ``H == spec.hidden``
+                when the comm has a ``spec``.
+            handle: the handle that dispatch returned; it combines once (to repeat a
+                combine on purpose, pass a fresh copy each time: ``dataclasses.replace``).
 
         Returns:
             ``[T, H]`` of ``partial``'s dtype: for each of this rank's tokens, the sum over
             all ranks' partial rows for it.
+
+        Raises:
+            ValueError: a combined ``handle``; ``partial`` of the wrong shape or device.
         """
 
     # ------------------------------------------------------------------- helpers
@@ -405,8 +414,20 @@ class Comm(ABC):
                 f"partial must be [N={handle.num_recv}, H] (one row per received row), "
                 f"got shape {tuple(partial.shape)}"
             )
+        if self._spec is not None and partial.shape[1] != self._spec.hidden:
+            raise ValueError(
+                f"partial has hidden size {partial.shape[1]}, but this {self.name} comm's spec "
+                f"has hidden={self._spec.hidden}: combine takes [N, spec.hidden] partial rows"
+            )
         if partial.device != handle.device:
             raise ValueError(
                 f"partial is on {partial.device}, the dispatched rows were on {handle.device}"
             )
+        if handle.combined:
+            raise ValueError(
+                f"{self.name} combine: this handle was already combined; each dispatch's "
+                "handle combines once: dispatch again (or, to repeat a combine on purpose, "
+                "pass a fresh copy: dataclasses.replace(handle))"
+            )
+        object.__setattr__(handle, "combined", True)  # frozen: the one mutable field
         return partial.contiguous()
