@@ -30,6 +30,7 @@ from test_comm import (
     RUN_TIMEOUT_S,
     WORLD_SIZES,
     _case_data,
+    _catch,
     _expected_rows,
     _handle_dict,
     _kw,
@@ -135,14 +136,6 @@ def _counts_worker(world_size: int) -> dict:
                 )
     out["errors"] = _error_cases(world_size)
     return out
-
-
-def _catch(fn) -> str:
-    try:
-        fn()
-    except (ValueError, TypeError) as err:
-        return f"{type(err).__name__}: {err}"
-    return "no error"
 
 
 def _error_cases(world_size: int) -> dict[str, str]:

@@ -40,7 +40,12 @@ from moewire.comm.local import LocalComm
 from moewire.formats import WireSpec, nvfp4_global_scale
 from moewire.moe.config import MoEConfig
 from moewire.moe.experts import FP8_IMPLS, LocalExperts, resolve_impl
-from moewire.moe.layer_checks import check_fp8_device, check_process_group, reload_global_scale
+from moewire.moe.layer_checks import (
+    check_fp8_device,
+    check_padding,
+    check_process_group,
+    reload_global_scale,
+)
 from moewire.moe.routing import check_router_bias, check_topk_ids, route
 from moewire.moe.weights import check_expert_weights
 
@@ -374,7 +379,7 @@ class EPMoE(nn.Module):
             experts on every rank (plus ``shared_expert(x_TH)``).
         """
         self._check_inputs(x_TH, router_logits_TE)
-        self._check_padding(x_TH.shape[0], counts, valid_counts)
+        check_padding(self.comm_name, self.world_size, x_TH.shape[0], counts, valid_counts)
         x16_TH = x_TH.to(torch.bfloat16)
         logits_TE = router_logits_TE.float().contiguous()
         ids_TK = weights_TK = None
@@ -422,24 +427,6 @@ class EPMoE(nn.Module):
             real_N = (pos_N % max(t, 1)) < valid_counts.to(recv_NR.device)[pos_N // max(t, 1)]
             ids_NK = torch.where(real_N[:, None], ids_NK, -1)
         return ids_NK, weights_NK
-
-    def _check_padding(
-        self, t: int, counts: Sequence[int] | torch.Tensor | None, valid: torch.Tensor | None
-    ) -> None:
-        if valid is None:
-            return
-        if self.comm_name == "alltoall":
-            raise ValueError("valid_counts: comm='alltoall' does not deliver rows rank by rank")
-        if counts is None or [int(c) for c in counts] != [t] * self.world_size:
-            raise ValueError(
-                f"valid_counts needs counts with every rank at this rank's T={t} (padded "
-                f"batches), got counts={None if counts is None else list(counts)}"
-            )
-        if not isinstance(valid, torch.Tensor) or valid.shape != (self.world_size,):
-            raise ValueError(
-                f"valid_counts must be an int tensor [W={self.world_size}], got "
-                f"{valid if not isinstance(valid, torch.Tensor) else list(valid.shape)}"
-            )
 
     def _quantize_received(self, recv_NR: torch.Tensor) -> torch.Tensor:
         """bf16 rows -> rows of the wire format: the receiver-side quantization."""

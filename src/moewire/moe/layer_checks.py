@@ -4,6 +4,8 @@ global scale follows ``load_state_dict``."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -49,3 +51,29 @@ def reload_global_scale(module: nn.Module, incompatible_keys: object) -> None:
         module.spec = module.travel_spec = module.comm = None
     elif module.spec is None or module.spec.global_scale != g:
         module._build_wire(g)
+
+
+def check_padding(
+    comm: str,
+    world_size: int,
+    t: int,
+    counts: Sequence[int] | torch.Tensor | None,
+    valid: torch.Tensor | None,
+) -> None:
+    """``EPMoE.forward``'s ``valid_counts`` (padded batches) fits: rows arrive rank by
+    rank (not ``alltoall``), ``counts`` puts every rank at this rank's ``T``, and it is an
+    int tensor ``[W]``."""
+    if valid is None:
+        return
+    if comm == "alltoall":
+        raise ValueError("valid_counts: comm='alltoall' does not deliver rows rank by rank")
+    if counts is None or [int(c) for c in counts] != [t] * world_size:
+        raise ValueError(
+            f"valid_counts needs counts with every rank at this rank's T={t} (padded "
+            f"batches), got counts={None if counts is None else list(counts)}"
+        )
+    if not isinstance(valid, torch.Tensor) or valid.shape != (world_size,):
+        raise ValueError(
+            f"valid_counts must be an int tensor [W={world_size}], got "
+            f"{valid if not isinstance(valid, torch.Tensor) else list(valid.shape)}"
+        )
