@@ -269,3 +269,17 @@ def test_nvfp4_global_scale_calibrated_on_first_forward():
     zero.load_experts(w13, w2)
     with pytest.raises(ValueError, match="calibrates on the first forward"):
         zero(torch.zeros(3, H), torch.randn(3, E))
+
+
+def test_bf16_combine_default():
+    """The layer's default partial sums are bf16: each rank's fp32 sum rounded once, so on
+    one rank the output is the fp32-partials layer's output rounded to bf16, bitwise."""
+    cfg = make_config()
+    w13, w2, _ = make_weights()
+    x, logits = make_inputs(6, dtype=torch.float32)
+    default = mw.EPMoE(cfg, comm="local", wire="mxfp8")
+    assert default.combine_dtype == torch.bfloat16
+    default.load_experts(w13, w2)
+    f32 = make_layer(cfg, w13, w2, wire="mxfp8")  # fp32 partials
+    y, y32 = default(x, logits), f32(x, logits)
+    assert torch.equal(y, y32.to(torch.bfloat16).float())
