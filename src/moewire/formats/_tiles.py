@@ -10,9 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from moewire.constants import FP8_BLOCK128, MX_BLOCK, NVFP4_BLOCK
+from moewire.constants import FORMAT_KIND, FP8_BLOCK128, MX_BLOCK, NVFP4_BLOCK
 
-_KIND = {"bf16": 0, "fp8": 1, "fp8_block128": 1, "mxfp8": 2, "nvfp4": 3, "mxfp4": 4}
 _BLOCK = {"fp8_block128": FP8_BLOCK128, "mxfp8": MX_BLOCK, "nvfp4": NVFP4_BLOCK, "mxfp4": MX_BLOCK}
 
 
@@ -111,7 +110,7 @@ def _derive_layout(spec) -> _Layout:
     max_span = max((e[3] for e in extras), default=16)
     eblock = min(1024, max(16, _next_pow2(max_span)))
     return _Layout(
-        kind=_KIND[fmt],
+        kind=int(FORMAT_KIND[fmt]),
         nb=nb,
         nblk=nblk,
         blkp=blkp,
