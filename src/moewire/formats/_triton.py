@@ -77,7 +77,7 @@ class _PackPlan(NamedTuple):
     """Everything a pack launch needs that depends only on the spec and ``hw`` (cached)."""
 
     lay: _Layout
-    scalars: tuple  # hidden, nb, scale_off, n_groups, g, 1/g, pad0, pad1
+    scalars: tuple  # hidden, nb, scale_off, n_groups, g, 1/g, (pad0, pad1)
     first: tuple  # the extras the pack kernel copies: (name, offset, nbytes, span)
     unused: int  # empty extra slots of the pack kernel
     rest: tuple  # further groups of MAX_EXTRAS extras (one extras_kernel launch each)
@@ -124,8 +124,7 @@ def _pack_plan(spec, hw: bool) -> _PackPlan:
             lay.n_groups,
             g,
             inv_g,
-            *lay.pad0,
-            *lay.pad1,
+            (*lay.pad0, *lay.pad1),
         ),
         first=tuple(first),
         unused=MAX_EXTRAS - len(first),
@@ -136,15 +135,17 @@ def _pack_plan(spec, hw: bool) -> _PackPlan:
     return plan
 
 
-def _extra_args(group: tuple, unused: int, tensors: dict, rows: torch.Tensor) -> list:
+def _extra_args(group: tuple, unused: int, tensors: dict, rows: torch.Tensor) -> tuple:
+    """The kernels' ``extras`` argument: ``(ptr, stride, offset, nbytes, span)`` per extra,
+    padded to :data:`MAX_EXTRAS` with unused slots."""
     args: list = []
     for name, off, nbytes, span in group:
         e = tensors[name]
         if e.shape[1] and e.stride(1) != 1:
             e = e.contiguous()
         eb = e if e.dtype == torch.uint8 else e.view(torch.uint8)
-        args += (eb, eb.stride(0), off, nbytes, span)
-    return args + [rows, 0, 0, 0, 0] * unused
+        args.append((eb, eb.stride(0), off, nbytes, span))
+    return (*args, *[(rows, 0, 0, 0, 0)] * unused)
 
 
 def _words_ok(x: torch.Tensor) -> bool:
@@ -216,7 +217,7 @@ def pack(
         target,
         target.stride(0),
         *plan.scalars,
-        *_extra_args(plan.first, plan.unused, extras, target),
+        _extra_args(plan.first, plan.unused, extras, target),
         WORDS=words and plan.words and _words_ok(x),
         **plan.consts,
     )
@@ -225,7 +226,7 @@ def pack(
         extras_kernel[(t,)](
             target,
             target.stride(0),
-            *_extra_args(group, MAX_EXTRAS - len(group), extras, target),
+            _extra_args(group, MAX_EXTRAS - len(group), extras, target),
             NUM_EXTRAS=len(group),
             EBLOCK=lay.eblock,
             EITER=lay.eiter,

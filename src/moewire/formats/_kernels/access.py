@@ -117,37 +117,10 @@ def _copy_extra(
 
 @triton.jit
 def copy_extras(
-    row_ptr,
-    t,
-    e0_ptr,
-    e0_st,
-    e0_off,
-    e0_nb,
-    e0_span,
-    e1_ptr,
-    e1_st,
-    e1_off,
-    e1_nb,
-    e1_span,
-    e2_ptr,
-    e2_st,
-    e2_off,
-    e2_nb,
-    e2_span,
-    e3_ptr,
-    e3_st,
-    e3_off,
-    e3_nb,
-    e3_span,
-    NUM_EXTRAS: tl.constexpr,
-    EBLOCK: tl.constexpr,
-    EITER: tl.constexpr,
+    row_ptr, t, extras, NUM_EXTRAS: tl.constexpr, EBLOCK: tl.constexpr, EITER: tl.constexpr
 ):
-    if NUM_EXTRAS > 0:
-        _copy_extra(row_ptr, t, e0_ptr, e0_st, e0_off, e0_nb, e0_span, EBLOCK, EITER)
-    if NUM_EXTRAS > 1:
-        _copy_extra(row_ptr, t, e1_ptr, e1_st, e1_off, e1_nb, e1_span, EBLOCK, EITER)
-    if NUM_EXTRAS > 2:
-        _copy_extra(row_ptr, t, e2_ptr, e2_st, e2_off, e2_nb, e2_span, EBLOCK, EITER)
-    if NUM_EXTRAS > 3:
-        _copy_extra(row_ptr, t, e3_ptr, e3_st, e3_off, e3_nb, e3_span, EBLOCK, EITER)
+    """The first ``NUM_EXTRAS`` extras of row ``t``; ``extras``: a tuple of
+    ``(ptr, row stride, offset in the row, nbytes, span incl. padding)``, one per extra."""
+    for k in tl.static_range(NUM_EXTRAS):
+        e = extras[k]
+        _copy_extra(row_ptr, t, e[0], e[1], e[2], e[3], e[4], EBLOCK, EITER)

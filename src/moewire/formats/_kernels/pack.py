@@ -71,30 +71,8 @@ def pack_kernel(
     n_groups,
     g,
     inv_g,
-    pad0_lo,
-    pad0_hi,
-    pad1_lo,
-    pad1_hi,
-    e0_ptr,
-    e0_st,
-    e0_off,
-    e0_nb,
-    e0_span,
-    e1_ptr,
-    e1_st,
-    e1_off,
-    e1_nb,
-    e1_span,
-    e2_ptr,
-    e2_st,
-    e2_off,
-    e2_nb,
-    e2_span,
-    e3_ptr,
-    e3_st,
-    e3_off,
-    e3_nb,
-    e3_span,
+    pads,
+    extras,
     KIND: tl.constexpr,
     NBLK: tl.constexpr,
     BLKP: tl.constexpr,
@@ -119,7 +97,10 @@ def pack_kernel(
     see ``access.load_words``). ``PAIRS``: the fp4 formats' pair encoders (GPU only; the
     launcher decides, see ``_triton._pair_encoders``).
     ``CHUNK_FAST``: the grid is ``(n_groups, T)`` (consecutive programs walk along one row;
-    the launcher keeps ``T`` within the grid's second dimension); otherwise ``(T, n_groups)``."""
+    the launcher keeps ``T`` within the grid's second dimension); otherwise ``(T, n_groups)``.
+    ``pads``: ``(lo, hi, lo, hi)``, the zero bytes after the payload and after the scales;
+    ``extras``: :data:`MAX_EXTRAS` tuples ``(ptr, stride, offset, nbytes, span)``, the first
+    ``NUM_EXTRAS`` used (``access.copy_extras``)."""
     if CHUNK_FAST:
         grp = tl.program_id(0)
         t = tl.program_id(1).to(tl.int64)
@@ -176,91 +157,20 @@ def pack_kernel(
                 )
     if HAS_TAIL:  # noqa: SIM102 (a constexpr test, then a runtime one)
         if grp == n_groups - 1:
-            zero_fill(row_ptr, pad0_lo, pad0_hi)
-            zero_fill(row_ptr, pad1_lo, pad1_hi)
-            copy_extras(
-                row_ptr,
-                t,
-                e0_ptr,
-                e0_st,
-                e0_off,
-                e0_nb,
-                e0_span,
-                e1_ptr,
-                e1_st,
-                e1_off,
-                e1_nb,
-                e1_span,
-                e2_ptr,
-                e2_st,
-                e2_off,
-                e2_nb,
-                e2_span,
-                e3_ptr,
-                e3_st,
-                e3_off,
-                e3_nb,
-                e3_span,
-                NUM_EXTRAS,
-                EBLOCK,
-                EITER,
-            )
+            zero_fill(row_ptr, pads[0], pads[1])
+            zero_fill(row_ptr, pads[2], pads[3])
+            copy_extras(row_ptr, t, extras, NUM_EXTRAS, EBLOCK, EITER)
 
 
 @triton.jit
 def extras_kernel(
     rows_ptr,
     srt,
-    e0_ptr,
-    e0_st,
-    e0_off,
-    e0_nb,
-    e0_span,
-    e1_ptr,
-    e1_st,
-    e1_off,
-    e1_nb,
-    e1_span,
-    e2_ptr,
-    e2_st,
-    e2_off,
-    e2_nb,
-    e2_span,
-    e3_ptr,
-    e3_st,
-    e3_off,
-    e3_nb,
-    e3_span,
+    extras,
     NUM_EXTRAS: tl.constexpr,
     EBLOCK: tl.constexpr,
     EITER: tl.constexpr,
 ):
     """Grid ``(T,)``: extras beyond the first :data:`MAX_EXTRAS`, in groups of that many."""
     t = tl.program_id(0).to(tl.int64)
-    copy_extras(
-        rows_ptr + t * srt,
-        t,
-        e0_ptr,
-        e0_st,
-        e0_off,
-        e0_nb,
-        e0_span,
-        e1_ptr,
-        e1_st,
-        e1_off,
-        e1_nb,
-        e1_span,
-        e2_ptr,
-        e2_st,
-        e2_off,
-        e2_nb,
-        e2_span,
-        e3_ptr,
-        e3_st,
-        e3_off,
-        e3_nb,
-        e3_span,
-        NUM_EXTRAS,
-        EBLOCK,
-        EITER,
-    )
+    copy_extras(rows_ptr + t * srt, t, extras, NUM_EXTRAS, EBLOCK, EITER)
