@@ -29,8 +29,10 @@ KIND_MXFP4: tl.constexpr = tl.constexpr(c.Kind.MXFP4.value)
 KIND_NVFP4_DYN: tl.constexpr = tl.constexpr(c.Kind.NVFP4_DYN.value)
 
 E4M3_MAX: tl.constexpr = tl.constexpr(c.E4M3_MAX)
+E4M3_MAX_BITS: tl.constexpr = tl.constexpr(_f32_bits(c.E4M3_MAX))
 E4M3_NAN_BYTE: tl.constexpr = tl.constexpr(c.E4M3_NAN_BYTE)
 E2M1_MAX: tl.constexpr = tl.constexpr(c.E2M1_MAX)
+E2M1_MAX_BITS: tl.constexpr = tl.constexpr(_f32_bits(c.E2M1_MAX))
 E8M0_BIAS: tl.constexpr = tl.constexpr(c.E8M0_BIAS)
 E8M0_NAN_BYTE: tl.constexpr = tl.constexpr(c.E8M0_NAN_BYTE)
 E8M0_MAX_BYTE: tl.constexpr = tl.constexpr(c.E8M0_MAX_BYTE)
@@ -48,6 +50,8 @@ NVFP4_GLOBAL_NUMERATOR: tl.constexpr = tl.constexpr(c.NVFP4_GLOBAL_NUMERATOR)
 NVFP4_BLOCK: tl.constexpr = tl.constexpr(c.NVFP4_BLOCK)
 ROW_ALIGN: tl.constexpr = tl.constexpr(c.ROW_ALIGN)
 
-#: fp32 bit patterns: +Inf (magnitude bits above it are NaN), the canonical quiet NaN.
+#: fp32 bit patterns: +Inf (magnitude bits above it are NaN), the canonical quiet NaN, and
+#: bf16's canonical NaN (its top half).
 F32_INF_BITS: tl.constexpr = tl.constexpr(_f32_bits(math.inf))
-F32_NAN_BITS: tl.constexpr = tl.constexpr(0x7FC00000)
+F32_NAN_BITS: tl.constexpr = tl.constexpr(_f32_bits(math.nan))
+BF16_NAN_BITS: tl.constexpr = tl.constexpr(_f32_bits(math.nan) >> 16)
