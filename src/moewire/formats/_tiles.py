@@ -151,8 +151,8 @@ def _chunking(fmt: str, h: int, chunk: int, per_thread: int) -> _Cut:
     return _Cut(nb, nblk, blkp, full, n_chunks, _warps(values, per_thread))
 
 
-#: nvfp4's pair encoder works in units of ``2**-6`` (``_kernels/pack.py``,
-#: ``_nvfp4_bytes_hw``), exact when its per-block factor ``out * 2**-6`` stays a normal
+#: nvfp4's pair encoder works in units of ``2**-6`` (``_kernels/fp4_pairs.py``,
+#: ``nvfp4_bytes_hw``), exact when its per-block factor ``out * 2**-6`` stays a normal
 #: fp32 and finite: true for every global scale in ``[2**-100, 2**100]`` (``out`` is about
 #: ``g / S`` with ``S`` in ``[2**-9, 448]``). Others use the integer encoder.
 _NVFP4_PAIRS_G = (2.0**-100, 2.0**100)
@@ -160,7 +160,7 @@ _NVFP4_PAIRS_G = (2.0**-100, 2.0**100)
 
 def _pair_encoders(fmt: str, g: float) -> bool:
     """Whether the fp4 word path can use the GPU's pair encoders (two values per
-    instruction, see ``_kernels/pack.py``): always for mxfp4, for nvfp4 within
+    instruction, see ``_kernels/fp4_pairs.py``): always for mxfp4, for nvfp4 within
     :data:`_NVFP4_PAIRS_G`. Both give the integer encoder's bytes; this only picks speed."""
     lo, hi = _NVFP4_PAIRS_G
     return fmt == "mxfp4" or (fmt == "nvfp4" and lo <= g <= hi)

@@ -11,7 +11,7 @@ codes by integer bit manipulation (exact on the GPU and under ``TRITON_INTERPRET
 explicit clamps before every fp8 encode, NaN written as the canonical quiet NaN. On a
 CUDA device the e4m3 encode/decode use the hardware ``cvt`` (round to nearest even, after
 the same explicit clamp), and bf16 input to the fp4 formats goes through pair encoders
-(two values per instruction, exact by construction: ``_kernels/pack.py``); the tests check
+(two values per instruction, exact by construction: ``_kernels/fp4_pairs.py``); the tests check
 every path on the GPU.
 
 Shape legend: ``T`` tokens, ``N`` rows (e.g. gathered from every rank), ``H`` hidden,
