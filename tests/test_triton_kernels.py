@@ -447,6 +447,8 @@ _PTX_SCRIPT = textwrap.dedent(
         out = {}
         for n in fn.arg_names:
             if n in constexprs: out[n] = "constexpr"
+            elif n == "pads": out[n] = ("i32",) * 4
+            elif n == "extras": out[n] = (("*u8", "i32", "i32", "i32", "i32"),) * 4
             elif n.endswith("_ptr"): out[n] = ptr(n)
             elif n in ("g", "inv_g", "rcp6"): out[n] = "fp32"
             else: out[n] = "i32"

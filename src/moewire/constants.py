@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from enum import IntEnum
+
 #: Largest finite magnitude of e4m3 (``float8_e4m3fn``).
 E4M3_MAX = 448.0
 #: Byte of an e4m3 NaN as written on the wire (positive quiet NaN).
@@ -43,3 +45,25 @@ SWIZZLE_COLS = 4
 #: Floor of the per-row amax of the dynamic nvfp4 combine codec (``g_t = 2688 / max(amax,
 #: floor)``): keeps ``g_t`` finite and every intermediate of the scale math a normal fp32.
 COMBINE_NVFP4_AMAX_FLOOR = 1e-4
+
+
+class Kind(IntEnum):
+    """Kernel ids: the recipe a Triton kernel compiles, passed as a ``tl.constexpr``."""
+
+    BF16 = 0
+    FP8 = 1  # fp8 and fp8_block128: an fp32 scale per block
+    MXFP8 = 2
+    NVFP4 = 3
+    MXFP4 = 4
+    NVFP4_DYN = 5  # the combine codec's nvfp4, its global scale stored in the row
+
+
+#: Kernel id of each wire format.
+FORMAT_KIND = {
+    "bf16": Kind.BF16,
+    "fp8": Kind.FP8,
+    "fp8_block128": Kind.FP8,
+    "mxfp8": Kind.MXFP8,
+    "nvfp4": Kind.NVFP4,
+    "mxfp4": Kind.MXFP4,
+}

@@ -9,22 +9,11 @@ from __future__ import annotations
 
 import torch
 
-from moewire.constants import COMBINE_NVFP4_AMAX_FLOOR, MX_BLOCK, NVFP4_BLOCK
+from moewire.constants import MX_BLOCK, NVFP4_BLOCK, Kind
 from moewire.formats import _triton as _fmt
-from moewire.formats._kernels.combine import (
-    KIND_NVFP4_DYN,
-    decode_sum_kernel,
-    nvfp4_dyn_pack_kernel,
-)
-from moewire.formats._kernels.pack import KIND_FP8, KIND_MXFP4, KIND_MXFP8
-from moewire.formats.nvfp4 import RCP6
+from moewire.formats._kernels.combine import decode_sum_kernel, nvfp4_dyn_pack_kernel
 
-_KIND = {
-    "fp8": KIND_FP8.value,
-    "mxfp8": KIND_MXFP8.value,
-    "nvfp4": KIND_NVFP4_DYN.value,
-    "mxfp4": KIND_MXFP4.value,
-}
+_KIND = {"fp8": Kind.FP8, "mxfp8": Kind.MXFP8, "nvfp4": Kind.NVFP4_DYN, "mxfp4": Kind.MXFP4}
 _BLK = {"fp8": 32, "mxfp8": MX_BLOCK, "nvfp4": NVFP4_BLOCK, "mxfp4": MX_BLOCK}
 #: Values one decode_sum program handles per source.
 _CHUNK_VALUES = 1024
@@ -39,14 +28,7 @@ def _dyn_pack_plan(spec, hw: bool) -> tuple[tuple, dict]:
         nb = spec.hidden // NVFP4_BLOCK
         nbp = _fmt._next_pow2(nb)
         sec = spec.sections
-        scalars = (
-            nb,
-            sec["scales"].offset,
-            sec["g"].offset,
-            spec.row_bytes,
-            RCP6,
-            COMBINE_NVFP4_AMAX_FLOOR,
-        )
+        scalars = (nb, sec["scales"].offset, sec["g"].offset, spec.row_bytes)
         consts = dict(NBP=nbp, HW=hw, num_warps=max(1, min(16, nbp * 16 // 512)))
         plan = plans["nvfp4_dyn", hw] = (scalars, consts)
     return plan
@@ -82,7 +64,7 @@ def _decode_plan(codec, dtype: torch.dtype, w: int, hw: bool) -> tuple[int, tupl
         g_off = spec.sections["g"].offset if codec.wire == "nvfp4" else 0
         scalars = (h, nb, spec.sections["scales"].offset, g_off)
         consts = dict(
-            KIND=_KIND[codec.wire],
+            KIND=int(_KIND[codec.wire]),
             NBLK=nblk,
             BLK=blk,
             NSRC=w,

@@ -10,9 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from moewire.constants import FP8_BLOCK128, MX_BLOCK, NVFP4_BLOCK
+from moewire.constants import FORMAT_KIND, FP8_BLOCK128, MX_BLOCK, NVFP4_BLOCK
 
-_KIND = {"bf16": 0, "fp8": 1, "fp8_block128": 1, "mxfp8": 2, "nvfp4": 3, "mxfp4": 4}
 _BLOCK = {"fp8_block128": FP8_BLOCK128, "mxfp8": MX_BLOCK, "nvfp4": NVFP4_BLOCK, "mxfp4": MX_BLOCK}
 
 
@@ -111,7 +110,7 @@ def _derive_layout(spec) -> _Layout:
     max_span = max((e[3] for e in extras), default=16)
     eblock = min(1024, max(16, _next_pow2(max_span)))
     return _Layout(
-        kind=_KIND[fmt],
+        kind=int(FORMAT_KIND[fmt]),
         nb=nb,
         nblk=nblk,
         blkp=blkp,
@@ -152,8 +151,8 @@ def _chunking(fmt: str, h: int, chunk: int, per_thread: int) -> _Cut:
     return _Cut(nb, nblk, blkp, full, n_chunks, _warps(values, per_thread))
 
 
-#: nvfp4's pair encoder works in units of ``2**-6`` (``_kernels/pack.py``,
-#: ``_nvfp4_bytes_hw``), exact when its per-block factor ``out * 2**-6`` stays a normal
+#: nvfp4's pair encoder works in units of ``2**-6`` (``_kernels/fp4_pairs.py``,
+#: ``nvfp4_bytes_hw``), exact when its per-block factor ``out * 2**-6`` stays a normal
 #: fp32 and finite: true for every global scale in ``[2**-100, 2**100]`` (``out`` is about
 #: ``g / S`` with ``S`` in ``[2**-9, 448]``). Others use the integer encoder.
 _NVFP4_PAIRS_G = (2.0**-100, 2.0**100)
@@ -161,7 +160,7 @@ _NVFP4_PAIRS_G = (2.0**-100, 2.0**100)
 
 def _pair_encoders(fmt: str, g: float) -> bool:
     """Whether the fp4 word path can use the GPU's pair encoders (two values per
-    instruction, see ``_kernels/pack.py``): always for mxfp4, for nvfp4 within
+    instruction, see ``_kernels/fp4_pairs.py``): always for mxfp4, for nvfp4 within
     :data:`_NVFP4_PAIRS_G`. Both give the integer encoder's bytes; this only picks speed."""
     lo, hi = _NVFP4_PAIRS_G
     return fmt == "mxfp4" or (fmt == "nvfp4" and lo <= g <= hi)

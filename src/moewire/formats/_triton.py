@@ -11,7 +11,7 @@ codes by integer bit manipulation (exact on the GPU and under ``TRITON_INTERPRET
 explicit clamps before every fp8 encode, NaN written as the canonical quiet NaN. On a
 CUDA device the e4m3 encode/decode use the hardware ``cvt`` (round to nearest even, after
 the same explicit clamp), and bf16 input to the fp4 formats goes through pair encoders
-(two values per instruction, exact by construction: ``_kernels/pack.py``); the tests check
+(two values per instruction, exact by construction: ``_kernels/fp4_pairs.py``); the tests check
 every path on the GPU.
 
 Shape legend: ``T`` tokens, ``N`` rows (e.g. gathered from every rank), ``H`` hidden,
@@ -22,23 +22,15 @@ scale layout's padded sizes.
 from __future__ import annotations
 
 import functools
-import math
 from typing import NamedTuple
 
 import torch
 
-from moewire.constants import (
-    E2M1_MAX,
-    E4M3_MAX,
-    ROW_ALIGN,
-    SWIZZLE_COLS,
-    SWIZZLE_ROWS,
-)
+from moewire.constants import ROW_ALIGN, SWIZZLE_COLS, SWIZZLE_ROWS, Kind
 from moewire.formats._kernels.dequant import dequant_kernel
 from moewire.formats._kernels.pack import MAX_EXTRAS, extras_kernel, pack_kernel
 from moewire.formats._kernels.swizzle import swizzle_kernel
 from moewire.formats._tiles import (  # noqa: F401  (_TUNED, _Tile: the tile sweeps' knobs)
-    _KIND,
     _TUNED,
     _Layout,
     _layout,
@@ -57,10 +49,6 @@ _HW_E4M3 = True
 _MAX_GRID_Y = 65535
 #: 512-byte swizzled tiles written by one program of the swizzle kernel.
 _SWIZZLE_TILES = 8
-
-# The MX scale rule needs frexp of the element's largest value: 448 = 0.875 * 2**9 and
-# 6 = 0.75 * 2**3. The kernels hard-code (9, 0x600000) and (3, 0x400000); check them here.
-assert math.frexp(E4M3_MAX) == (0.875, 9) and math.frexp(E2M1_MAX) == (0.75, 3)
 
 
 @functools.cache
@@ -89,7 +77,7 @@ class _PackPlan(NamedTuple):
     """Everything a pack launch needs that depends only on the spec and ``hw`` (cached)."""
 
     lay: _Layout
-    scalars: tuple  # hidden, nb, scale_off, n_groups, g, 1/g, RCP6, pad0, pad1
+    scalars: tuple  # hidden, nb, scale_off, n_groups, g, 1/g, (pad0, pad1)
     first: tuple  # the extras the pack kernel copies: (name, offset, nbytes, span)
     unused: int  # empty extra slots of the pack kernel
     rest: tuple  # further groups of MAX_EXTRAS extras (one extras_kernel launch each)
@@ -105,7 +93,6 @@ def _pack_plan(spec, hw: bool) -> _PackPlan:
     fmt = spec.wire_format
     g = float(getattr(fmt, "global_scale", 1.0))
     inv_g = float(fmt.inv_global_scale) if spec.format == "nvfp4" else 1.0
-    from moewire.formats.nvfp4 import RCP6
 
     groups = [lay.extras[i : i + MAX_EXTRAS] for i in range(0, len(lay.extras), MAX_EXTRAS)]
     first = groups[0] if groups else ()
@@ -137,28 +124,28 @@ def _pack_plan(spec, hw: bool) -> _PackPlan:
             lay.n_groups,
             g,
             inv_g,
-            RCP6,
-            *lay.pad0,
-            *lay.pad1,
+            (*lay.pad0, *lay.pad1),
         ),
         first=tuple(first),
         unused=MAX_EXTRAS - len(first),
         rest=tuple(tuple(gr) for gr in groups[1:]),
-        words=lay.kind != _KIND["bf16"] and lay.blkp >= 8 and spec.hidden % 2 == 0,
+        words=lay.kind != Kind.BF16 and lay.blkp >= 8 and spec.hidden % 2 == 0,
         consts=consts,
     )
     return plan
 
 
-def _extra_args(group: tuple, unused: int, tensors: dict, rows: torch.Tensor) -> list:
+def _extra_args(group: tuple, unused: int, tensors: dict, rows: torch.Tensor) -> tuple:
+    """The kernels' ``extras`` argument: ``(ptr, stride, offset, nbytes, span)`` per extra,
+    padded to :data:`MAX_EXTRAS` with unused slots."""
     args: list = []
     for name, off, nbytes, span in group:
         e = tensors[name]
         if e.shape[1] and e.stride(1) != 1:
             e = e.contiguous()
         eb = e if e.dtype == torch.uint8 else e.view(torch.uint8)
-        args += (eb, eb.stride(0), off, nbytes, span)
-    return args + [rows, 0, 0, 0, 0] * unused
+        args.append((eb, eb.stride(0), off, nbytes, span))
+    return (*args, *[(rows, 0, 0, 0, 0)] * unused)
 
 
 def _words_ok(x: torch.Tensor) -> bool:
@@ -175,7 +162,7 @@ def _words_ok(x: torch.Tensor) -> bool:
 def _words(lay: _Layout, x: torch.Tensor) -> bool:
     """Whether the block formats can read bf16 ``x`` as int32 words of two values (see
     ``_kernels/pack.py``): unit column stride, 4-byte aligned rows, whole words per block."""
-    return lay.kind != _KIND["bf16"] and lay.blkp >= 8 and x.shape[1] % 2 == 0 and _words_ok(x)
+    return lay.kind != Kind.BF16 and lay.blkp >= 8 and x.shape[1] % 2 == 0 and _words_ok(x)
 
 
 def pack(
@@ -230,7 +217,7 @@ def pack(
         target,
         target.stride(0),
         *plan.scalars,
-        *_extra_args(plan.first, plan.unused, extras, target),
+        _extra_args(plan.first, plan.unused, extras, target),
         WORDS=words and plan.words and _words_ok(x),
         **plan.consts,
     )
@@ -239,7 +226,7 @@ def pack(
         extras_kernel[(t,)](
             target,
             target.stride(0),
-            *_extra_args(group, MAX_EXTRAS - len(group), extras, target),
+            _extra_args(group, MAX_EXTRAS - len(group), extras, target),
             NUM_EXTRAS=len(group),
             EBLOCK=lay.eblock,
             EITER=lay.eiter,

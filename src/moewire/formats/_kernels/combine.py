@@ -3,9 +3,9 @@ the fused dequantize + sum of received combine rows.
 
 - ``nvfp4_dyn_pack_kernel``, grid ``(T,)``: program ``t`` loads the whole row ``t`` as
   ``[NBP, 16]`` (``NBP`` = blocks padded to a power of two), takes the row amax, computes
-  ``g_t = 2688 / max(amax, 1e-4)`` and ``1/g_t`` (correctly rounded), then runs the static
-  nvfp4 recipe per block with ``g = g_t`` and writes the complete row: payload, scales,
-  ``g_t`` and the zero padding.
+  ``g_t = 2688 / max(amax, 1e-4)`` (``NVFP4_GLOBAL_NUMERATOR``, ``COMBINE_NVFP4_AMAX_FLOOR``)
+  and ``1/g_t`` (correctly rounded), then runs the static nvfp4 recipe per block with
+  ``g = g_t`` and writes the complete row: payload, scales, ``g_t`` and the zero padding.
 - ``decode_sum_kernel``, grid ``(T, n_chunks)``: program ``(t, c)`` dequantizes ``NBLK``
   blocks of ``BLK`` values of every source's row of token ``t`` (``index[t, s]``, -1 =
   none) and adds them in fp32 in source order, then stores once (fp32 or bf16). Launched
@@ -20,18 +20,27 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from moewire.formats._kernels.access import load_x, zero_fill
+from moewire.formats._kernels.consts import (
+    COMBINE_NVFP4_AMAX_FLOOR,
+    E4M3_NAN_BYTE,
+    F32_INF_BITS,
+    F32_NAN_BITS,
+    KIND_FP8,
+    KIND_MXFP8,
+    KIND_NVFP4_DYN,
+    NVFP4_BLOCK,
+    NVFP4_GLOBAL_NUMERATOR,
+)
 from moewire.formats._kernels.dequant import _e8m0_value, _store_out
+from moewire.formats._kernels.e2m1 import pack_e2m1_codes
 from moewire.formats._kernels.elements import (
     canonical_nan_bits,
     decode_e2m1,
     decode_e4m3,
     encode_e2m1,
-    encode_e4m3,
 )
-from moewire.formats._kernels.pack import KIND_FP8, KIND_MXFP8, _load_x, _zero_fill
-
-#: nvfp4 with a per-row global scale read from the row (the combine-only codec).
-KIND_NVFP4_DYN: tl.constexpr = tl.constexpr(3)
+from moewire.formats._kernels.recipes import nvfp4_scale
 
 
 @triton.jit
@@ -45,42 +54,36 @@ def nvfp4_dyn_pack_kernel(
     scale_off,
     g_off,
     row_bytes,
-    rcp6,
-    floor,
     NBP: tl.constexpr,
     HW: tl.constexpr,
 ):
     """One program: row ``t``, every byte of it."""
+    HALF: tl.constexpr = NVFP4_BLOCK // 2
     t = tl.program_id(0).to(tl.int64)
     row_ptr = rows_ptr + t * srt
     blk = tl.arange(0, NBP)
     bm = blk < NB
-    x = _load_x(x_ptr, t, sxt, sxh, blk[:, None] * 16 + tl.arange(0, 16)[None, :], bm[:, None], HW)
+    idx = blk[:, None] * NVFP4_BLOCK + tl.arange(0, NVFP4_BLOCK)[None, :]
+    x = load_x(x_ptr, t, sxt, sxh, idx, bm[:, None], HW)
     blk_bits = tl.max(x.to(tl.int32, bitcast=True) & 0x7FFFFFFF, axis=1)
     row_bits = tl.max(blk_bits, axis=0)
-    row_bad = row_bits >= 0x7F800000
+    row_bad = row_bits >= F32_INF_BITS
     amax = row_bits.to(tl.float32, bitcast=True)
-    a = tl.where(row_bad, 1.0, tl.maximum(amax, floor))
-    g = tl.math.div_rn(tl.full([NBP], 2688.0, tl.float32), tl.full([NBP], 1.0, tl.float32) * a)
-    inv_g = tl.math.div_rn(tl.full([NBP], 1.0, tl.float32), g)
-    bad = (blk_bits >= 0x7F800000) | row_bad
-    vmax = blk_bits.to(tl.float32, bitcast=True)
-    s = g * (vmax * rcp6)
-    sb = encode_e4m3(tl.minimum(s, 448.0), HW)
-    sv = decode_e4m3(sb, HW)
+    a = tl.where(row_bad, 1.0, tl.maximum(amax, COMBINE_NVFP4_AMAX_FLOOR))
     one = tl.full([NBP], 1.0, tl.float32)
-    out = tl.where(sv == 0.0, 0.0, tl.math.div_rn(one, sv * inv_g))
-    codes = encode_e2m1(x * out[:, None])
-    lo, hi = tl.split(tl.reshape(codes, [NBP, 8, 2]))
-    packed = (lo | (hi << 4)).to(tl.uint8) & tl.where(bad, 0, 0xFF).to(tl.uint8)[:, None]
-    tl.store(row_ptr + blk[:, None] * 8 + tl.arange(0, 8)[None, :], packed, mask=bm[:, None])
-    tl.store(row_ptr + scale_off + blk, tl.where(bad, 0x7F, sb).to(tl.uint8), mask=bm)
-    g_bits = tl.where(row_bad, 0x7FC00000, canonical_nan_bits(g))
+    g = tl.math.div_rn(tl.full([NBP], NVFP4_GLOBAL_NUMERATOR, tl.float32), one * a)
+    inv_g = tl.math.div_rn(one, g)
+    bad = (blk_bits >= F32_INF_BITS) | row_bad
+    sb, out = nvfp4_scale(blk_bits, g, inv_g, HW)
+    packed = pack_e2m1_codes(encode_e2m1(x * out[:, None]), bad, NBP, HALF)
+    tl.store(row_ptr + blk[:, None] * HALF + tl.arange(0, HALF)[None, :], packed, mask=bm[:, None])
+    tl.store(row_ptr + scale_off + blk, tl.where(bad, E4M3_NAN_BYTE, sb).to(tl.uint8), mask=bm)
+    g_bits = tl.where(row_bad, F32_NAN_BITS, canonical_nan_bits(g))
     first = blk == 0
     tl.store((row_ptr + g_off).to(tl.pointer_type(tl.int32)) + blk * 0, g_bits, mask=first)
-    _zero_fill(row_ptr, NB * 8, scale_off)
-    _zero_fill(row_ptr, scale_off + NB, g_off)
-    _zero_fill(row_ptr, g_off + 4, row_bytes)
+    zero_fill(row_ptr, NB * HALF, scale_off)
+    zero_fill(row_ptr, scale_off + NB, g_off)
+    zero_fill(row_ptr, g_off + 4, row_bytes)
 
 
 @triton.jit

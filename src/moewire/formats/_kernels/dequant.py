@@ -14,6 +14,15 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from moewire.formats._kernels.consts import (
+    E8M0_BIAS,
+    E8M0_NAN_BYTE,
+    F32_NAN_BITS,
+    KIND_BF16,
+    KIND_FP8,
+    KIND_MXFP8,
+    KIND_NVFP4,
+)
 from moewire.formats._kernels.elements import (
     decode_bf16,
     decode_e2m1,
@@ -21,7 +30,6 @@ from moewire.formats._kernels.elements import (
     encode_bf16,
     exp2i,
 )
-from moewire.formats._kernels.pack import KIND_BF16, KIND_FP8, KIND_MXFP8, KIND_NVFP4
 
 OUT_FP32: tl.constexpr = tl.constexpr(0)
 OUT_BF16: tl.constexpr = tl.constexpr(1)
@@ -41,7 +49,9 @@ def _store_out(out_row, idx, v, mask, OUT: tl.constexpr, HW: tl.constexpr):
 @triton.jit
 def _e8m0_value(b):
     """e8m0 byte (int32) -> fp32 ``2**(b-127)``; 0xFF -> NaN."""
-    bits = tl.where(b == 0xFF, 0x7FC00000, exp2i(b - 127).to(tl.int32, bitcast=True))
+    bits = tl.where(
+        b == E8M0_NAN_BYTE, F32_NAN_BITS, exp2i(b - E8M0_BIAS).to(tl.int32, bitcast=True)
+    )
     return bits.to(tl.float32, bitcast=True)
 
 

@@ -14,17 +14,29 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from moewire.formats._kernels.consts import (
+    BF16_NAN_BITS,
+    E2M1_MAX,
+    E2M1_MAX_BITS,
+    E4M3_MAX,
+    E4M3_MAX_BITS,
+    E4M3_NAN_BYTE,
+    E8M0_MAX_BYTE,
+    F32_INF_BITS,
+    F32_NAN_BITS,
+)
+
 
 @triton.jit
 def encode_e4m3(v, HW: tl.constexpr):
     """fp32 -> e4m3 byte (uint8): clamp to +-448, round to nearest even, NaN -> 0x7F;
     the sign of zero and of values that round to zero is kept."""
     if HW:
-        q = tl.clamp(v, -448.0, 448.0).to(tl.float8e4nv).to(tl.uint8, bitcast=True)
-        q = tl.where(v != v, 0x7F, q)
+        q = tl.clamp(v, -E4M3_MAX, E4M3_MAX).to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+        q = tl.where(v != v, E4M3_NAN_BYTE, q)
     else:
         bits = v.to(tl.int32, bitcast=True)
-        a = tl.minimum(bits & 0x7FFFFFFF, 0x43E00000)  # |v| <= 448 (Inf too; NaN below)
+        a = tl.minimum(bits & 0x7FFFFFFF, E4M3_MAX_BITS)  # |v| <= 448 (Inf too; NaN below)
         # |v| >= 2**-6 (e4m3 normal): keep 3 of fp32's 23 mantissa bits, round the other 20
         # to nearest even, then rebias the exponent from 127 to 7 (120 << 3 in code units).
         normal = ((a + 0x7FFFF + ((a >> 20) & 1)) >> 20) - 960
@@ -38,7 +50,7 @@ def encode_e4m3(v, HW: tl.constexpr):
         half = 1 << (shift - 1)
         q += ((rem > half) | ((rem == half) & ((q & 1) == 1))).to(tl.int32)
         q = tl.where(a < 0x3C800000, q, normal) | ((bits >> 24) & 0x80)
-        q = tl.where((bits & 0x7FFFFFFF) > 0x7F800000, 0x7F, q).to(tl.uint8)
+        q = tl.where((bits & 0x7FFFFFFF) > F32_INF_BITS, E4M3_NAN_BYTE, q).to(tl.uint8)
     return q
 
 
@@ -53,7 +65,7 @@ def decode_e4m3(q, HW: tl.constexpr):
         normal = (mag + 960) << 20  # (exp + 120) << 23 | mantissa << 20
         sub = ((mag & 7).to(tl.float32) * 0.001953125).to(tl.int32, bitcast=True)  # m * 2**-9
         b = tl.where(mag >= 8, normal, sub)
-        b = tl.where(mag == 0x7F, 0x7FC00000, b) | ((code & 0x80) << 24)
+        b = tl.where(mag == E4M3_NAN_BYTE, F32_NAN_BITS, b) | ((code & 0x80) << 24)
         v = b.to(tl.float32, bitcast=True)
     return v
 
@@ -70,7 +82,7 @@ def encode_e2m1(v):
     (.25 -> 0, .75 -> 1, 1.25 -> 1, 1.75 -> 2, 2.5 -> 2, 3.5 -> 4, 5 -> 4). The sum is
     ``M + k * spacing`` with ``k = bits(sum) - bits(M)``, and the code is ``k + 2 * e'``."""
     bits = v.to(tl.int32, bitcast=True)
-    a = tl.minimum(bits & 0x7FFFFFFF, 0x40C00000)  # saturate |v| at 6
+    a = tl.minimum(bits & 0x7FFFFFFF, E2M1_MAX_BITS)  # saturate |v| at 6
     m = tl.maximum(a & 0x7F800000, 0x3F800000) + (22 << 23)  # bits of M; e' = (m >> 23) - 149
     q = (a.to(tl.float32, bitcast=True) + m.to(tl.float32, bitcast=True)).to(tl.int32, bitcast=True)
     return (q - m + (m >> 22) - 298) | ((bits >> 28) & 8)
@@ -84,7 +96,7 @@ def encode_e2m1_mag(v, SAT: tl.constexpr):
     rule). NaN gives some code; callers replace non-finite blocks."""
     a = tl.abs(v)
     if SAT:
-        a = tl.minimum(a, 6.0)
+        a = tl.minimum(a, E2M1_MAX)
     m = (tl.maximum(a, 1.0).to(tl.int32, bitcast=True) & 0x7F800000) + (22 << 23)
     q = (a + m.to(tl.float32, bitcast=True)).to(tl.int32, bitcast=True)
     return q - m + (m >> 22) - 298
@@ -120,7 +132,7 @@ def mx_scale_byte(amax_bits, E_ELEM: tl.constexpr, M_ELEM: tl.constexpr):
     e = tl.where(sub, (fb >> 23) - 149, e)
     f = tl.where(sub, fb & 0x7FFFFF, f)
     b = e + 1 - E_ELEM + (f > M_ELEM).to(tl.int32)
-    b = tl.minimum(tl.maximum(b, 0), 254)
+    b = tl.minimum(tl.maximum(b, 0), E8M0_MAX_BYTE)
     return tl.where(amax_bits == 0, 0, b)
 
 
@@ -130,7 +142,7 @@ def encode_bf16(v):
     the canonical 0x7FC0 (as ``moewire.formats.elements.canonical_nan``)."""
     bits = v.to(tl.int32, bitcast=True)
     r = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) & 0xFFFF
-    return tl.where((bits & 0x7FFFFFFF) > 0x7F800000, 0x7FC0, r)
+    return tl.where((bits & 0x7FFFFFFF) > F32_INF_BITS, BF16_NAN_BITS, r)
 
 
 @triton.jit
@@ -143,4 +155,4 @@ def decode_bf16(b):
 def canonical_nan_bits(v):
     """fp32 -> bits as int32, with every NaN replaced by 0x7FC00000."""
     bits = v.to(tl.int32, bitcast=True)
-    return tl.where((bits & 0x7FFFFFFF) > 0x7F800000, 0x7FC00000, bits)
+    return tl.where((bits & 0x7FFFFFFF) > F32_INF_BITS, F32_NAN_BITS, bits)

@@ -22,7 +22,8 @@ import triton
 import triton.language as tl
 
 from moewire.formats._kernels.dequant import _store_out, decode_chunk
-from moewire.formats._kernels.elements import canonical_nan_bits, encode_bf16, encode_e4m3
+from moewire.formats._kernels.elements import encode_bf16, encode_e4m3
+from moewire.formats._kernels.recipes import fp8_scale
 
 OUT_BF16: tl.constexpr = tl.constexpr(1)
 
@@ -55,16 +56,6 @@ def gather_decode_kernel(
 
 
 @triton.jit
-def _fp8_factor(amax_bits):
-    """The ``fp8`` recipe's scale from a row's amax (fp32 bits, NaN propagated): the
-    quantization factor ``448 / a`` and the stored scale ``a / 448`` (canonical NaN bits)."""
-    amax = amax_bits.to(tl.float32, bitcast=True)
-    a = tl.where(amax_bits > 0x7F800000, amax, tl.maximum(amax, 1e-4))
-    c448 = tl.zeros_like(a) + 448.0
-    return tl.math.div_rn(c448, a), canonical_nan_bits(tl.math.div_rn(a, c448))
-
-
-@triton.jit
 def gather_fp8_kernel(
     rows_ptr,
     srt,
@@ -94,7 +85,7 @@ def gather_fp8_kernel(
         v, idx, m = decode_chunk(row, c, H, NB, scale_off, inv_g, KIND, NBLK, BLKP, FULL, HW)
         bits = tl.where(m, v.to(tl.int32, bitcast=True) & 0x7FFFFFFF, 0)
         amax_bits = tl.maximum(amax_bits, tl.max(tl.reshape(bits, [BLKP * NBLK]), axis=0))
-    k, s_bits = _fp8_factor(amax_bits)
+    k, s_bits = fp8_scale(amax_bits)
     q_row = q_ptr + p.to(tl.int64) * H
     for c in tl.range(0, N_CHUNKS):
         v, idx, m = decode_chunk(row, c, H, NB, scale_off, inv_g, KIND, NBLK, BLKP, FULL, HW)
@@ -126,7 +117,7 @@ def swiglu_kernel(
     if FP8:
         y16 = (encode_bf16(y) << 16).to(tl.float32, bitcast=True)
         amax_bits = tl.max(tl.where(m, y16.to(tl.int32, bitcast=True) & 0x7FFFFFFF, 0), axis=0)
-        k, s_bits = _fp8_factor(amax_bits)
+        k, s_bits = fp8_scale(amax_bits)
         tl.store(out_row + i, encode_e4m3(y16 * k, HW), mask=m)
         tl.store(s_ptr.to(tl.pointer_type(tl.int32)) + p, s_bits)  # s has P entries
     else:
