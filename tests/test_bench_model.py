@@ -96,7 +96,8 @@ def _equivalence_worker() -> dict:
 
 
 def test_bench_build_equals_expert_parallel():
-    dist_helper = pytest.importorskip("dist", reason="tests/dist.py not present")
+    from moewire.testing import spawn as dist_helper
+
     for res in dist_helper.run_distributed(_equivalence_worker, 2, timeout=120):
         assert res["bench"].isfinite().all()
         assert torch.equal(res["bench"], res["ref"])

@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from moewire.bench.data import heavy_tailed
 from moewire.formats import FORMATS, WireSpec, nvfp4_global_scale
+from moewire.testing.data import heavy_tailed
 
 F32 = torch.float32
 

@@ -28,11 +28,12 @@ from dataclasses import dataclass, replace
 import torch
 import torch.distributed as dist
 
-from moewire.bench.data import heavy_tailed, sqnr_db
 from moewire.bench.presets import ModelShape
 from moewire.bench.runner import BenchContext
 from moewire.comm.combine_wire import COMBINE_WIRES
 from moewire.formats import WireSpec, format_class, nvfp4_global_scale
+from moewire.moe.routing import routing_extras as _routing_extras
+from moewire.testing.data import heavy_tailed, sqnr_db
 
 #: The baseline, vLLM before its PR 30014: bf16 + fp32 logits, one collective per tensor.
 BASELINE = ("bf16", "logits", "grouped")
@@ -87,9 +88,7 @@ def topk_of(logits_TE: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
 
 
 def routing_extras(mode: str, shape: ModelShape) -> dict[str, tuple[torch.dtype, int]]:
-    from moewire.cli import routing_extras as _extras
-
-    return _extras(mode, shape.num_experts, shape.top_k)
+    return _routing_extras(mode, shape.num_experts, shape.top_k)
 
 
 def make_spec(fmt: str, mode: str, shape: ModelShape, g: float) -> WireSpec:

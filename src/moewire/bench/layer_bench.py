@@ -42,9 +42,9 @@ import torch
 
 from moewire.bench import layer_refs
 from moewire.bench.comm_bench import calibrated_global_scale, rank_inputs, token_counts
-from moewire.bench.data import sqnr_db
 from moewire.bench.presets import ModelShape
 from moewire.bench.runner import BenchContext
+from moewire.testing.data import sqnr_db
 
 STAGES = ("pack", "dispatch", "experts", "combine")
 

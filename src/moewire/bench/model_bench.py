@@ -65,10 +65,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from moewire.bench.data import sqnr_db
 from moewire.bench.layer_bench import fp8_skip_reason
 from moewire.bench.presets import PRESETS, ModelShape
 from moewire.bench.runner import BenchContext
+from moewire.testing.data import sqnr_db
 
 #: Fraction of GPU memory the default layer count fills with weights.
 MEMORY_FRACTION = 0.6

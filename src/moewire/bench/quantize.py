@@ -46,8 +46,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from moewire.bench.data import heavy_tailed
 from moewire.formats import FORMATS, WireSpec, nvfp4_global_scale
+from moewire.testing.data import heavy_tailed
 
 TOKENS = (64, 1024, 8192, 16384)
 HIDDEN = 7168

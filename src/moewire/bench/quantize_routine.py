@@ -13,10 +13,10 @@ import time
 
 import torch
 
-from moewire.bench.data import heavy_tailed
 from moewire.bench.presets import ModelShape
 from moewire.bench.runner import BenchContext
 from moewire.formats import FORMATS, WireSpec, format_class, nvfp4_global_scale
+from moewire.testing.data import heavy_tailed
 
 
 def _cpu_time_us(fn, iters: int, warmup: int) -> tuple[float, dict]:

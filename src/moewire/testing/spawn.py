@@ -1,6 +1,6 @@
-"""Tier-b helper: run a function on every rank of a fresh gloo process group on CPU.
+"""Run a function on every rank of a fresh gloo process group on CPU.
 
-    from dist import run_distributed
+    from moewire.testing.spawn import run_distributed
 
     def _worker(n):                       # module level, so spawn can pickle it
         rank = torch.distributed.get_rank()
