@@ -196,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.set_defaults(func=_cmd_check)
 
-    from moewire.bench import eval_main
+    from moewire.bench.routines import eval as eval_main
 
     ev = sub.add_parser(
         "eval",

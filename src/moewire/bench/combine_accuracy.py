@@ -50,8 +50,8 @@ QUANTIZED = tuple(w for w in COMBINE_WIRES if w != "bf16")
 
 def _deepseek_partials(tokens: int, world: int, dispatch: str, seed: int) -> torch.Tensor:
     """fp32 ``[W, T, H]``: each simulated rank's partial rows for every token."""
-    from moewire.bench.layer_bench import layer_config
     from moewire.bench.presets import PRESETS
+    from moewire.bench.routines.layer import layer_config
     from moewire.moe.routing import route
 
     shape = PRESETS["deepseek-r1"]

@@ -417,3 +417,31 @@ def expected_quantized_combine(
         add[mine] = vals
         out = out + add
     return out
+
+
+def render(ctx: BenchContext, recs: list[dict]) -> str:
+    """The dispatch or the combine table (the routine of ``recs``)."""
+    from moewire.bench.runner import fmt_num, fmt_speedup, fmt_time, render_table
+
+    dispatch = recs[0]["routine"] == "dispatch"
+    headers = ["case", "T/rank", "B/token", "time us (min-max)", "bus GB/s"]
+    headers += ["% of all-gather", "SQNR dB"] if dispatch else []
+    rows = []
+    for r in recs:
+        row = [r["case"], r["tokens"], r["bytes_per_token"], fmt_time(r)]
+        row += [fmt_num(r["busbw_GBps"], 2)]
+        if dispatch:
+            frac = r.get("frac_of_ref")
+            row += [fmt_num(100 * frac, 0) if frac else "-", fmt_num(r["sqnr_db"], 1)]
+        rows.append([*row, fmt_speedup(r)])
+    return render_table([*headers, "speedup"], rows)
+
+
+def dispatch_steps(ctx: BenchContext, shape: ModelShape) -> int:
+    """Progress steps of routine dispatch: one per case and token count."""
+    return len(ctx.args.tokens) * len(cases_for(ctx.args, shape))
+
+
+def combine_steps(ctx: BenchContext, shape: ModelShape) -> int:
+    """Progress steps of routine combine: one per case and token count."""
+    return sum(len(combine_cases(ctx.args, t, ctx.is_cuda)) for t in ctx.args.tokens)
