@@ -34,6 +34,7 @@ from moewire.comm.combine_wire import COMBINE_WIRES
 from moewire.formats import WireSpec, format_class, nvfp4_global_scale
 from moewire.moe.routing import routing_extras as _routing_extras
 from moewire.testing.data import heavy_tailed, sqnr_db
+from moewire.testing.reference import dispatch_reference
 
 #: The baseline, vLLM before its PR 30014: bf16 + fp32 logits, one collective per tensor.
 BASELINE = ("bf16", "logits", "grouped")
@@ -137,21 +138,18 @@ def cases_for(args, shape: ModelShape) -> list[Case]:
 
 
 def expected_recv(
-    ctx: BenchContext, case: Case, spec: WireSpec, shape, counts, seed, g_unused=None
+    ctx: BenchContext, case: Case, spec: WireSpec, shape, counts, seed
 ) -> torch.Tensor:
     """The rows this rank must receive, built locally from every rank's regenerated tokens."""
-    e_lo = ctx.rank * shape.num_experts // ctx.world_size
-    e_hi = (ctx.rank + 1) * shape.num_experts // ctx.world_size
-    parts = []
-    for src, t in enumerate(counts):
-        x, logits = rank_inputs(shape, t, src, seed, ctx.device)
-        rows = spec.pack(x, **extras_for(case.routing, logits, shape.top_k))
-        if case.backend == "alltoall":
-            ids, _ = topk_of(logits, shape.top_k)
-            mine = ((ids >= e_lo) & (ids < e_hi)).any(dim=-1)
-            rows = rows[mine]
-        parts.append(rows)
-    return torch.cat(parts)
+    inputs = [rank_inputs(shape, t, src, seed, ctx.device) for src, t in enumerate(counts)]
+    return dispatch_reference(
+        spec,
+        [(x, extras_for(case.routing, logits, shape.top_k)) for x, logits in inputs],
+        case.backend,
+        rank=ctx.rank,
+        ids=[topk_of(logits, shape.top_k)[0] for _, logits in inputs],
+        num_experts=shape.num_experts,
+    )
 
 
 def nccl_allgather_time(ctx: BenchContext, nbytes_per_rank: int) -> float:
