@@ -112,9 +112,12 @@ def bench_main(ctx: BenchContext) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from moewire.comm.combine_wire import COMBINE_WIRES
-    from moewire.formats import FORMATS
+    _shape_arguments(p)
+    _case_arguments(p)
+    _run_arguments(p)
 
+
+def _shape_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "routines",
         nargs="*",
@@ -148,6 +151,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--batch", type=int, default=1, help="routine model: prompts per rank (default 1)"
     )
+
+
+def _case_arguments(p: argparse.ArgumentParser) -> None:
+    from moewire.comm.combine_wire import COMBINE_WIRES
+    from moewire.formats import FORMATS
+
     p.add_argument(
         "--formats",
         nargs="+",
@@ -188,6 +197,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="routine layer: also time the layer captured in a CUDA graph (GPU only)",
     )
+
+
+def _run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--world-size",
         type=int,
