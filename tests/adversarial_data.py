@@ -1,7 +1,7 @@
 """Adversarial test activations: rounding ties, zeros, subnormals, huge and non-finite blocks.
 
 Fresh random values on every call (no fixed seed) unless a generator is passed. Gaussian and
-heavy-tailed data come from ``moewire.bench.data``.
+heavy-tailed data come from ``moewire.testing.data``.
 """
 
 from __future__ import annotations

@@ -167,7 +167,7 @@ def test_bench_under_torchrun_two_node_agents():
 def test_quantize_table_shows_both_flushes():
     # The GPU benchmark's table (its numbers need a GPU; the formatting does not): one row
     # per result, every column filled, the read-flush and write-flush figures side by side.
-    from moewire.bench.quantize import format_table
+    from moewire.bench.routines.quantize import format_table
 
     meta = dict(
         device="dev",

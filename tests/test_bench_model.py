@@ -62,8 +62,8 @@ def test_bench_model_cpu_two_ranks(tmp_path):
 def _equivalence_worker() -> dict:
     import torch.distributed as dist
 
-    from moewire.bench.model_bench import build_model, expert_shard, model_config, swap_in
     from moewire.bench.presets import ModelShape
+    from moewire.bench.routines.model import build_model, expert_shard, model_config, swap_in
     from moewire.integrations.transformers import expert_parallel
 
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -96,7 +96,8 @@ def _equivalence_worker() -> dict:
 
 
 def test_bench_build_equals_expert_parallel():
-    dist_helper = pytest.importorskip("dist", reason="tests/dist.py not present")
+    from moewire.testing import spawn as dist_helper
+
     for res in dist_helper.run_distributed(_equivalence_worker, 2, timeout=120):
         assert res["bench"].isfinite().all()
         assert torch.equal(res["bench"], res["ref"])

@@ -23,10 +23,10 @@ import torch
 import torch.distributed as dist
 
 import moewire as mw
-from dist import run_distributed
-from moewire.bench.data import heavy_tailed
 from moewire.comm import make_comm
 from moewire.comm.combine_wire import COMBINE_WIRES, combine_codec
+from moewire.testing.data import heavy_tailed
+from moewire.testing.spawn import run_distributed
 
 HIDDEN = 64
 TOP_K = 2

@@ -34,8 +34,8 @@ finally:
     else:
         os.environ["TRITON_INTERPRET"] = _saved
 
-from moewire.bench.data import heavy_tailed  # noqa: E402
 from moewire.comm.combine_wire import COMBINE_WIRES, combine_codec  # noqa: E402
+from moewire.testing.data import heavy_tailed  # noqa: E402
 
 WIRES = tuple(w for w in COMBINE_WIRES if w != "bf16")
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")

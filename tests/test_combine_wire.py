@@ -14,7 +14,6 @@ import pytest
 import torch
 
 import moewire as mw
-from moewire.bench.data import heavy_tailed, sqnr_db
 from moewire.comm.combine_wire import (
     COMBINE_WIRES,
     CombineCodec,
@@ -22,6 +21,7 @@ from moewire.comm.combine_wire import (
     combine_codec,
 )
 from moewire.moe import EPMoE, MoEConfig
+from moewire.testing.data import heavy_tailed, sqnr_db
 
 QUANTIZED = tuple(w for w in COMBINE_WIRES if w != "bf16")
 

@@ -21,10 +21,10 @@ import torch
 import torch.distributed as dist
 
 import moewire as mw
-from dist import run_distributed
 from moewire.comm import COMMS, AllGatherHandle, AllToAllHandle, CommHandle, make_comm
 from moewire.comm.alltoall import check_topk_ids
 from moewire.comm.grouped import byte_ranges
+from moewire.testing.spawn import run_distributed
 
 HIDDEN = 128  # a multiple of every format's block (fp8_block128 needs 128)
 TOP_K = 3

@@ -21,10 +21,10 @@ import torch
 import torch.distributed as dist
 
 import moewire as mw
-from dist import run_distributed
 from moewire.comm import COMMS, make_comm
 from moewire.comm.agreement import CHECK_ENV, check_mode
 from moewire.comm.counts import normalize_counts
+from moewire.testing.spawn import run_distributed
 from test_comm import (
     COUNTS,
     RUN_TIMEOUT_S,

@@ -139,7 +139,8 @@ def few_step_model(tmp_path_factory):
 
 
 def test_eval_two_ranks_few_steps(few_step_model):
-    dist_helper = pytest.importorskip("dist", reason="tests/dist.py not present")
+    from moewire.testing import spawn as dist_helper
+
     seqs = sequences(byte_ids(builtin_text("heldout")), 128, 2048, 2)
     results = dist_helper.run_distributed(
         eval_worker, 2, str(few_step_model), seqs, FAST_CONFIGS, 4, timeout=280

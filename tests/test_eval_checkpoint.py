@@ -77,7 +77,8 @@ def _two_rank_worker(path: str) -> dict:
 
 
 def test_two_ranks_read_their_shard(tmp_path):
-    dist_helper = pytest.importorskip("dist", reason="tests/dist.py not present")
+    from moewire.testing import spawn as dist_helper
+
     _save("qwen3_moe", tmp_path)
     results = dist_helper.run_distributed(_two_rank_worker, 2, str(tmp_path), timeout=240)
     for res in results:

@@ -19,9 +19,9 @@ import pytest
 import torch
 
 import moewire as mw
-from moewire.bench.data import sqnr_db
 from moewire.moe import stage
 from moewire.moe.experts import LocalExperts
+from moewire.testing.data import sqnr_db
 
 _CUDA = torch.cuda.is_available()
 _saved = os.environ.get("TRITON_INTERPRET")

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 import moewire as mw
 import wire_ref
 from adversarial_data import adversarial
-from moewire.bench.data import gaussian, heavy_tailed, sqnr_db
+from moewire.testing.data import gaussian, heavy_tailed, sqnr_db
 
 G = 2688.0 / 5.0  # an nvfp4 global scale calibrated for amax ~ 5
 BLOCK = {"bf16": 16, "fp8": 16, "fp8_block128": 128, "mxfp8": 32, "nvfp4": 16, "mxfp4": 32}

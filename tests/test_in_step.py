@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from dist import run_distributed
+from moewire.testing.spawn import run_distributed
 
 pytest.importorskip("transformers")
 

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 
 import moewire as mw
-from moewire.bench.data import sqnr_db
 from moewire.moe.experts import _grouped_mm_runs_on_cpu, resolve_impl
+from moewire.testing.data import sqnr_db
 
 H, I, E, K = 128, 64, 8, 2
 G_NVFP4 = 2688.0 / 6.0  # nvfp4 global scale for activations with amax ~6

@@ -22,9 +22,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from moewire.testing import spawn as dist_helper
 from test_moe import make_config, make_inputs, make_layer, make_weights, oracle
-
-dist_helper = pytest.importorskip("dist", reason="tests/dist.py (issue 4) not present")
 
 COUNTS = {1: (9,), 2: (9, 4), 4: (9, 0, 13, 4)}
 ROUTERS = ("softmax", "deepseek_v3")

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import moewire as mw
-from moewire.bench.data import sqnr_db
+from moewire.testing.data import sqnr_db
 from test_moe import oracle
 
 pytestmark = pytest.mark.gpu

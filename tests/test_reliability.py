@@ -30,8 +30,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import moewire as mw
-from dist import run_distributed
 from moewire.comm import CommError, make_comm
+from moewire.testing.spawn import run_distributed
 from test_moe import G_NVFP4, E, H, make_config, make_inputs, make_layer, make_weights, oracle
 
 META = torch.device("meta")

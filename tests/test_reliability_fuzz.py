@@ -22,9 +22,9 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import moewire as mw
-from dist import run_distributed
 from moewire.comm import make_comm
 from moewire.formats import format_class
+from moewire.testing.spawn import run_distributed
 from test_fuzz_formats import SPECIAL
 
 values = st.one_of(

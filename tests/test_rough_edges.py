@@ -11,11 +11,11 @@ import torch
 import torch.distributed as dist
 
 import moewire as mw
-from dist import run_distributed
 from moewire.bench.runner import _user_error
 from moewire.cli import main
 from moewire.comm import COMMS, make_comm
 from moewire.formats.elements import encode_e2m1
+from moewire.testing.spawn import run_distributed
 
 H, I, E, K = 64, 32, 4, 2
 

@@ -214,7 +214,7 @@ if pytest is not None:
     @pytest.mark.timeout(900)
     def test_soak_gloo():
         """1000 iterations at 2 ranks on gloo: no mismatch, RSS growth within the bound."""
-        from dist import run_distributed
+        from moewire.testing.spawn import run_distributed
 
         results = run_distributed(_soak_worker, 2, 1000, timeout=840)
         for r in results:
@@ -224,7 +224,7 @@ if pytest is not None:
 
     def test_soak_short_gloo():
         """The same loop, 60 iterations (one reference check plus the last): a fast guard."""
-        from dist import run_distributed
+        from moewire.testing.spawn import run_distributed
 
         for r in run_distributed(_soak_worker, 2, 60, timeout=120):
             assert r["mismatches"] == 0 and r["checks"] == 2, r

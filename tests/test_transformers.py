@@ -24,8 +24,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from moewire.bench.data import sqnr_db  # noqa: E402
 from moewire.integrations.transformers import EPMoEBlock, expert_parallel  # noqa: E402
+from moewire.testing.data import sqnr_db  # noqa: E402
 
 VOCAB = 128
 ARCHS = ("qwen3_moe", "mixtral", "deepseek_v3")
@@ -183,7 +183,8 @@ def _dp_worker(comm: str) -> dict:
 def test_two_ranks_data_parallel(comm, record_property):
     """2 gloo ranks, each with its own prompts (batch 2 x 9 and 1 x 7): every rank's logits
     against the unmodified model on its own prompts."""
-    dist_helper = pytest.importorskip("dist", reason="tests/dist.py (issue 4) not present")
+    from moewire.testing import spawn as dist_helper
+
     results = dist_helper.run_distributed(_dp_worker, 2, comm, timeout=240)
     for rank, res in enumerate(results):
         for arch in ARCHS:

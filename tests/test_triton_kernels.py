@@ -62,9 +62,9 @@ finally:
 
 import moewire as mw  # noqa: E402
 from adversarial_data import adversarial  # noqa: E402
-from moewire.bench.data import heavy_tailed  # noqa: E402
 from moewire.formats.elements import encode_e2m1 as ref_encode_e2m1  # noqa: E402
 from moewire.formats.elements import encode_e4m3 as ref_encode_e4m3  # noqa: E402
+from moewire.testing.data import heavy_tailed  # noqa: E402
 
 DEVICE = "cuda" if _CUDA and not _triton._interpreting() else "cpu"
 G = 2688.0 / 5.0  # an nvfp4 global scale calibrated for amax ~ 5

@@ -10,8 +10,8 @@ import argparse
 
 import torch
 
-from moewire.bench.data import heavy_tailed
 from moewire.formats import FORMATS, WireSpec, nvfp4_global_scale
+from moewire.testing.data import heavy_tailed
 
 p = argparse.ArgumentParser()
 p.add_argument("--tokens", type=int, default=8192)

@@ -15,9 +15,9 @@ import itertools
 
 import torch
 
-from moewire.bench import quantize as qb
-from moewire.bench.data import heavy_tailed
+from moewire.bench.routines import quantize as qb
 from moewire.formats import WireSpec, _triton, nvfp4_global_scale
+from moewire.testing.data import heavy_tailed
 
 
 def main() -> None:

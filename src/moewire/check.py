@@ -17,15 +17,13 @@ Each check prints PASS or FAIL with what differed; the exit code is 1 if any fai
 from __future__ import annotations
 
 import math
-import os
-import tempfile
-import traceback
 from collections.abc import Callable
 
 import torch
 
-from moewire.bench.data import heavy_tailed
 from moewire.formats import FORMATS, WireSpec, nvfp4_global_scale
+from moewire.testing.data import heavy_tailed
+from moewire.testing.spawn import run_distributed
 
 HIDDEN = 512
 EXPERTS = 16
@@ -89,36 +87,10 @@ def check_kernels() -> str:
     return f"{n} format x dtype cases bit-exact (triton vs torch)"
 
 
-def _dist_worker(rank: int, world: int, init: str, what: str, q) -> None:
-    import torch.distributed as dist
-
-    try:
-        dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-        from moewire.check_dist import run_dist_check
-
-        q.put((rank, run_dist_check(what), None))
-    except Exception:
-        q.put((rank, None, traceback.format_exc()))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
 def _run_2ranks(what: str) -> str:
-    ctx = torch.multiprocessing.get_context("spawn")
-    q = ctx.Queue()
-    with tempfile.TemporaryDirectory(prefix="moewire-check-") as tmp:
-        init = f"file://{os.path.join(tmp, 'store')}"
-        procs = [ctx.Process(target=_dist_worker, args=(r, 2, init, what, q)) for r in range(2)]
-        for p in procs:
-            p.start()
-        results = [q.get(timeout=300) for _ in procs]
-        for p in procs:
-            p.join(timeout=60)
-    errors = [e for _, _, e in results if e]
-    if errors:
-        raise AssertionError(errors[0])
-    return results[0][1]
+    from moewire.check_dist import run_dist_check
+
+    return run_distributed(run_dist_check, 2, what, timeout=300)[0]
 
 
 CHECKS: dict[str, Callable[[], str]] = {

@@ -9,8 +9,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from moewire.bench.data import heavy_tailed
 from moewire.formats import FORMATS, WireSpec, nvfp4_global_scale
+from moewire.testing.data import heavy_tailed
+from moewire.testing.reference import dispatch_reference
 
 F32 = torch.float32
 
@@ -43,7 +44,6 @@ def _invariance(seed: int) -> str:
     cfg = MoEConfig(HIDDEN, INTER, EXPERTS, TOP_K)
     inputs = [_inputs(seed, r, counts[r]) for r in range(world)]
     ids = [route(cfg, lg)[0] for _, lg in inputs]
-    lo, hi = rank * EXPERTS // world, (rank + 1) * EXPERTS // world
     n = 0
     for fmt in FORMATS:
         g = nvfp4_global_scale(32.0) if fmt == "nvfp4" else None
@@ -54,12 +54,14 @@ def _invariance(seed: int) -> str:
             comm = make_comm(backend, None, num_experts=EXPERTS, spec=spec)
             x, lg = inputs[rank]
             recv, _ = comm.dispatch(spec.pack(x, router_logits=lg), ids[rank])
-            xs, ls = [], []
-            for r, (xr, lr) in enumerate(inputs):
-                keep = ((ids[r] >= lo) & (ids[r] < hi)).any(-1) if backend == "alltoall" else None
-                xs.append(xr if keep is None else xr[keep])
-                ls.append(lr if keep is None else lr[keep])
-            want = spec.pack(torch.cat(xs), router_logits=torch.cat(ls))  # pack(allgather(x))
+            want = dispatch_reference(  # pack(allgather(x))
+                spec,
+                [(xr, {"router_logits": lr}) for xr, lr in inputs],
+                backend,
+                rank=rank,
+                ids=ids,
+                num_experts=EXPERTS,
+            )
             if not torch.equal(recv, want):
                 raise AssertionError(f"{fmt}/{backend}: received rows differ from pack(gather(x))")
             if not _nan_equal(

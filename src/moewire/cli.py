@@ -16,18 +16,7 @@ import torch
 
 from moewire.bench.runner import render_table
 from moewire.formats import FORMATS, WireSpec, format_class, nvfp4_global_scale
-
-ROUTING_MODES = ("logits", "topk")
-
-
-def routing_extras(mode: str, num_experts: int, top_k: int) -> dict[str, tuple[torch.dtype, int]]:
-    """The extras that travel with each token in a routing mode: fp32 router logits
-    (``logits``), or int32 top-k ids and fp32 top-k weights (``topk``)."""
-    if mode == "logits":
-        return {"router_logits": (torch.float32, num_experts)}
-    if mode == "topk":
-        return {"topk_ids": (torch.int32, top_k), "topk_weights": (torch.float32, top_k)}
-    raise ValueError(f"routing must be one of {ROUTING_MODES}, got {mode!r}")
+from moewire.moe.routing import ROUTING_MODES, routing_extras
 
 
 def baseline_row_bytes(hidden: int, num_experts: int) -> int:
@@ -40,7 +29,7 @@ def formats_table(
 ) -> list[dict]:
     """One record per (format, routing mode): row bytes, ratio vs the baseline, and SQNR (dB)
     of the format on Gaussian and heavy-tailed activations (``tokens`` x ``hidden``)."""
-    from moewire.bench.data import gaussian, heavy_tailed, sqnr_db
+    from moewire.testing.data import gaussian, heavy_tailed, sqnr_db
 
     gen = torch.Generator()
     if seed is not None:
@@ -207,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.set_defaults(func=_cmd_check)
 
-    from moewire.bench import eval_main
+    from moewire.bench.routines import eval as eval_main
 
     ev = sub.add_parser(
         "eval",

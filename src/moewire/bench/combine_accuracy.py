@@ -4,7 +4,7 @@
 
 (a) **DeepSeek-R1 MoE layer** (H=7168, I=2048, E=256, top-8, deepseek_v3 router: 8 groups,
 top-4 groups, scaling 2.5) on ``W`` simulated ranks in one process (rank ``r`` hosts
-experts ``[64r, 64r+64)``), ``--tokens`` per rank. Inputs: ``moewire.bench.data.heavy_tailed``,
+experts ``[64r, 64r+64)``), ``--tokens`` per rank. Inputs: ``moewire.testing.data.heavy_tailed``,
 a Student-t(3) body (fat tails: most values small, a few large) with ``H/256`` = 28 outlier
 channels scaled 50-200x, the pattern reported for LLM hidden states (LLM.int8(),
 SmoothQuant); router logits standard normal. Experts: SwiGLU with bf16 weights (std
@@ -40,9 +40,9 @@ import tempfile
 import torch
 import torch.nn.functional as F
 
-from moewire.bench.data import heavy_tailed, sqnr_db
 from moewire.comm.combine_wire import COMBINE_WIRES, combine_codec
 from moewire.formats import WireSpec, nvfp4_global_scale
+from moewire.testing.data import heavy_tailed, sqnr_db
 
 DISPATCH = ("bf16", "fp8", "nvfp4")
 QUANTIZED = tuple(w for w in COMBINE_WIRES if w != "bf16")
@@ -50,8 +50,8 @@ QUANTIZED = tuple(w for w in COMBINE_WIRES if w != "bf16")
 
 def _deepseek_partials(tokens: int, world: int, dispatch: str, seed: int) -> torch.Tensor:
     """fp32 ``[W, T, H]``: each simulated rank's partial rows for every token."""
-    from moewire.bench.layer_bench import layer_config
     from moewire.bench.presets import PRESETS
+    from moewire.bench.routines.layer import layer_config
     from moewire.moe.routing import route
 
     shape = PRESETS["deepseek-r1"]

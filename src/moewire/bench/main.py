@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 
+from moewire.bench import routines
 from moewire.bench.presets import PRESETS, ModelShape
+from moewire.bench.routines import ROUTINES
 from moewire.bench.runner import (
     BenchContext,
     cpu_cores,
-    fmt_num,
     launch,
-    render_table,
     resolve_world,
     write_csv,
     write_json,
@@ -20,13 +20,10 @@ from moewire.bench.runner import (
 from moewire.bench.verdict import (
     LEGENDS,
     annotate,
-    fmt_speedup,
-    fmt_time,
     skipped_notes,
     verdict_lines,
 )
 
-ROUTINES = ("quantize", "dispatch", "combine", "layer", "model")
 DEFAULT_ROUTINES = ("quantize", "dispatch", "combine", "layer")
 CPU_TOKENS = (16, 128, 512)
 GPU_TOKENS = (1, 64, 256, 1024, 4096, 8192, 16384)
@@ -54,7 +51,7 @@ def resolve_shape(args: argparse.Namespace, on_gpu: bool) -> ModelShape:
 def _print_report(ctx: BenchContext, shape: ModelShape, records: list[dict]) -> None:
     env = ctx.env
     notes = skipped_notes(ctx.args, shape.hidden, ctx.is_cuda)
-    from moewire.bench.layer_bench import fp8_skip_reason
+    from moewire.bench.routines.layer import fp8_skip_reason
 
     reason = fp8_skip_reason(ctx)
     if reason:
@@ -76,84 +73,7 @@ def _print_report(ctx: BenchContext, shape: ModelShape, records: list[dict]) -> 
     for routine in dict.fromkeys(r["routine"] for r in records):
         recs = [r for r in records if r["routine"] == routine]
         print(f"\n## {routine}")
-        if routine in ("dispatch", "combine"):
-            headers = ["case", "T/rank", "B/token", "time us (min-max)", "bus GB/s"]
-            if routine == "dispatch":
-                headers += ["% of all-gather", "SQNR dB"]
-            headers += ["speedup"]
-            rows = []
-            for r in recs:
-                row = [
-                    r["case"],
-                    r["tokens"],
-                    r["bytes_per_token"],
-                    fmt_time(r),
-                    fmt_num(r["busbw_GBps"], 2),
-                ]
-                if routine == "dispatch":
-                    frac = r.get("frac_of_ref")
-                    row += [fmt_num(100 * frac, 0) if frac else "-", fmt_num(r["sqnr_db"], 1)]
-                row += [fmt_speedup(r)]
-                rows.append(row)
-            print(render_table(headers, rows))
-        elif routine == "layer":
-            from moewire.bench.layer_bench import format_table
-
-            print(
-                f"times: median of {recs[0]['iters']} forwards after {recs[0]['warmup']} "
-                "warm-up, slowest rank; speedup vs the first case"
-            )
-            print(format_table(recs, ctx.is_cuda))
-        elif routine == "model":
-            print(
-                f"{recs[0]['model']}\ntimes: median of {ctx.args.model_iters} forwards after "
-                f"{ctx.args.model_warmup} warm-up, slowest rank; speedup vs the first case"
-            )
-            headers = [
-                "case",
-                "layers",
-                "B x S /rank",
-                "tok/s total",
-                "ms/forward",
-                "speedup",
-                "peak GB",
-                "logits SQNR vs first dB",
-            ]
-            rows = [
-                [
-                    r["case"],
-                    r["layers"],
-                    f"{r['batch']} x {r['seq']}",
-                    fmt_num(r["tokens_per_s"], 0),
-                    fmt_num(r["time_us"] / 1e3, 2),
-                    f"{r['speedup']:.3f}x",
-                    fmt_num(r["peak_mem_GB"], 1),
-                    fmt_num(r["sqnr_vs_first_db"], 1),
-                ]
-                for r in recs
-            ]
-            print(render_table(headers, rows))
-        elif routine == "quantize" and "triton_us" in recs[0]:
-            from moewire.bench.quantize import format_table
-
-            print(format_table(recs))
-        elif routine == "quantize":
-            headers = ["case", "T", "MB moved", "time us (min-max)", "GB/s", "host us"]
-            rows = [
-                [
-                    r["case"],
-                    r["tokens"],
-                    fmt_num(r["bytes"] / 1e6, 2),
-                    fmt_time(r),
-                    fmt_num(r["GBps"], 2),
-                    fmt_num(r["host_us"]),
-                ]
-                for r in recs
-            ]
-            print(render_table(headers, rows))
-        else:
-            keys = [k for k in recs[0] if k not in ("routine",)]
-            print(render_table(keys, [[fmt_num(r.get(k), 2) for k in keys] for r in recs]))
+        print(routines.get(routine).render(ctx, recs))
         print(f"({LEGENDS[routine]})" if routine in LEGENDS else "", end="")
         for note in notes.get(routine, []):
             print(f"\n- {note}", end="")
@@ -166,42 +86,16 @@ def bench_main(ctx: BenchContext) -> None:
     args = ctx.args
     shape = resolve_shape(args, ctx.is_cuda)
     if getattr(args, "model_tokens", None) is None:
-        from moewire.bench.model_bench import CPU_SEQ, GPU_SEQ
+        from moewire.bench.routines.model import CPU_SEQ, GPU_SEQ
 
         args.model_tokens = args.tokens or [GPU_SEQ if ctx.is_cuda else CPU_SEQ]
     if args.tokens is None:
         args.tokens = list(GPU_TOKENS if ctx.is_cuda else CPU_TOKENS)
-    routines = args.routines or list(DEFAULT_ROUTINES)
-    from moewire.bench import comm_bench, layer_bench, model_bench
-
-    steps_per_t = {
-        "quantize": 0,
-        "dispatch": len(comm_bench.cases_for(args, shape)),
-        "combine": 0,  # counted per token count below
-        "layer": len(layer_bench.layer_cases(ctx)),
-        "model": 0,  # counted below: its own sequence lengths
-    }
-    ctx.total_steps = len(args.tokens) * sum(steps_per_t[r] for r in routines)
-    if "model" in routines:
-        ctx.total_steps += len(args.model_tokens) * len(model_bench.model_cases(ctx))
-    if "combine" in routines:
-        ctx.total_steps += sum(
-            len(comm_bench.combine_cases(args, t, ctx.is_cuda)) for t in args.tokens
-        )
+    selected = args.routines or list(DEFAULT_ROUTINES)
+    ctx.total_steps = sum(routines.get(r).steps(ctx, shape) for r in selected)
     records: list[dict] = []
-    for routine in routines:
-        if routine == "dispatch":
-            records += comm_bench.run_dispatch(ctx, shape)
-        elif routine == "combine":
-            records += comm_bench.run_combine(ctx, shape)
-        elif routine == "quantize":
-            from moewire.bench.quantize_routine import run_quantize
-
-            records += run_quantize(ctx, shape)
-        elif routine == "layer":
-            records += layer_bench.run_layer(ctx, shape)
-        elif routine == "model":
-            records += model_bench.run_model(ctx, shape)
+    for routine in selected:
+        records += routines.get(routine).run(ctx, shape)
     if ctx.rank != 0:
         return
     _print_report(ctx, shape, records)
@@ -218,9 +112,12 @@ def bench_main(ctx: BenchContext) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from moewire.comm.combine_wire import COMBINE_WIRES
-    from moewire.formats import FORMATS
+    _shape_arguments(p)
+    _case_arguments(p)
+    _run_arguments(p)
 
+
+def _shape_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "routines",
         nargs="*",
@@ -254,6 +151,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--batch", type=int, default=1, help="routine model: prompts per rank (default 1)"
     )
+
+
+def _case_arguments(p: argparse.ArgumentParser) -> None:
+    from moewire.comm.combine_wire import COMBINE_WIRES
+    from moewire.formats import FORMATS
+
     p.add_argument(
         "--formats",
         nargs="+",
@@ -294,6 +197,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="routine layer: also time the layer captured in a CUDA graph (GPU only)",
     )
+
+
+def _run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--world-size",
         type=int,
@@ -339,11 +245,11 @@ def run(args: argparse.Namespace) -> int:
             args.routines = [r for r in DEFAULT_ROUTINES if r != "quantize"]
             print("moewire bench: routine quantize skipped: every --tokens is 0", file=sys.stderr)
     shape = resolve_shape(args, on_gpu)  # validate overrides before spawning
-    from moewire.bench.layer_bench import layer_config
+    from moewire.bench.routines.layer import layer_config
 
     layer_config(shape)
     if "model" in args.routines:
-        from moewire.bench.model_bench import model_shape
+        from moewire.bench.routines.model import model_shape
 
         if model_shape(shape, on_gpu).router != "deepseek_v3":
             raise ValueError(

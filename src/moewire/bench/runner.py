@@ -167,6 +167,23 @@ def fmt_num(v: object, digits: int = 1) -> str:
     return str(v)
 
 
+def fmt_time(r: dict) -> str:
+    """``median (min-max)`` in us."""
+    if "time_us_min" not in r:
+        return f"{r['time_us']:.1f}"
+    return f"{r['time_us']:.1f} ({r['time_us_min']:.0f}-{r['time_us_max']:.0f})"
+
+
+def fmt_speedup(r: dict) -> str:
+    """``1.23x [1.10-1.35]``; just ``1.00x`` for a baseline."""
+    if not r.get("speedup"):
+        return "-"
+    ci = r.get("speedup_ci95")
+    if r.get("baseline") or not ci:
+        return f"{r['speedup']:.2f}x"
+    return f"{r['speedup']:.2f}x [{ci[0]:.2f}-{ci[1]:.2f}]"
+
+
 def write_json(path: str, env: dict, records: list[dict]) -> None:
     with open(path, "w") as f:
         json.dump({"environment": env, "records": records}, f, indent=2, default=str)

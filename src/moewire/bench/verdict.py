@@ -14,6 +14,8 @@ import math
 
 import numpy as np
 
+from moewire.bench.runner import fmt_speedup
+
 #: One line per table: what its columns mean.
 LEGENDS = {
     "quantize": "T: tokens; MB moved: bytes read + written; time us: median (min-max) per "
@@ -50,7 +52,7 @@ CPU_CAVEAT = (
 
 def skipped_notes(args: argparse.Namespace, hidden: int, is_cuda: bool) -> dict[str, list[str]]:
     """Per routine, the rows the run leaves out and why (one line each)."""
-    from moewire.bench.comm_bench import CPU_QUANTIZED_COMBINE_MAX_TOKENS
+    from moewire.bench.routines.comm import CPU_QUANTIZED_COMBINE_MAX_TOKENS
     from moewire.formats import format_class
 
     notes: dict[str, list[str]] = {r: [] for r in LEGENDS}
@@ -95,23 +97,6 @@ def annotate(records: list[dict]) -> None:
         b = base.get((r["routine"], r.get("tokens")))
         if b is not None and r.get("speedup") and r.get("samples_us"):
             r["speedup_ci95"] = list(speedup_interval(b["samples_us"], r["samples_us"]))
-
-
-def fmt_time(r: dict) -> str:
-    """``median (min-max)`` in us."""
-    if "time_us_min" not in r:
-        return f"{r['time_us']:.1f}"
-    return f"{r['time_us']:.1f} ({r['time_us_min']:.0f}-{r['time_us_max']:.0f})"
-
-
-def fmt_speedup(r: dict) -> str:
-    """``1.23x [1.10-1.35]``; just ``1.00x`` for a baseline."""
-    if not r.get("speedup"):
-        return "-"
-    ci = r.get("speedup_ci95")
-    if r.get("baseline") or not ci:
-        return f"{r['speedup']:.2f}x"
-    return f"{r['speedup']:.2f}x [{ci[0]:.2f}-{ci[1]:.2f}]"
 
 
 def _words(r: dict) -> str:

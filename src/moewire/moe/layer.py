@@ -46,13 +46,18 @@ from moewire.moe.layer_checks import (
     check_process_group,
     reload_global_scale,
 )
-from moewire.moe.routing import check_router_bias, check_topk_ids, route
+from moewire.moe.routing import (
+    ROUTING_MODES,
+    check_router_bias,
+    check_topk_ids,
+    route,
+    routing_extras,
+)
 from moewire.moe.weights import check_expert_weights
 
 #: ``comm`` names: the backends of :func:`moewire.make_comm`, plus ``local`` (no process
 #: group, one process holds every expert: the unsharded reference layer).
 LAYER_COMMS = ("allgather", "alltoall", "grouped", "local")
-ROUTING_MODES = ("logits", "topk")
 QUANTIZE_MODES = ("before", "after")
 X_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -153,10 +158,7 @@ class EPMoE(nn.Module):
         self.combine_wire = combine_wire
 
         k, e = config.top_k, config.num_experts
-        if routing == "logits":
-            extras = {"router_logits": (torch.float32, e)}
-        else:
-            extras = {"topk_ids": (torch.int32, k), "topk_weights": (torch.float32, k)}
+        extras = routing_extras(routing, e, k)
         self._group = group
         self._wire = wire
         self._extras = extras

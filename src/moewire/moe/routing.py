@@ -27,6 +27,21 @@ import torch
 
 from moewire.moe.config import MoEConfig
 
+#: How a token's routing travels: router logits (every rank routes after the gather) or this
+#: rank's top-k ids and weights.
+ROUTING_MODES = ("logits", "topk")
+
+
+def routing_extras(mode: str, num_experts: int, top_k: int) -> dict[str, tuple[torch.dtype, int]]:
+    """The extras that travel with each token in a routing mode: fp32 router logits
+    (``logits``), or int32 top-k ids and fp32 top-k weights (``topk``)."""
+    if mode == "logits":
+        return {"router_logits": (torch.float32, num_experts)}
+    if mode == "topk":
+        return {"topk_ids": (torch.int32, top_k), "topk_weights": (torch.float32, top_k)}
+    raise ValueError(f"routing must be one of {ROUTING_MODES}, got {mode!r}")
+
+
 #: Added to the denominator of the DeepSeek-V3 renormalization (as in its reference code).
 DSV3_RENORM_EPS = 1e-20
 

@@ -65,10 +65,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from moewire.bench.data import sqnr_db
-from moewire.bench.layer_bench import fp8_skip_reason
 from moewire.bench.presets import PRESETS, ModelShape
+from moewire.bench.routines.layer import fp8_skip_reason
 from moewire.bench.runner import BenchContext
+from moewire.testing.data import sqnr_db
 
 #: Fraction of GPU memory the default layer count fills with weights.
 MEMORY_FRACTION = 0.6
@@ -252,7 +252,7 @@ def swap_in(
     """Put one ``EPMoEBlock`` per layer into ``model`` (what ``expert_parallel`` builds),
     from the original blocks' ``gate``/``shared_experts`` and this rank's expert shards.
     Each layer's previous block is released before the next one is built."""
-    from moewire.bench.layer_bench import layer_config
+    from moewire.bench.routines.layer import layer_config
     from moewire.integrations.transformers import EPMoEBlock
     from moewire.moe import EPMoE
     from moewire.moe.experts import LocalExperts
@@ -419,3 +419,27 @@ def run_model(ctx: BenchContext, shape: ModelShape) -> list[dict]:
     gc.collect()
     ctx.barrier()
     return records
+
+
+def render(ctx: BenchContext, recs: list[dict]) -> str:
+    """The model named, its timing line and its table."""
+    from moewire.bench.runner import fmt_num, render_table
+
+    headers = ["case", "layers", "B x S /rank", "tok/s total", "ms/forward", "speedup",
+               "peak GB", "logits SQNR vs first dB"]  # fmt: skip
+    rows = [
+        [r["case"], r["layers"], f"{r['batch']} x {r['seq']}", fmt_num(r["tokens_per_s"], 0),
+         fmt_num(r["time_us"] / 1e3, 2), f"{r['speedup']:.3f}x", fmt_num(r["peak_mem_GB"], 1),
+         fmt_num(r["sqnr_vs_first_db"], 1)]
+        for r in recs
+    ]  # fmt: skip
+    return (
+        f"{recs[0]['model']}\ntimes: median of {ctx.args.model_iters} forwards after "
+        f"{ctx.args.model_warmup} warm-up, slowest rank; speedup vs the first case\n"
+        + render_table(headers, rows)
+    )
+
+
+def steps(ctx: BenchContext, shape: ModelShape) -> int:
+    """Progress steps: one per case and sequence length."""
+    return len(ctx.args.model_tokens) * len(model_cases(ctx))

@@ -28,11 +28,13 @@ from dataclasses import dataclass, replace
 import torch
 import torch.distributed as dist
 
-from moewire.bench.data import heavy_tailed, sqnr_db
 from moewire.bench.presets import ModelShape
 from moewire.bench.runner import BenchContext
 from moewire.comm.combine_wire import COMBINE_WIRES
 from moewire.formats import WireSpec, format_class, nvfp4_global_scale
+from moewire.moe.routing import routing_extras as _routing_extras
+from moewire.testing.data import heavy_tailed, sqnr_db
+from moewire.testing.reference import dispatch_reference
 
 #: The baseline, vLLM before its PR 30014: bf16 + fp32 logits, one collective per tensor.
 BASELINE = ("bf16", "logits", "grouped")
@@ -87,9 +89,7 @@ def topk_of(logits_TE: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
 
 
 def routing_extras(mode: str, shape: ModelShape) -> dict[str, tuple[torch.dtype, int]]:
-    from moewire.cli import routing_extras as _extras
-
-    return _extras(mode, shape.num_experts, shape.top_k)
+    return _routing_extras(mode, shape.num_experts, shape.top_k)
 
 
 def make_spec(fmt: str, mode: str, shape: ModelShape, g: float) -> WireSpec:
@@ -138,21 +138,18 @@ def cases_for(args, shape: ModelShape) -> list[Case]:
 
 
 def expected_recv(
-    ctx: BenchContext, case: Case, spec: WireSpec, shape, counts, seed, g_unused=None
+    ctx: BenchContext, case: Case, spec: WireSpec, shape, counts, seed
 ) -> torch.Tensor:
     """The rows this rank must receive, built locally from every rank's regenerated tokens."""
-    e_lo = ctx.rank * shape.num_experts // ctx.world_size
-    e_hi = (ctx.rank + 1) * shape.num_experts // ctx.world_size
-    parts = []
-    for src, t in enumerate(counts):
-        x, logits = rank_inputs(shape, t, src, seed, ctx.device)
-        rows = spec.pack(x, **extras_for(case.routing, logits, shape.top_k))
-        if case.backend == "alltoall":
-            ids, _ = topk_of(logits, shape.top_k)
-            mine = ((ids >= e_lo) & (ids < e_hi)).any(dim=-1)
-            rows = rows[mine]
-        parts.append(rows)
-    return torch.cat(parts)
+    inputs = [rank_inputs(shape, t, src, seed, ctx.device) for src, t in enumerate(counts)]
+    return dispatch_reference(
+        spec,
+        [(x, extras_for(case.routing, logits, shape.top_k)) for x, logits in inputs],
+        case.backend,
+        rank=ctx.rank,
+        ids=[topk_of(logits, shape.top_k)[0] for _, logits in inputs],
+        num_experts=shape.num_experts,
+    )
 
 
 def nccl_allgather_time(ctx: BenchContext, nbytes_per_rank: int) -> float:
@@ -418,3 +415,31 @@ def expected_quantized_combine(
         add[mine] = vals
         out = out + add
     return out
+
+
+def render(ctx: BenchContext, recs: list[dict]) -> str:
+    """The dispatch or the combine table (the routine of ``recs``)."""
+    from moewire.bench.runner import fmt_num, fmt_speedup, fmt_time, render_table
+
+    dispatch = recs[0]["routine"] == "dispatch"
+    headers = ["case", "T/rank", "B/token", "time us (min-max)", "bus GB/s"]
+    headers += ["% of all-gather", "SQNR dB"] if dispatch else []
+    rows = []
+    for r in recs:
+        row = [r["case"], r["tokens"], r["bytes_per_token"], fmt_time(r)]
+        row += [fmt_num(r["busbw_GBps"], 2)]
+        if dispatch:
+            frac = r.get("frac_of_ref")
+            row += [fmt_num(100 * frac, 0) if frac else "-", fmt_num(r["sqnr_db"], 1)]
+        rows.append([*row, fmt_speedup(r)])
+    return render_table([*headers, "speedup"], rows)
+
+
+def dispatch_steps(ctx: BenchContext, shape: ModelShape) -> int:
+    """Progress steps of routine dispatch: one per case and token count."""
+    return len(ctx.args.tokens) * len(cases_for(ctx.args, shape))
+
+
+def combine_steps(ctx: BenchContext, shape: ModelShape) -> int:
+    """Progress steps of routine combine: one per case and token count."""
+    return sum(len(combine_cases(ctx.args, t, ctx.is_cuda)) for t in ctx.args.tokens)

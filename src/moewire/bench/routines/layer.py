@@ -40,11 +40,11 @@ from contextlib import contextmanager
 
 import torch
 
-from moewire.bench import layer_refs
-from moewire.bench.comm_bench import calibrated_global_scale, rank_inputs, token_counts
-from moewire.bench.data import sqnr_db
 from moewire.bench.presets import ModelShape
+from moewire.bench.routines import layer_refs
+from moewire.bench.routines.comm import calibrated_global_scale, rank_inputs, token_counts
 from moewire.bench.runner import BenchContext
+from moewire.testing.data import sqnr_db
 
 STAGES = ("pack", "dispatch", "experts", "combine")
 
@@ -273,10 +273,17 @@ def run_layer(ctx: BenchContext, shape: ModelShape) -> list[dict]:
     return records
 
 
+def render(ctx: BenchContext, recs: list[dict]) -> str:
+    """The routine's timing line and table."""
+    return (
+        f"times: median of {recs[0]['iters']} forwards after {recs[0]['warmup']} "
+        "warm-up, slowest rank; speedup vs the first case\n" + format_table(recs, ctx.is_cuda)
+    )
+
+
 def format_table(recs: list[dict], is_cuda: bool) -> str:
     """The layer routine's table (its legend is ``verdict.LEGENDS["layer"]``)."""
-    from moewire.bench.runner import fmt_num, render_table
-    from moewire.bench.verdict import fmt_speedup, fmt_time
+    from moewire.bench.runner import fmt_num, fmt_speedup, fmt_time, render_table
 
     headers = ["case", "T", *(f"{s} us" for s in STAGES), "total us (min-max)", "replay us",
                "speedup", "experts TFLOP/s", "experts / bare", "layer / read", "peak GB",
@@ -300,3 +307,8 @@ def format_table(recs: list[dict], is_cuda: bool) -> str:
         headers = [h for i, h in enumerate(headers) if i not in drop]
         rows = [[v for i, v in enumerate(row) if i not in drop] for row in rows]
     return render_table(headers, rows)
+
+
+def steps(ctx: BenchContext, shape: ModelShape) -> int:
+    """Progress steps: one per case and token count."""
+    return len(ctx.args.tokens) * len(layer_cases(ctx))

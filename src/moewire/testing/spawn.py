@@ -1,6 +1,6 @@
-"""Tier-b helper: run a function on every rank of a fresh gloo process group on CPU.
+"""Run a function on every rank of a fresh gloo process group on CPU.
 
-    from dist import run_distributed
+    from moewire.testing.spawn import run_distributed
 
     def _worker(n):                       # module level, so spawn can pickle it
         rank = torch.distributed.get_rank()
@@ -143,35 +143,8 @@ def run_distributed(
             )
             p.start()
             procs.append(p)
-        deadline = time.monotonic() + timeout
-        failed_at: float | None = None
-        while any(p.is_alive() for p in procs):
-            now = time.monotonic()
-            if now >= deadline or (failed_at is not None and now >= failed_at + _GRACE_S):
-                break
-            wait([p.sentinel for p in procs if p.is_alive()], timeout=0.5)
-            if failed_at is None and _any_failed(procs, tmpdir):
-                failed_at = time.monotonic()
-        hung = [rank for rank, p in enumerate(procs) if p.is_alive()]
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-        for p in procs:
-            p.join()
-
-        results, errors = [], []
-        for rank, p in enumerate(procs):
-            err_path, res_path = _path(tmpdir, "error", rank), _path(tmpdir, "result", rank)
-            results.append(None)
-            if os.path.exists(err_path):
-                with open(err_path, "rb") as f:
-                    when, exc, tb = pickle.load(f)
-                errors.append((when, rank, exc, tb))
-            elif os.path.exists(res_path):
-                results[rank] = torch.load(res_path, weights_only=False)
-            elif rank not in hung:
-                exc = RuntimeError(f"rank {rank} exited with code {p.exitcode}")
-                errors.append((time.time(), rank, exc, ""))
+        hung = _wait(procs, tmpdir, timeout)
+        results, errors = _collect(procs, tmpdir, hung)
         if errors:
             _, rank, exc, tb = min(errors, key=lambda e: (e[0], e[1]))
             failed = sorted(e[1] for e in errors)
@@ -188,6 +161,46 @@ def run_distributed(
             if p.is_alive():
                 p.kill()
         shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def _wait(procs: list, tmpdir: str, timeout: float) -> list[int]:
+    """Wait for every worker (at most ``timeout`` s, or ``_GRACE_S`` after the first
+    failure), kill the ones still running and return their ranks."""
+    deadline = time.monotonic() + timeout
+    failed_at: float | None = None
+    while any(p.is_alive() for p in procs):
+        now = time.monotonic()
+        if now >= deadline or (failed_at is not None and now >= failed_at + _GRACE_S):
+            break
+        wait([p.sentinel for p in procs if p.is_alive()], timeout=0.5)
+        if failed_at is None and _any_failed(procs, tmpdir):
+            failed_at = time.monotonic()
+    hung = [rank for rank, p in enumerate(procs) if p.is_alive()]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    for p in procs:
+        p.join()
+    return hung
+
+
+def _collect(procs: list, tmpdir: str, hung: list[int]) -> tuple[list[Any], list[tuple]]:
+    """Every rank's result (``None`` where it failed) and ``(when, rank, exc, tb)`` of
+    every failure."""
+    results, errors = [], []
+    for rank, p in enumerate(procs):
+        err_path, res_path = _path(tmpdir, "error", rank), _path(tmpdir, "result", rank)
+        results.append(None)
+        if os.path.exists(err_path):
+            with open(err_path, "rb") as f:
+                when, exc, tb = pickle.load(f)
+            errors.append((when, rank, exc, tb))
+        elif os.path.exists(res_path):
+            results[rank] = torch.load(res_path, weights_only=False)
+        elif rank not in hung:
+            exc = RuntimeError(f"rank {rank} exited with code {p.exitcode}")
+            errors.append((time.time(), rank, exc, ""))
+    return results, errors
 
 
 def _any_failed(procs: list, tmpdir: str) -> bool:

@@ -1,5 +1,11 @@
-"""``moewire bench quantize``: the fused pack and dequantize kernels against the device's
-copy bandwidth, an empty kernel launch and the torch reference, on one GPU.
+"""Routine ``quantize`` of ``moewire bench``: pack and dequantize throughput on one device.
+
+On a GPU, rank 0 runs :func:`run_quantize_bench` (below); on CPU, rank 0 times the torch
+reference (its ``host_us`` is the same wall time: the CPU call is synchronous). The other
+ranks wait: this routine measures one device, not the group.
+
+On a GPU: the fused pack and dequantize kernels against the device's copy bandwidth, an
+empty kernel launch and the torch reference.
 
 For each format and token count ``T`` (hidden ``H``, bf16 activations, no extras):
 
@@ -31,7 +37,7 @@ GPU idle (synchronize, then ``time.perf_counter`` around one call; median of man
 Where the kernel takes less than this, the host's time is the op's time unless the call is
 captured in a CUDA graph.
 
-Run standalone: ``python -m moewire.bench.quantize [--tokens ...] [--json PATH]``.
+Run standalone: ``python -m moewire.bench.routines.quantize [--tokens ...] [--json PATH]``.
 
 Shape legend: ``T`` tokens, ``H`` hidden, ``R`` row bytes.
 """
@@ -46,8 +52,10 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from moewire.bench.data import heavy_tailed
-from moewire.formats import FORMATS, WireSpec, nvfp4_global_scale
+from moewire.bench.presets import ModelShape
+from moewire.bench.runner import BenchContext, fmt_num, fmt_time, render_table
+from moewire.formats import FORMATS, WireSpec, format_class, nvfp4_global_scale
+from moewire.testing.data import heavy_tailed
 
 TOKENS = (64, 1024, 8192, 16384)
 HIDDEN = 7168
@@ -274,8 +282,107 @@ def format_table(results: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
+def _cpu_time_us(fn, iters: int, warmup: int) -> tuple[float, dict]:
+    """Median microseconds per call, and the spread fields of a record."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e6)
+    spread = {"time_us_min": min(samples), "time_us_max": max(samples), "samples_us": samples}
+    return statistics.median(samples), spread
+
+
+def _cpu_records(ctx: BenchContext, shape: ModelShape) -> list[dict]:
+    args = ctx.args
+    h = shape.hidden
+    x_all = (heavy_tailed(max(args.tokens), h) * 3).to(torch.bfloat16)
+    g = nvfp4_global_scale(x_all)
+    formats = ["bf16", *[f for f in args.formats if f != "bf16"]]
+    records = []
+    for fmt in formats:
+        if h % format_class(fmt).block:
+            continue  # listed under the table (bench/verdict.py)
+        spec = WireSpec(fmt, h, global_scale=g if fmt == "nvfp4" else None)
+        for t in args.tokens:
+            x = x_all[:t]
+            rows = spec.pack(x)
+            nbytes = x.numel() * x.element_size() + rows.numel()
+            for op, fn in (
+                ("pack", lambda s=spec, x=x, r=rows: s.pack(x, out=r)),
+                ("dequantize", lambda s=spec, r=rows: s.dequantize(r, torch.bfloat16)),
+            ):
+                us, spread = _cpu_time_us(fn, args.iters, args.warmup)
+                records.append(
+                    {
+                        "routine": "quantize",
+                        "case": f"{fmt} {op} (torch reference)",
+                        "format": fmt,
+                        "op": op,
+                        "tokens": t,
+                        "bytes_per_token": spec.row_bytes,
+                        "bytes": nbytes,
+                        "time_us": us,
+                        **spread,
+                        "GBps": nbytes / us / 1e3,
+                        "host_us": us,
+                    }
+                )
+    return records
+
+
+def run_quantize(ctx: BenchContext, shape: ModelShape) -> list[dict]:
+    records: list[dict] = []
+    if ctx.rank == 0:
+        if ctx.is_cuda:
+            formats = [f for f in FORMATS if shape.hidden % format_class(f).block == 0]
+            formats = [f for f in formats if f == "bf16" or f in ctx.args.formats]
+            for r in run_quantize_bench(
+                [t for t in ctx.args.tokens if t > 0],
+                shape.hidden,
+                formats,
+                iters=ctx.args.iters,
+                warmup=ctx.args.warmup,
+            ):
+                records.append(
+                    {
+                        "routine": "quantize",
+                        "case": f"{r['format']} {r['op']} (triton)",
+                        "time_us": r["triton_us"],
+                        **r,
+                    }
+                )
+        else:
+            records = _cpu_records(ctx, shape)
+    ctx.barrier()
+    return records
+
+
+def render(ctx: BenchContext, recs: list[dict]) -> str:
+    """The routine's table: the GPU kernel table, or on CPU the torch reference's."""
+    if "triton_us" in recs[0]:
+        return format_table(recs)
+    headers = ["case", "T", "MB moved", "time us (min-max)", "GB/s", "host us"]
+    rows = [
+        [
+            r["case"],
+            r["tokens"],
+            fmt_num(r["bytes"] / 1e6, 2),
+            fmt_time(r),
+            fmt_num(r["GBps"], 2),
+            fmt_num(r["host_us"]),
+        ]
+        for r in recs
+    ]
+    return render_table(headers, rows)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m moewire.bench.quantize", description=__doc__)
+    p = argparse.ArgumentParser(
+        prog="python -m moewire.bench.routines.quantize", description=__doc__
+    )
     p.add_argument("--tokens", type=int, nargs="+", default=list(TOKENS))
     p.add_argument("--hidden", type=int, default=HIDDEN)
     p.add_argument("--formats", nargs="+", default=list(FORMATS), choices=FORMATS)
@@ -291,3 +398,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def steps(ctx: BenchContext, shape: ModelShape) -> int:
+    """Progress steps: none (rank 0 times one device)."""
+    return 0

@@ -1,0 +1,45 @@
+"""The routines of ``moewire bench``, one module each; each owns its cases, runs them and
+renders its own table. ``bench/main.py`` runs them through :func:`get`.
+
+- ``quantize``: pack and dequantize throughput on one device (Triton vs torch reference).
+- ``comm``: routines ``dispatch`` and ``combine`` (they share their inputs and cases).
+- ``layer``: the whole EP layer, stage by stage, with ``layer_refs``' hardware references.
+- ``model``: a DeepSeek-V3-style model's forward with its MoE blocks swapped in.
+- ``eval``: the ``moewire eval`` front (what each configuration does to a trained model).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from moewire.bench.presets import ModelShape
+from moewire.bench.runner import BenchContext
+
+
+@dataclass(frozen=True)
+class Routine:
+    """What ``bench/main.py`` needs of a routine: ``run`` (every rank; rank 0's records are
+    reported), ``steps`` (progress steps it will report) and ``render`` (its table)."""
+
+    run: Callable[[BenchContext, ModelShape], list[dict]]
+    steps: Callable[[BenchContext, ModelShape], int]
+    render: Callable[[BenchContext, list[dict]], str]
+
+
+_ROUTINES = {  # routine -> (module, run function, steps function)
+    "quantize": ("quantize", "run_quantize", "steps"),
+    "dispatch": ("comm", "run_dispatch", "dispatch_steps"),
+    "combine": ("comm", "run_combine", "combine_steps"),
+    "layer": ("layer", "run_layer", "steps"),
+    "model": ("model", "run_model", "steps"),
+}
+ROUTINES = tuple(_ROUTINES)
+
+
+def get(name: str) -> Routine:
+    """The routine ``name`` (one of :data:`ROUTINES`)."""
+    module, run, steps = _ROUTINES[name]
+    m = importlib.import_module(f"moewire.bench.routines.{module}")
+    return Routine(getattr(m, run), getattr(m, steps), m.render)
