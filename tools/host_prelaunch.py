@@ -14,12 +14,11 @@ from __future__ import annotations
 import argparse
 import cProfile
 import pstats
-import statistics
-import time
 
 import torch
 
 import moewire as mw
+from moewire.bench.routines.quantize import host_us
 from moewire.formats import _triton
 
 
@@ -29,14 +28,7 @@ class _NoLaunch:
 
 
 def _median_us(fn, iters: int = 2000, warmup: int = 200) -> float:
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t0)
-    return statistics.median(samples) * 1e6
+    return host_us(fn, iters, warmup)
 
 
 def _measure(fmt: str, tokens: int, hidden: int, experts: int, profile: bool) -> None:

@@ -92,22 +92,28 @@ def _time_us(
     return statistics.median(s.elapsed_time(e) for s, e in zip(start, end, strict=True)) * 1e3
 
 
-def host_us(fn: Callable[[], object], iters: int, warmup: int) -> float:
-    """Median wall time in microseconds until one ``fn()`` call returns, with the device idle
-    before each call (CUDA: synchronized first; on CPU the same measure)."""
-    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+def _wall_us(fn: Callable[[], object], iters: int, warmup: int, sync: bool) -> list[float]:
+    """Wall microseconds until each of ``iters`` calls of ``fn`` returns (after ``warmup``);
+    with ``sync`` the device is idle before each call."""
     for _ in range(warmup):
         fn()
     samples = []
     for _ in range(iters):
-        if cuda:
+        if sync:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         fn()
-        samples.append(time.perf_counter() - t0)
-    if cuda:
+        samples.append((time.perf_counter() - t0) * 1e6)
+    if sync:
         torch.cuda.synchronize()
-    return statistics.median(samples) * 1e6
+    return samples
+
+
+def host_us(fn: Callable[[], object], iters: int, warmup: int) -> float:
+    """Median wall time in microseconds until one ``fn()`` call returns, with the device idle
+    before each call (CUDA: synchronized first; on CPU the same measure)."""
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    return statistics.median(_wall_us(fn, iters, warmup, cuda))
 
 
 def _empty_kernel():
@@ -284,13 +290,7 @@ def format_table(results: Sequence[dict]) -> str:
 
 def _cpu_time_us(fn, iters: int, warmup: int) -> tuple[float, dict]:
     """Median microseconds per call, and the spread fields of a record."""
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - t0) * 1e6)
+    samples = _wall_us(fn, iters, warmup, sync=False)
     spread = {"time_us_min": min(samples), "time_us_max": max(samples), "samples_us": samples}
     return statistics.median(samples), spread
 
