@@ -44,7 +44,7 @@ LEGENDS = {
 CPU_CAVEAT = (
     "These timings come from CPU processes and do not predict a GPU cluster: the "
     "collectives run over gloo through shared memory on this machine, and quantization runs "
-    "as the torch reference on {cores} core(s) shared by {world} ranks (a GPU runs fused "
+    "as the torch reference on {cores} core(s) shared by {world} rank(s) (a GPU runs fused "
     "Triton kernels and NCCL over NVLink/InfiniBand). Bytes per token and SQNR are the same "
     "on every device. For GPU figures see BENCHMARKS.md's GPU tables (README, 'Results')."
 )
