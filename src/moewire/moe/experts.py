@@ -41,6 +41,7 @@ from moewire.moe.stage import (
     gather_fp8,
     grouped_gemm,
     plan_device,
+    quantize_fp8_rows,
     swiglu_torch,
     unpermute,
 )
@@ -48,7 +49,8 @@ from moewire.moe.stage import swiglu as stage_swiglu
 
 #: Compute paths of the local experts; ``auto`` picks ``grouped`` where torch has it.
 EXPERT_IMPLS = ("auto", "loop", "grouped", "fp8", "fp8_loop")
-#: Paths that consume ``fp8`` wire rows directly (the wire format must be ``fp8``).
+#: Paths with e4m3 weights and activations (every wire format: ``fp8`` rows as they are,
+#: the others quantized per row by the gather).
 FP8_IMPLS = ("fp8", "fp8_loop")
 #: Bytes the grouped GEMMs need their row strides (and so ``H``, ``I``) aligned to.
 GEMM_ALIGN_BYTES = 16
@@ -81,17 +83,6 @@ def resolve_impl(impl: str, device: torch.device) -> str:
     else:
         ok = device.type == "cpu" and _grouped_mm_runs_on_cpu()
     return "grouped" if ok else "loop"
-
-
-def swiglu(h_M2I: torch.Tensor) -> torch.Tensor:
-    """``[M, 2I]`` (gate, then up) -> bf16 ``silu(gate) * up`` ``[M, I]``, computed in fp32."""
-    return swiglu_torch(h_M2I)
-
-
-def quantize_fp8_rows(x_MK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row ``fp8`` quantization (the wire format's math): e4m3 ``[M, K]``, fp32 ``[M]``."""
-    q, s = _FP8.quantize(x_MK.float())
-    return q, s.reshape(-1)
 
 
 def quantize_fp8_weight(w_LOK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -246,7 +237,7 @@ def _ffn_loop(ex: LocalExperts, a_PH: torch.Tensor, plan: DevicePlan) -> torch.T
         if c:
             a = a_PH[start : start + c]
             h = torch.mm(a, ex.w13_L2IH[e].t())
-            y_PH[start : start + c] = torch.mm(swiglu(h), ex.w2_LHI[e].t())
+            y_PH[start : start + c] = torch.mm(swiglu_torch(h), ex.w2_LHI[e].t())
         start += c
     return y_PH
 
@@ -290,7 +281,7 @@ def _ffn_fp8_loop(
         if c:
             sl = slice(start, start + c)
             h = gemm(a_PH[sl], scale_P[sl], ex.w13_fp8[e], ex.w13_scale[e])
-            a2, s2 = quantize_fp8_rows(swiglu(h))
+            a2, s2 = quantize_fp8_rows(swiglu_torch(h))
             y_PH[sl] = gemm(a2, s2, ex.w2_fp8[e], ex.w2_scale[e])
         start += c
     return y_PH

@@ -53,7 +53,7 @@ from moewire.moe.routing import (
     route,
     routing_extras,
 )
-from moewire.moe.weights import check_expert_weights
+from moewire.moe.weights import check_expert_weights, check_finite
 
 #: ``comm`` names: the backends of :func:`moewire.make_comm`, plus ``local`` (no process
 #: group, one process holds every expert: the unsharded reference layer).
@@ -289,9 +289,7 @@ class EPMoE(nn.Module):
         check_router_bias(self.config, router_bias)
         if self.experts_impl == "fp8":
             check_fp8_device(w13_E2IH.device)
-        if router_bias is not None and not bool(torch.isfinite(router_bias).all()):
-            n_bad = int((~torch.isfinite(router_bias)).sum())
-            raise ValueError(f"router_bias must be finite, got {n_bad} NaN/Inf values")
+        check_finite("router_bias", router_bias)
         self.local_experts = LocalExperts(
             w13_E2IH[sl].detach(),
             w2_EHI[sl].detach(),

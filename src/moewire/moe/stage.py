@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from moewire.formats import WireSpec
 from moewire.formats.fp8 import FP8Format
+from moewire.formats.spec import pick_backend
 
 _FP8 = FP8Format()
 #: Values of the unpermute kernel's column tile.
@@ -83,9 +84,15 @@ def plan_device(
 
 
 def _use_triton(t: torch.Tensor, backend: str | None) -> bool:
-    """``backend``: ``"torch"``, ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``)
-    or None (triton on CUDA)."""
-    return t.device.type == "cuda" if backend is None else backend == "triton"
+    """``backend`` as :meth:`moewire.WireSpec.pack` takes it: ``"torch"``, ``"triton"``
+    (CUDA, or CPU under ``TRITON_INTERPRET=1``) or None (triton on CUDA where importable)."""
+    return pick_backend(backend, t.device) == "triton"
+
+
+def quantize_fp8_rows(x_MK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row ``fp8`` quantization (the wire format's math): e4m3 ``[M, K]``, fp32 ``[M]``."""
+    q, s = _FP8.quantize(x_MK.float())
+    return q, s.reshape(-1)
 
 
 def gather_bf16(
@@ -125,8 +132,7 @@ def gather_fp8(
         return q, view.scales.reshape(-1).index_select(0, idx)
     if not _use_triton(rows_NR, backend):
         x_PH = spec.dequantize(rows_NR.index_select(0, plan.row_P), torch.float32, backend="torch")
-        q, s = _FP8.quantize(x_PH)
-        return q, s.reshape(-1)
+        return quantize_fp8_rows(x_PH)
     from moewire.formats._triton import decoder
     from moewire.moe._kernels.stage import gather_fp8_kernel
 
@@ -156,10 +162,7 @@ def swiglu(
     (e4m3 ``[P, I]``, fp32 ``[P]``) in the same kernel. Returns ``(a2, scales or None)``."""
     if not _use_triton(h_P2I, backend):
         y = swiglu_torch(h_P2I)
-        if not fp8:
-            return y, None
-        q, s = _FP8.quantize(y.float())
-        return q, s.reshape(-1)
+        return quantize_fp8_rows(y) if fp8 else (y, None)
     from moewire.moe._kernels.stage import swiglu_kernel
 
     p, i = h_P2I.shape[0], h_P2I.shape[1] // 2
@@ -244,7 +247,7 @@ def grouped_gemm(
     p, c = a_PC.shape
     l, n, _ = w_LNC.shape
     if small is None:
-        small = a_PC.is_cuda and plan.rows_per_expert <= SMALL_M_ROWS
+        small = plan.rows_per_expert <= SMALL_M_ROWS and _use_triton(a_PC, None)
     if not small:
         wt = w_LNC.transpose(-2, -1)
         if scale_P is None:

@@ -14,6 +14,13 @@ from moewire.moe.config import MoEConfig
 WEIGHT_BLOCK = 128
 
 
+def check_finite(name: str, t: torch.Tensor | None) -> None:
+    """``ValueError`` counting the NaN/Inf values of ``t`` (None passes)."""
+    if t is not None and not bool(torch.isfinite(t).all()):
+        n_bad = int((~torch.isfinite(t)).sum())
+        raise ValueError(f"{name} must be finite, got {n_bad} NaN/Inf values")
+
+
 def _check_scale(name: str, w_XOC: torch.Tensor, scale: torch.Tensor | None) -> None:
     if w_XOC.dtype != torch.float8_e4m3fn:
         if scale is not None:
@@ -67,7 +74,6 @@ def check_expert_weights(
         raise ValueError(f"w13 is on {w13.device}, w2 on {w2.device}")
     for name, w, s in (("w13", w13, w13_scale), ("w2", w2, w2_scale)):
         _check_scale(name, w, s)
-        if w.dtype != torch.float8_e4m3fn and not bool(torch.isfinite(w).all()):
-            n_bad = int((~torch.isfinite(w)).sum())
-            raise ValueError(f"{name} must be finite, got {n_bad} NaN/Inf values")
+        if w.dtype != torch.float8_e4m3fn:
+            check_finite(name, w)
     return x

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from moewire.moe import stage
+from moewire.moe.experts import quantize_fp8_weight
 
 
 def copy_bandwidth(ctx, nbytes: int = 1 << 30) -> float:
@@ -40,44 +41,33 @@ def flops(pairs: int, hidden: int, inter: int) -> float:
 
 def bare_gemm_times(ctx, layer, ids_NK: torch.Tensor, iters: int, warmup: int) -> dict:
     """Seconds of the bare grouped GEMMs on this rank's pairs: ``{"bf16": t, "fp8": t}``
-    (on CUDA; fp8 only where ``torch._scaled_grouped_mm`` runs)."""
+    (on CUDA; fp8 only where ``torch._scaled_grouped_mm`` runs). torch's grouped GEMMs
+    (``stage.grouped_gemm(..., small=False)``) on sorted contiguous operands; bf16 with a
+    torch SwiGLU between them, fp8 the two GEMMs alone."""
+    if not ctx.is_cuda:  # on CPU torch's grouped GEMM is a loop of mm: no reference
+        return {}
     ex = layer.local_experts
     plan = stage.plan_device(ids_NK, ex.first_expert, ex.num_local)
     two_i, h = ex.shape_2IH
-    p, dev = plan.num_pairs, ids_NK.device
-    a = torch.randn(p, h, device=dev).to(torch.bfloat16)
+    dev = ids_NK.device
+    a = torch.randn(plan.num_pairs, h, device=dev).to(torch.bfloat16)
     w13 = torch.randn(ex.num_local, two_i, h, device=dev).to(torch.bfloat16) * h**-0.5
     w2 = torch.randn(ex.num_local, h, two_i // 2, device=dev).to(torch.bfloat16)
-    offs = plan.offsets_L
 
     def ffn16():
-        gate, up = torch._grouped_mm(a, w13.transpose(-2, -1), offs=offs).chunk(2, dim=-1)
-        return torch._grouped_mm(F.silu(gate) * up, w2.transpose(-2, -1), offs=offs)
+        gate, up = stage.grouped_gemm(a, w13, plan, small=False).chunk(2, dim=-1)
+        return stage.grouped_gemm(F.silu(gate) * up, w2, plan, small=False)
 
-    if not ctx.is_cuda:  # on CPU torch's grouped GEMM is a loop of mm: no reference
-        return {}
     out = {"bf16": ctx.time(ffn16, iters, warmup)}
     if torch.cuda.get_device_capability(dev)[0] >= 9:
-        from moewire.formats.fp8 import FP8Format
-
-        q = FP8Format()
-        a8, sa = q.quantize(a.float())
-        w13q, s13 = q.quantize(w13.reshape(-1, h).float())
-        w2q, s2 = q.quantize(w2.reshape(-1, two_i // 2).float())
-        w13q, w2q = w13q.reshape(w13.shape), w2q.reshape(w2.shape)
-        s13, s2, sa = s13.reshape(ex.num_local, -1), s2.reshape(ex.num_local, -1), sa.flatten()
-        h8 = torch._scaled_grouped_mm(
-            a8, w13q.transpose(-2, -1), sa, s13, offs=offs, out_dtype=torch.bfloat16
-        )
+        a8, sa = stage.quantize_fp8_rows(a)
+        (w13q, s13), (w2q, s2) = quantize_fp8_weight(w13), quantize_fp8_weight(w2)
+        h8 = stage.grouped_gemm(a8, w13q, plan, sa, s13, small=False)
         a2, s2a = stage.swiglu(h8, plan, fp8=True)
 
         def ffn8():
-            torch._scaled_grouped_mm(
-                a8, w13q.transpose(-2, -1), sa, s13, offs=offs, out_dtype=torch.bfloat16
-            )
-            return torch._scaled_grouped_mm(
-                a2, w2q.transpose(-2, -1), s2a, s2, offs=offs, out_dtype=torch.bfloat16
-            )
+            stage.grouped_gemm(a8, w13q, plan, sa, s13, small=False)
+            return stage.grouped_gemm(a2, w2q, plan, s2a, s2, small=False)
 
         out["fp8"] = ctx.time(ffn8, iters, warmup)
     return out

@@ -255,7 +255,6 @@ def swap_in(
     from moewire.bench.routines.layer import layer_config
     from moewire.integrations.transformers import EPMoEBlock
     from moewire.moe import EPMoE
-    from moewire.moe.experts import LocalExperts
 
     for idx, (layer, block, (w13, w2)) in enumerate(
         zip(model.model.layers, blocks, shards, strict=True)
@@ -271,12 +270,9 @@ def swap_in(
             shared_expert=block.shared_experts,
             **layer_kwargs,
         )
-        # load_experts takes the global [E, 2I, H] weights and keeps the slice; here
-        # only the slice exists (the global weights of a DeepSeek-R1 layer take 22 GB).
-        moe.local_experts = LocalExperts(
-            w13, w2, moe.first_expert, fp8=moe.experts_impl in ("fp8", "fp8_loop")
-        )
-        moe.router_bias_E = block.gate.e_score_correction_bias.detach().float()
+        # only this rank's slice exists (the global weights of a DeepSeek-R1 layer take
+        # 22 GB); bf16 contiguous weights are kept without a copy, shared by the layers
+        moe.load_local_experts(w13, w2, block.gate.e_score_correction_bias.detach())
         layer.mlp = EPMoEBlock(block.gate, moe, fp32_logits=True)
 
 
