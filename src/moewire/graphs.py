@@ -30,6 +30,7 @@ from collections.abc import Sequence
 
 import torch
 
+from moewire.comm.counts import normalize_counts
 from moewire.moe.experts import resolve_impl
 from moewire.moe.layer import EPMoE
 
@@ -104,28 +105,28 @@ class GraphedMoE:
         return y
 
     def __call__(
-        self, x_TH: torch.Tensor, router_logits_TE: torch.Tensor, num_tokens: Sequence[int]
+        self,
+        x_TH: torch.Tensor,
+        router_logits_TE: torch.Tensor,
+        counts: Sequence[int] | torch.Tensor,
     ) -> torch.Tensor:
         """One step: this rank's ``T <= M`` tokens through the captured layer.
 
         Args:
             x_TH: ``[T, H]`` activations (``x_dtype``), on the layer's device.
             router_logits_TE: ``[T, E]`` float router logits.
-            num_tokens: every rank's ``T`` this step (the same list on every rank, e.g. the
-                engine's data-parallel metadata); this rank's entry must be ``x_TH.shape[0]``.
+            counts: every rank's ``T`` this step, as :meth:`moewire.EPMoE.forward` takes it
+                (ints or a CPU int tensor, the same on every rank, e.g. the engine's
+                data-parallel metadata); this rank's entry must be ``x_TH.shape[0]``.
 
         Returns:
             ``[T, H]``: a view of the graph's output buffer, valid until the next replay.
         """
-        t, w, rank = x_TH.shape[0], self.layer.world_size, self.layer.rank
-        if len(num_tokens) != w or int(num_tokens[rank]) != t:
+        t = x_TH.shape[0]
+        counts = normalize_counts(counts, self.layer.world_size, self.layer.rank, t, "x.shape[0]")
+        if max(counts) > self.max_tokens:
             raise ValueError(
-                f"num_tokens={list(num_tokens)} must list {w} counts with this rank's "
-                f"(rank {rank}) equal to x's {t} rows"
-            )
-        if max(int(n) for n in num_tokens) > self.max_tokens or min(num_tokens) < 0:
-            raise ValueError(
-                f"num_tokens={list(num_tokens)}: every count must be in [0, max_tokens="
+                f"counts={list(counts)}: every count must be in [0, max_tokens="
                 f"{self.max_tokens}] (capture a larger graph for larger batches)"
             )
         if x_TH.dtype != self.x_MH.dtype or tuple(router_logits_TE.shape) != (
@@ -140,8 +141,8 @@ class GraphedMoE:
         self.x_MH[:t].copy_(x_TH)
         self.logits_ME[:t].copy_(router_logits_TE)
         self._copied.synchronize()  # the previous step's copy has read the pinned buffer
-        for i, n in enumerate(num_tokens):
-            self._valid_host[i] = int(n)
+        for i, n in enumerate(counts):
+            self._valid_host[i] = n
         self.valid_W.copy_(self._valid_host, non_blocking=True)
         self._copied.record()
         self.graph.replay()
