@@ -32,6 +32,12 @@ NVFP4_BLOCK = 16
 MX_BLOCK = 32
 FP8_BLOCK128 = 128
 
+
+def ceil_div(a: int, b: int) -> int:
+    """``ceil(a / b)`` for positive ints, in integer arithmetic."""
+    return -(-a // b)
+
+
 #: Every section of a row starts at a multiple of this many bytes; rows are padded to it too.
 ROW_ALIGN = 16
 

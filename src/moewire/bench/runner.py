@@ -213,7 +213,7 @@ def write_plot(path: str, env: dict, records: list[dict]) -> None:
     wire = [r for r in records if r["routine"] == "dispatch"] or records
     panels = len(routines) + 1
     ncols = min(2, panels)
-    nrows = -(-panels // ncols)
+    nrows = math.ceil(panels / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(8 * ncols, 6 * nrows), squeeze=False)
     flat = list(axes.flat)
     for ax in flat[panels:]:

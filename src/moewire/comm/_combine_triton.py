@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from moewire.constants import MX_BLOCK, NVFP4_BLOCK, Kind
+from moewire.constants import MX_BLOCK, NVFP4_BLOCK, Kind, ceil_div
 from moewire.formats import _triton as _fmt
 from moewire.formats._kernels.combine import decode_sum_kernel, nvfp4_dyn_pack_kernel
 
@@ -59,7 +59,7 @@ def _decode_plan(codec, dtype: torch.dtype, w: int, hw: bool) -> tuple[int, tupl
     plan = plans.get(("decode_sum", dtype, w, hw))
     if plan is None:
         h, blk = codec.hidden, _BLK[codec.wire]
-        nb = -(-h // blk)
+        nb = ceil_div(h, blk)
         nblk = min(_fmt._next_pow2(nb), max(1, _CHUNK_VALUES // blk))
         g_off = spec.sections["g"].offset if codec.wire == "nvfp4" else 0
         scalars = (h, nb, spec.sections["scales"].offset, g_off)
@@ -73,7 +73,7 @@ def _decode_plan(codec, dtype: torch.dtype, w: int, hw: bool) -> tuple[int, tupl
             num_warps=4,
             enable_fp_fusion=False,
         )
-        plan = plans["decode_sum", dtype, w, hw] = (-(-nb // nblk), scalars, consts)
+        plan = plans["decode_sum", dtype, w, hw] = (ceil_div(nb, nblk), scalars, consts)
     return plan
 
 

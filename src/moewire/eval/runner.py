@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from moewire.constants import ceil_div
 from moewire.eval.configs import REFERENCE, EvalConfig
 from moewire.eval.metrics import Metrics, log_probs
 from moewire.integrations.transformers import EPMoEBlock
@@ -111,7 +112,7 @@ def run_eval(
     metrics = {cfg: Metrics(device) for cfg in all_cfgs}
     equal: dict[EvalConfig, bool] = {}
     seqs_NS = seqs_NS.to(device)
-    n_batches = -(-seqs_NS.shape[0] // batch)
+    n_batches = ceil_div(seqs_NS.shape[0], batch)
     t0 = time.perf_counter()
     for i in range(n_batches):
         ids_BS = seqs_NS[i * batch : (i + 1) * batch]

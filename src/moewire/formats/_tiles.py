@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from moewire.constants import FORMAT_KIND, FP8_BLOCK128, MX_BLOCK, NVFP4_BLOCK
+from moewire.constants import FORMAT_KIND, FP8_BLOCK128, MX_BLOCK, NVFP4_BLOCK, ceil_div
 
 _BLOCK = {"fp8_block128": FP8_BLOCK128, "mxfp8": MX_BLOCK, "nvfp4": NVFP4_BLOCK, "mxfp4": MX_BLOCK}
 
@@ -117,7 +117,7 @@ def _derive_layout(spec) -> _Layout:
         full=full,
         n_chunks=n_chunks,
         group=min(group, n_chunks),
-        n_groups=-(-n_chunks // min(group, n_chunks)),
+        n_groups=ceil_div(n_chunks, min(group, n_chunks)),
         depth=depth,
         p_major=p_major,
         scale_off=s.offset,
@@ -125,7 +125,7 @@ def _derive_layout(spec) -> _Layout:
         pad1=(s.end, s.offset + span["scales"]),
         extras=extras,
         eblock=eblock,
-        eiter=-(-max_span // eblock),
+        eiter=ceil_div(max_span, eblock),
         num_warps=warps,
         chunk_fast=chunk_fast,
         dq=_chunking(fmt, h, *_DEQ_TUNED[fmt]),
@@ -137,7 +137,7 @@ def _chunking(fmt: str, h: int, chunk: int, per_thread: int) -> _Cut:
     ``per_thread`` values per thread."""
     if fmt == "bf16":
         blkp = min(chunk, _next_pow2(h))
-        nb = n_chunks = -(-h // blkp)
+        nb = n_chunks = ceil_div(h, blkp)
         nblk, full, values = 1, True, blkp
     elif fmt == "fp8":  # one block: the whole token
         blkp, nb, nblk, n_chunks = _next_pow2(h), 1, 1, 1
@@ -146,7 +146,7 @@ def _chunking(fmt: str, h: int, chunk: int, per_thread: int) -> _Cut:
         blkp = _BLOCK[fmt]
         nb = h // blkp
         nblk = min(_next_pow2(nb), max(1, chunk // blkp))
-        n_chunks = -(-nb // nblk)
+        n_chunks = ceil_div(nb, nblk)
         full, values = True, nblk * blkp
     return _Cut(nb, nblk, blkp, full, n_chunks, _warps(values, per_thread))
 

@@ -26,7 +26,7 @@ from typing import NamedTuple
 
 import torch
 
-from moewire.constants import ROW_ALIGN, SWIZZLE_COLS, SWIZZLE_ROWS, Kind
+from moewire.constants import ROW_ALIGN, SWIZZLE_COLS, SWIZZLE_ROWS, Kind, ceil_div
 from moewire.formats._kernels.dequant import dequant_kernel
 from moewire.formats._kernels.pack import MAX_EXTRAS, extras_kernel, pack_kernel
 from moewire.formats._kernels.swizzle import swizzle_kernel
@@ -338,13 +338,13 @@ def gather_swizzled_scales(spec, rows: torch.Tensor) -> torch.Tensor:
         rows = rows.contiguous()
     n = rows.shape[0]
     b = spec.sections["scales"].numel
-    mp = -(-n // SWIZZLE_ROWS) * SWIZZLE_ROWS
-    kp = -(-b // SWIZZLE_COLS) * SWIZZLE_COLS
+    mp = ceil_div(n, SWIZZLE_ROWS) * SWIZZLE_ROWS
+    kp = ceil_div(b, SWIZZLE_COLS) * SWIZZLE_COLS
     out = torch.empty((mp, kp), dtype=torch.uint8, device=rows.device)
     if mp:
         kg = kp // SWIZZLE_COLS
         tiles = min(_SWIZZLE_TILES, _next_pow2(kg))
-        swizzle_kernel[(mp // SWIZZLE_ROWS, -(-kg // tiles))](
+        swizzle_kernel[(mp // SWIZZLE_ROWS, ceil_div(kg, tiles))](
             rows,
             rows.stride(0),
             spec.sections["scales"].offset,

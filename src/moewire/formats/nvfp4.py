@@ -32,6 +32,7 @@ from moewire.constants import (
     RCP6_BITS,
     SWIZZLE_COLS,
     SWIZZLE_ROWS,
+    ceil_div,
 )
 from moewire.formats.base import WireFormat, register
 from moewire.formats.elements import (
@@ -170,8 +171,8 @@ def swizzle_128x4(scales_TB: torch.Tensor) -> torch.Tensor:
     if raw.dim() != 2:
         raise ValueError(f"scales_TB must be 2-D [T, B], got shape {tuple(raw.shape)}")
     t, b = raw.shape
-    mp = -(-t // SWIZZLE_ROWS) * SWIZZLE_ROWS
-    kp = -(-b // SWIZZLE_COLS) * SWIZZLE_COLS
+    mp = ceil_div(t, SWIZZLE_ROWS) * SWIZZLE_ROWS
+    kp = ceil_div(b, SWIZZLE_COLS) * SWIZZLE_COLS
     padded = raw.new_zeros(mp, kp)
     padded[:t, :b] = raw
     # (m, b) = (i*128 + a*32 + r, j*4 + c) -> order (i, j, r, a, c)
@@ -183,8 +184,8 @@ def swizzle_128x4(scales_TB: torch.Tensor) -> torch.Tensor:
 def unswizzle_128x4(swizzled: torch.Tensor, num_tokens: int, num_blocks: int) -> torch.Tensor:
     """Inverse of :func:`swizzle_128x4`: ``[Mp, Kp]`` (or flat) swizzled -> ``[T, B]`` linear."""
     raw = _as_scale_bytes(swizzled, "swizzled")
-    mp = -(-num_tokens // SWIZZLE_ROWS) * SWIZZLE_ROWS
-    kp = -(-num_blocks // SWIZZLE_COLS) * SWIZZLE_COLS
+    mp = ceil_div(num_tokens, SWIZZLE_ROWS) * SWIZZLE_ROWS
+    kp = ceil_div(num_blocks, SWIZZLE_COLS) * SWIZZLE_COLS
     if raw.numel() != mp * kp:
         raise ValueError(
             f"swizzled has {raw.numel()} elements, expected Mp*Kp = {mp}*{kp} for "

@@ -18,7 +18,7 @@ from types import MappingProxyType
 
 import torch
 
-from moewire.constants import ROW_ALIGN
+from moewire.constants import ROW_ALIGN, ceil_div
 from moewire.formats.base import WireFormat, format_class
 from moewire.formats.elements import as_fp32
 from moewire.formats.nvfp4 import check_global_scale
@@ -34,7 +34,7 @@ BACKENDS = ("torch", "triton")
 
 
 def _align(n: int) -> int:
-    return -(-n // ROW_ALIGN) * ROW_ALIGN
+    return ceil_div(n, ROW_ALIGN) * ROW_ALIGN
 
 
 @dataclass(frozen=True)

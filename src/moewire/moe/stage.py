@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from moewire.constants import ceil_div
 from moewire.formats import WireSpec
 from moewire.formats.fp8 import FP8Format
 from moewire.formats.spec import pick_backend
@@ -212,7 +213,7 @@ def unpermute(
         w = w.contiguous()
     if n:
         block = min(_UNPERMUTE_BLOCK, 1 << (h - 1).bit_length())
-        unpermute_kernel[(n, -(-h // block))](
+        unpermute_kernel[(n, ceil_div(h, block))](
             y_PH, plan.inv_NK, w, w.stride(0), out, h, K=k, BLOCK_H=block,
             OUT=0 if dtype == torch.float32 else 1, HW=y_PH.is_cuda, num_warps=4,
             enable_fp_fusion=False,
@@ -263,7 +264,7 @@ def grouped_gemm(
     block_m = min(64, max(16, 1 << max(0, math.ceil(plan.rows_per_expert) - 1).bit_length()))
     hw = a_PC.is_cuda
     raw = torch.uint8 if fp8 else (torch.bfloat16 if hw else torch.int16)
-    small_grouped_gemm_kernel[(-(-n // block_n), l)](
+    small_grouped_gemm_kernel[(ceil_div(n, block_n), l)](
         a_PC.view(raw), scale_P if fp8 else a_PC, w_LNC.view(raw), scale_LN if fp8 else w_LNC,
         plan.offsets_L, out if hw else out.view(torch.int16), n, c, BLOCK_M=block_m,
         BLOCK_N=block_n, BLOCK_K=block_k, FP8=fp8, HW=hw, num_warps=warps, num_stages=stages,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from moewire.constants import ceil_div
 from moewire.moe.config import MoEConfig
 
 #: Side of the square weight blocks of DeepSeek-V3's fp8 checkpoints.
@@ -30,7 +31,7 @@ def _check_scale(name: str, w_XOC: torch.Tensor, scale: torch.Tensor | None) -> 
         raise TypeError(f"{name} is float8_e4m3fn: {name}_scale (a torch.Tensor) is required")
     x, o, c = w_XOC.shape
     per_channel = (x, o)
-    block = (x, -(-o // WEIGHT_BLOCK), -(-c // WEIGHT_BLOCK))
+    block = (x, ceil_div(o, WEIGHT_BLOCK), ceil_div(c, WEIGHT_BLOCK))
     if tuple(scale.shape) not in (per_channel, block):
         raise ValueError(
             f"{name}_scale must be [{x}, {o}] (per output channel) or {list(block)} (per "
