@@ -148,9 +148,13 @@ def test_unpermute_kernel_bitwise(dtype):
     assert torch.equal(out.view(torch.uint8), ref.view(torch.uint8))
 
 
+@pytest.mark.parametrize("swap", [False, True])
 @pytest.mark.parametrize("fp8", [False, True])
-def test_small_grouped_gemm(fp8):
-    """The small-M kernel against per-expert fp32 matmuls of the same (exact) operands."""
+def test_small_grouped_gemm(fp8, swap, monkeypatch):
+    """The small-M kernel (both tile orientations) against per-expert fp32 matmuls of the
+    same (exact) operands."""
+    name = "fp8" if fp8 else "bf16"
+    monkeypatch.setitem(stage.SMALL_M_TILES, name, (*stage.SMALL_M_TILES[name][:4], swap))
     g = torch.Generator().manual_seed(12)
     n_rows, l, c, n = 6, 5, 96, 80
     ids = _ids(n_rows, K, E, 7).to(DEV)

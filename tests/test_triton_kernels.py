@@ -409,6 +409,32 @@ def test_many_extras_and_misaligned_out():
     assert int(flat[0]) == 0xA5
 
 
+@pytest.mark.parametrize("fmt", ["bf16", "fp8", "nvfp4", "mxfp4"])
+def test_one_spec_across_argument_specializations(fmt):
+    """One spec packed and decoded with inputs whose pointers, strides and dtypes change
+    from call to call (aligned, then not; one token, then many; extras misaligned): on the
+    GPU the later calls reuse compiled kernels only where Triton's specialization is the
+    same (``formats/_launch.py``), so every call must still match the reference."""
+    decl = {"logits": (torch.float32, 5)}
+    t, h = 6, 128
+    spec = make_spec(fmt, h, decl)
+    base = (heavy_tailed(t + 1, h + 9) * 3).to(DEVICE)
+    ebase = torch.randn(t + 1, 6).to(DEVICE)
+    inputs = [
+        (base[:t, :h], ebase[:t, :5]),  # aligned rows (stride h + 9)
+        (base[1 : t + 1, 1 : h + 1], ebase[1:, 1:]),  # misaligned pointers
+        (base[:t, :h].contiguous(), ebase[:t, :5].contiguous()),  # contiguous
+        (base[:1, 3 : h + 3], ebase[:1, :5]),  # one token, misaligned
+        (base[:t, :h].bfloat16(), ebase[:t, :5]),  # another dtype
+        (base[:t, :h].t().contiguous().t(), ebase[:t, :5]),  # column-major x
+    ]
+    for _ in range(2):  # the second round runs on kept kernels (GPU)
+        for x, logits in inputs:
+            rows = check_pack(spec, x, {"logits": logits})
+            check_dequantize(spec, rows)
+            check_dequantize(spec, rows[1:] if rows.shape[0] > 1 else rows)
+
+
 def test_zero_tokens():
     for fmt in mw.FORMATS:
         spec = make_spec(fmt, 256, EXTRAS)

@@ -147,15 +147,19 @@ def run(tokens: int, ex16: LocalExperts, ex8: LocalExperts, bw: float) -> dict:
 
 def sweep_small(ex16: LocalExperts, ex8: LocalExperts, bw: float, tokens: list[int]) -> None:
     """Time the small-M kernel's tiles on both GEMMs of both paths against torch's."""
-    tiles = [
-        (64, 256, 4, 3),
-        (128, 128, 4, 3),
-        (128, 128, 8, 3),
-        (64, 128, 8, 4),
-        (128, 64, 4, 4),
-        (64, 256, 8, 3),
-        (32, 256, 4, 4),
-        (128, 256, 8, 3),
+    tiles = [  # (BLOCK_N, BLOCK_K, warps, stages, SWAP)
+        (64, 256, 4, 3, False),
+        (128, 128, 4, 3, False),
+        (128, 128, 8, 3, False),
+        (128, 64, 4, 4, False),
+        (64, 128, 4, 4, True),
+        (64, 256, 4, 3, True),
+        (64, 256, 4, 4, True),
+        (128, 128, 4, 3, True),
+        (128, 128, 4, 4, True),
+        (128, 256, 4, 3, True),
+        (128, 256, 8, 3, True),
+        (64, 128, 4, 6, True),
     ]
     for t in tokens:
         ids = torch.rand(t, L, device="cuda").argsort(dim=1)[:, :K].int()

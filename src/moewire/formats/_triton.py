@@ -30,6 +30,7 @@ from moewire.constants import ROW_ALIGN, SWIZZLE_COLS, SWIZZLE_ROWS, Kind, ceil_
 from moewire.formats._kernels.dequant import dequant_kernel
 from moewire.formats._kernels.pack import MAX_EXTRAS, extras_kernel, pack_kernel
 from moewire.formats._kernels.swizzle import swizzle_kernel
+from moewire.formats._launch import Launch, int_key
 from moewire.formats._tiles import (  # noqa: F401  (_TUNED, _Tile: the tile sweeps' knobs)
     _TUNED,
     _Layout,
@@ -83,6 +84,7 @@ class _PackPlan(NamedTuple):
     rest: tuple  # further groups of MAX_EXTRAS extras (one extras_kernel launch each)
     words: bool  # bf16 x may be read as int32 words (the per-call half: _words_ok)
     consts: dict  # the pack kernel's constexprs (all but WORDS) and launch options
+    launch: tuple  # (WORDS=False, WORDS=True): the pack kernel's Launch
 
 
 def _pack_plan(spec, hw: bool) -> _PackPlan:
@@ -131,31 +133,37 @@ def _pack_plan(spec, hw: bool) -> _PackPlan:
         rest=tuple(tuple(gr) for gr in groups[1:]),
         words=lay.kind != Kind.BF16 and lay.blkp >= 8 and spec.hidden % 2 == 0,
         consts=consts,
+        launch=tuple(Launch(pack_kernel, {**consts, "WORDS": w}) for w in (False, True)),
     )
     return plan
 
 
 def _extra_args(group: tuple, unused: int, tensors: dict, rows: torch.Tensor) -> tuple:
     """The kernels' ``extras`` argument: ``(ptr, stride, offset, nbytes, span)`` per extra,
-    padded to :data:`MAX_EXTRAS` with unused slots."""
+    padded to :data:`MAX_EXTRAS` with unused slots; and the launch key of its per-call part
+    (each extra's alignment and row stride: the rest is fixed by the plan)."""
     args: list = []
+    key: list = []
     for name, off, nbytes, span in group:
         e = tensors[name]
         if e.shape[1] and e.stride(1) != 1:
             e = e.contiguous()
         eb = e if e.dtype == torch.uint8 else e.view(torch.uint8)
-        args.append((eb, eb.stride(0), off, nbytes, span))
-    return (*args, *[(rows, 0, 0, 0, 0)] * unused)
+        s0 = eb.stride(0)
+        args.append((eb, s0, off, nbytes, span))
+        key.append((eb.data_ptr() % 16 == 0, int_key(s0)))
+    return (*args, *[(rows, 0, 0, 0, 0)] * unused), tuple(key)
 
 
-def _words_ok(x: torch.Tensor) -> bool:
+def _words_ok(x: torch.Tensor, strides: tuple | None = None) -> bool:
     """The per-call half of :func:`_words`: bf16 ``x`` with unit column stride, 4-byte
     aligned rows."""
+    s0, s1 = x.stride() if strides is None else strides
     return (
         x.dtype == torch.bfloat16
-        and x.stride(1) == 1
+        and s1 == 1
         and x.data_ptr() % 4 == 0
-        and (x.stride(0) % 2 == 0 or x.shape[0] == 1)
+        and (s0 % 2 == 0 or x.shape[0] == 1)
     )
 
 
@@ -163,6 +171,24 @@ def _words(lay: _Layout, x: torch.Tensor) -> bool:
     """Whether the block formats can read bf16 ``x`` as int32 words of two values (see
     ``_kernels/pack.py``): unit column stride, 4-byte aligned rows, whole words per block."""
     return lay.kind != Kind.BF16 and lay.blkp >= 8 and x.shape[1] % 2 == 0 and _words_ok(x)
+
+
+def _launch_pack(plan: _PackPlan, grid: tuple, x, target, extras: dict, words: bool) -> None:
+    """One pack launch: the per-call arguments and their launch key (``_launch.py``)."""
+    ex, ex_key = _extra_args(plan.first, plan.unused, extras, target)
+    sx = x.stride()
+    st0 = target.stride(0)
+    key = (
+        x.dtype,
+        x.data_ptr() % 16 == 0,
+        target.data_ptr() % 16 == 0,
+        int_key(sx[0]),
+        int_key(sx[1]),
+        int_key(st0),
+        ex_key,
+    )
+    launch = plan.launch[words and plan.words and _words_ok(x, sx)]
+    launch(grid, key, x, *sx, target, st0, *plan.scalars, ex)
 
 
 def pack(
@@ -210,23 +236,13 @@ def pack(
         rows if _aligned(rows) else torch.empty_like(rows, memory_format=torch.contiguous_format)
     )
     grid = (lay.n_groups, t) if lay.chunk_fast else (t, lay.n_groups)
-    pack_kernel[grid](
-        x,
-        x.stride(0),
-        x.stride(1),
-        target,
-        target.stride(0),
-        *plan.scalars,
-        _extra_args(plan.first, plan.unused, extras, target),
-        WORDS=words and plan.words and _words_ok(x),
-        **plan.consts,
-    )
+    _launch_pack(plan, grid, x, target, extras, words)
     # More than MAX_EXTRAS extras (unusual): one more small launch per group.
     for group in plan.rest:
         extras_kernel[(t,)](
             target,
             target.stride(0),
-            _extra_args(group, MAX_EXTRAS - len(group), extras, target),
+            _extra_args(group, MAX_EXTRAS - len(group), extras, target)[0],
             NUM_EXTRAS=len(group),
             EBLOCK=lay.eblock,
             EITER=lay.eiter,
@@ -259,13 +275,16 @@ def dequantize(
     if not (_aligned(rows) and rows.stride(1) == 1):
         rows = rows.clone(memory_format=torch.contiguous_format)
     hw = (rows.is_cuda and _HW_E4M3) if hw is None else hw
-    grid_y, scalars, consts = _dequant_plan(spec, dtype, hw)
-    dequant_kernel[(n, grid_y)](rows, rows.stride(0), out, out.stride(0), *scalars, **consts)
+    grid_y, scalars, launch = _dequant_plan(spec, dtype, hw)
+    rs0, os0 = rows.stride(0), out.stride(0)
+    key = (rows.data_ptr() % 16 == 0, int_key(rs0), int_key(os0))
+    launch((n, grid_y), key, rows, rs0, out, os0, *scalars)
     return out
 
 
-def _dequant_plan(spec, dtype: torch.dtype, hw: bool) -> tuple[int, tuple, dict]:
-    """(programs per row, scalar arguments, constexprs) of a dequantize launch (cached)."""
+def _dequant_plan(spec, dtype: torch.dtype, hw: bool) -> tuple[int, tuple, Launch]:
+    """(programs per row, scalar arguments, the kernel's Launch) of a dequantize launch
+    (cached)."""
     lay, plans = _layout.plans(spec)
     plan = plans.get(("dequant", dtype, hw))
     if plan is None:
@@ -280,7 +299,11 @@ def _dequant_plan(spec, dtype: torch.dtype, hw: bool) -> tuple[int, tuple, dict]
             num_warps=lay.dq.num_warps,
         )
         scalars = (spec.hidden, lay.dq.nb, lay.scale_off, inv_g)
-        plan = plans["dequant", dtype, hw] = (lay.dq.n_chunks, scalars, consts)
+        plan = plans["dequant", dtype, hw] = (
+            lay.dq.n_chunks,
+            scalars,
+            Launch(dequant_kernel, consts),
+        )
     return plan
 
 

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from moewire.constants import ceil_div
 from moewire.formats import WireSpec
+from moewire.formats._launch import arg_key, launcher
 from moewire.formats.fp8 import FP8Format
 from moewire.formats.spec import pick_backend
 
@@ -110,11 +111,12 @@ def gather_bf16(
     d = decoder(spec, rows_NR.device.type)
     out = torch.empty((p, h), dtype=torch.bfloat16, device=rows_NR.device)
     if p:
-        gather_decode_kernel[(p, d.n_chunks)](
-            rows_NR, rows_NR.stride(0), plan.row_P, plan.count_1, out, h, d.nb, d.scale_off,
-            d.inv_g, KIND=d.kind, NBLK=d.nblk, BLKP=d.blkp, FULL=d.full, HW=d.hw,
-            num_warps=d.num_warps,
-        )  # fmt: skip
+        args = (rows_NR, rows_NR.stride(0), plan.row_P, plan.count_1, out, h, d.nb,
+                d.scale_off, d.inv_g)  # fmt: skip
+        launcher(
+            gather_decode_kernel, KIND=d.kind, NBLK=d.nblk, BLKP=d.blkp, FULL=d.full,
+            HW=d.hw, num_warps=d.num_warps,
+        )((p, d.n_chunks), arg_key(*args), *args)  # fmt: skip
     return out
 
 
@@ -142,11 +144,12 @@ def gather_fp8(
     q = torch.empty((p, h), dtype=torch.float8_e4m3fn, device=rows_NR.device)
     s = torch.empty((p,), dtype=torch.float32, device=rows_NR.device)
     if p:
-        gather_fp8_kernel[(p,)](
-            rows_NR, rows_NR.stride(0), plan.row_P, plan.count_1, q.view(torch.uint8), s, h,
-            d.nb, d.scale_off, d.inv_g, N_CHUNKS=d.n_chunks, KIND=d.kind, NBLK=d.nblk,
-            BLKP=d.blkp, FULL=d.full, HW=d.hw, num_warps=d.num_warps,
-        )  # fmt: skip
+        args = (rows_NR, rows_NR.stride(0), plan.row_P, plan.count_1, q.view(torch.uint8), s,
+                h, d.nb, d.scale_off, d.inv_g)  # fmt: skip
+        launcher(
+            gather_fp8_kernel, N_CHUNKS=d.n_chunks, KIND=d.kind, NBLK=d.nblk, BLKP=d.blkp,
+            FULL=d.full, HW=d.hw, num_warps=d.num_warps,
+        )((p,), arg_key(*args), *args)  # fmt: skip
     return q, s
 
 
@@ -172,10 +175,11 @@ def swiglu(
     s = torch.empty((p,) if fp8 else (1,), dtype=torch.float32, device=h_P2I.device)
     if p:
         block = max(16, 1 << (i - 1).bit_length())
-        swiglu_kernel[(p,)](
-            h_P2I, plan.count_1, out.view(torch.uint8) if fp8 else out, s, i, BLOCK_I=block,
-            FP8=fp8, HW=h_P2I.is_cuda, num_warps=max(1, min(16, block // 256)),
-        )  # fmt: skip
+        args = (h_P2I, plan.count_1, out.view(torch.uint8) if fp8 else out, s, i)
+        launcher(
+            swiglu_kernel, BLOCK_I=block, FP8=fp8, HW=h_P2I.is_cuda,
+            num_warps=max(1, min(16, block // 256)),
+        )((p,), arg_key(*args), *args)  # fmt: skip
     return out, (s if fp8 else None)
 
 
@@ -213,11 +217,11 @@ def unpermute(
         w = w.contiguous()
     if n:
         block = min(_UNPERMUTE_BLOCK, 1 << (h - 1).bit_length())
-        unpermute_kernel[(n, ceil_div(h, block))](
-            y_PH, plan.inv_NK, w, w.stride(0), out, h, K=k, BLOCK_H=block,
-            OUT=0 if dtype == torch.float32 else 1, HW=y_PH.is_cuda, num_warps=4,
-            enable_fp_fusion=False,
-        )  # fmt: skip
+        args = (y_PH, plan.inv_NK, w, w.stride(0), out, h)
+        launcher(
+            unpermute_kernel, K=k, BLOCK_H=block, OUT=0 if dtype == torch.float32 else 1,
+            HW=y_PH.is_cuda, num_warps=4, enable_fp_fusion=False,
+        )((n, ceil_div(h, block)), arg_key(*args), *args)  # fmt: skip
     return out
 
 
@@ -226,9 +230,9 @@ def unpermute(
 #: on one H200 (BENCHMARKS.md, "expert stage"): at 8 rows per expert the kernel reads the
 #: bf16 weights at 1.01x the copy time against torch's 1.46x, at 32 rows it is level.
 SMALL_M_ROWS = 16
-#: Tiles of the small-M kernel per operand kind: (BLOCK_N, BLOCK_K, num_warps, num_stages),
-#: the best of ``tools/stage_profile.py --sweep`` at 1 and 64 tokens.
-SMALL_M_TILES = {"bf16": (128, 128, 4, 3), "fp8": (64, 256, 4, 3)}
+#: Tiles of the small-M kernel per operand kind: (BLOCK_N, BLOCK_K, num_warps, num_stages,
+#: SWAP), the best of ``tools/stage_profile.py --sweep`` at 1 and 64 tokens.
+SMALL_M_TILES = {"bf16": (128, 128, 4, 3, False), "fp8": (64, 256, 4, 3, False)}
 
 
 def grouped_gemm(
@@ -260,13 +264,15 @@ def grouped_gemm(
 
     fp8 = scale_P is not None
     out = torch.empty((p, n), dtype=torch.bfloat16, device=a_PC.device)
-    block_n, block_k, warps, stages = SMALL_M_TILES["fp8" if fp8 else "bf16"]
+    block_n, block_k, warps, stages, swap = SMALL_M_TILES["fp8" if fp8 else "bf16"]
     block_m = min(64, max(16, 1 << max(0, math.ceil(plan.rows_per_expert) - 1).bit_length()))
     hw = a_PC.is_cuda
     raw = torch.uint8 if fp8 else (torch.bfloat16 if hw else torch.int16)
-    small_grouped_gemm_kernel[(ceil_div(n, block_n), l)](
-        a_PC.view(raw), scale_P if fp8 else a_PC, w_LNC.view(raw), scale_LN if fp8 else w_LNC,
-        plan.offsets_L, out if hw else out.view(torch.int16), n, c, BLOCK_M=block_m,
-        BLOCK_N=block_n, BLOCK_K=block_k, FP8=fp8, HW=hw, num_warps=warps, num_stages=stages,
-    )  # fmt: skip
+    args = (a_PC.view(raw), scale_P if fp8 else a_PC, w_LNC.view(raw),
+            scale_LN if fp8 else w_LNC, plan.offsets_L, out if hw else out.view(torch.int16),
+            n, c)  # fmt: skip
+    launcher(
+        small_grouped_gemm_kernel, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, FP8=fp8,
+        HW=hw, SWAP=swap, num_warps=warps, num_stages=stages,
+    )((ceil_div(n, block_n), l), arg_key(*args), *args)  # fmt: skip
     return out
