@@ -153,12 +153,12 @@ def test_unpermute_kernel_bitwise(dtype):
 def test_small_grouped_gemm(fp8, swap, monkeypatch):
     """The small-M kernel (both tile orientations) against per-expert fp32 matmuls of the
     same (exact) operands."""
-    name = "fp8" if fp8 else "bf16"
-    monkeypatch.setitem(stage.SMALL_M_TILES, name, (*stage.SMALL_M_TILES[name][:4], swap))
     g = torch.Generator().manual_seed(12)
     n_rows, l, c, n = 6, 5, 96, 80
     ids = _ids(n_rows, K, E, 7).to(DEV)
     plan = stage.plan_device(ids, first_expert=1, num_local=l)
+    key = ("fp8" if fp8 else "bf16", stage.small_m_block(plan.rows_per_expert))
+    monkeypatch.setitem(stage.SMALL_M_TILES, key, (*stage.SMALL_M_TILES[key][:4], swap))
     a = torch.randn(plan.num_pairs, c, generator=g).bfloat16().to(DEV)
     w = (torch.randn(l, n, c, generator=g) * c**-0.5).bfloat16().to(DEV)
     sa = sw = None

@@ -32,3 +32,29 @@ def test_arg_key_tensors_and_nesting():
     assert arg_key((buf, 16), 3) != arg_key((a1, 16), 3)
     with pytest.raises(TypeError, match="unsupported argument type str"):
         arg_key("x")
+
+
+def test_launch_hooks_send_launches_through_triton():
+    """An installed launch hook (a profiler's) must see every launch: the light path is
+    taken only while Triton's hook chains are empty."""
+    triton = pytest.importorskip("triton")
+    knobs = getattr(triton, "knobs", None)
+    if knobs is None:
+        pytest.skip("this Triton has no knobs")
+    from moewire.formats import _launch
+
+    assert _launch._load_knobs()
+    assert not _launch._hooked()
+    chain = knobs.runtime.launch_enter_hook
+    if not hasattr(chain, "add"):
+        pytest.skip("this Triton's launch hook is not a HookChain")
+
+    def hook(*args):
+        pass
+
+    chain.add(hook)
+    try:
+        assert _launch._hooked()
+    finally:
+        chain.remove(hook)
+    assert not _launch._hooked()

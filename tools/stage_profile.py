@@ -150,16 +150,17 @@ def sweep_small(ex16: LocalExperts, ex8: LocalExperts, bw: float, tokens: list[i
     tiles = [  # (BLOCK_N, BLOCK_K, warps, stages, SWAP)
         (64, 256, 4, 3, False),
         (128, 128, 4, 3, False),
-        (128, 128, 8, 3, False),
-        (128, 64, 4, 4, False),
         (64, 128, 4, 4, True),
+        (64, 128, 4, 6, True),
         (64, 256, 4, 3, True),
         (64, 256, 4, 4, True),
+        (64, 256, 8, 4, True),
         (128, 128, 4, 3, True),
         (128, 128, 4, 4, True),
+        (128, 128, 8, 4, True),
+        (128, 64, 4, 6, True),
         (128, 256, 4, 3, True),
-        (128, 256, 8, 3, True),
-        (64, 128, 4, 6, True),
+        (256, 128, 8, 3, True),
     ]
     for t in tokens:
         ids = torch.rand(t, L, device="cuda").argsort(dim=1)[:, :K].int()
@@ -184,17 +185,19 @@ def sweep_small(ex16: LocalExperts, ex8: LocalExperts, bw: float, tokens: list[i
                     stage.grouped_gemm(a, w, plan, s1, s2, small=small)
 
             saved = dict(stage.SMALL_M_TILES)
+            key = (name, stage.small_m_block(plan.rows_per_expert))
             best = (timed(lambda: run_all(False)) * 1e6, "torch")
             print(f"T={t} {name} weights read {read:.0f} us, torch {best[0]:.0f} us", flush=True)
             for tile in tiles:
-                stage.SMALL_M_TILES[name] = tile
+                stage.SMALL_M_TILES[key] = tile
                 try:
                     us = timed(lambda: run_all(True)) * 1e6
                 except Exception as err:  # a tile that does not fit shared memory
                     print(f"  {tile}: {type(err).__name__}", flush=True)
                     continue
                 best = min(best, (us, str(tile)))
-            print(f"T={t} {name} best {best[1]} {best[0]:.0f} us ({best[0] / read:.2f}x read)",
+            print(f"T={t} {name} BLOCK_M={key[1]} best {best[1]} {best[0]:.0f} us "
+                  f"({best[0] / read:.2f}x read)",
                   flush=True)  # fmt: skip
             stage.SMALL_M_TILES.update(saved)
 

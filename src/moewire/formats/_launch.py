@@ -71,9 +71,15 @@ def _load_knobs() -> bool:
     return True
 
 
+def _active(hook) -> bool:
+    """Whether a Triton launch hook does anything: a callable (older Triton) or a
+    non-empty ``HookChain`` (Triton >= 3.5, where the knob is never None)."""
+    return hook is not None and bool(getattr(hook, "calls", True))
+
+
 def _hooked() -> bool:
     rt = _knobs.runtime
-    return rt.launch_enter_hook is not None or rt.launch_exit_hook is not None
+    return _active(rt.launch_enter_hook) or _active(rt.launch_exit_hook)
 
 
 class Launch:

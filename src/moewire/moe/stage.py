@@ -225,14 +225,28 @@ def unpermute(
     return out
 
 
-#: Rows per expert (the upper bound ``P / L``) up to which the GEMMs take the small-M
-#: Triton kernel (``_kernels/gemm.py``) instead of torch's grouped GEMMs; by measurement
-#: on one H200 (BENCHMARKS.md, "expert stage"): at 8 rows per expert the kernel reads the
-#: bf16 weights at 1.01x the copy time against torch's 1.46x, at 32 rows it is level.
-SMALL_M_ROWS = 16
-#: Tiles of the small-M kernel per operand kind: (BLOCK_N, BLOCK_K, num_warps, num_stages,
-#: SWAP), the best of ``tools/stage_profile.py --sweep`` at 1 and 64 tokens.
-SMALL_M_TILES = {"bf16": (128, 128, 4, 3, False), "fp8": (64, 256, 4, 3, False)}
+#: Expected rows per expert (``N * K / E``) up to which the GEMMs take the small-M Triton
+#: kernel (``_kernels/gemm.py``) instead of torch's grouped GEMMs; by measurement on one
+#: H200 (BENCHMARKS.md, "expert stage").
+SMALL_M_ROWS = 32
+#: Tiles of the small-M kernel per operand kind and row tile (``small_m_block``):
+#: (BLOCK_N, BLOCK_K, num_warps, num_stages, SWAP), the best of
+#: ``tools/stage_profile.py --sweep``.
+SMALL_M_TILES = {
+    ("bf16", 16): (128, 128, 4, 3, True),
+    ("bf16", 32): (128, 128, 4, 3, True),
+    ("bf16", 64): (64, 128, 4, 4, True),
+    ("fp8", 16): (128, 256, 4, 3, True),
+    ("fp8", 32): (128, 256, 4, 3, True),
+    ("fp8", 64): (64, 256, 4, 3, True),
+}
+
+
+def small_m_block(rows_per_expert: float) -> int:
+    """The small-M kernel's row tile: a power of two in ``[16, 64]`` holding twice the
+    expected rows per expert, so that an expert with more rows than the mean still has its
+    weights read once."""
+    return min(64, max(16, 1 << max(0, math.ceil(2 * rows_per_expert) - 1).bit_length()))
 
 
 def grouped_gemm(
@@ -264,8 +278,8 @@ def grouped_gemm(
 
     fp8 = scale_P is not None
     out = torch.empty((p, n), dtype=torch.bfloat16, device=a_PC.device)
-    block_n, block_k, warps, stages, swap = SMALL_M_TILES["fp8" if fp8 else "bf16"]
-    block_m = min(64, max(16, 1 << max(0, math.ceil(plan.rows_per_expert) - 1).bit_length()))
+    block_m = small_m_block(plan.rows_per_expert)
+    block_n, block_k, warps, stages, swap = SMALL_M_TILES["fp8" if fp8 else "bf16", block_m]
     hw = a_PC.is_cuda
     raw = torch.uint8 if fp8 else (torch.bfloat16 if hw else torch.int16)
     args = (a_PC.view(raw), scale_P if fp8 else a_PC, w_LNC.view(raw),
