@@ -31,6 +31,7 @@ try:
     triton = pytest.importorskip("triton", reason="triton is not importable")
     import moewire.formats._triton  # the kernels, built for the interpreter on CPU
     import moewire.moe._kernels.gemm
+    import moewire.moe._kernels.routing
     import moewire.moe._kernels.stage
 
     with contextlib.suppress(ImportError):
@@ -87,6 +88,37 @@ def test_plan_device_matches_a_python_sort():
     assert plan.offsets_L.tolist() == ends and plan.count_1.tolist() == [len(local)]
     inv = {p: i for i, (_, p) in enumerate(local)}
     assert plan.inv_NK.reshape(-1).tolist() == [inv.get(p, -1) for p in range(7 * K)]
+
+
+@pytest.mark.parametrize(
+    ("n", "k", "e", "first", "local"),
+    [
+        (7, 3, 8, 2, 4),
+        (1, 8, 64, 0, 64),
+        (300, 8, 64, 16, 16),
+        (50, 2, 256, 0, 256),
+        (3, 1, 4, 3, 1),
+    ],
+)
+def test_plan_kernel_bitwise(n, k, e, first, local):
+    """``plan_kernel`` against ``plan_device``'s torch ops, every field, on random ids with
+    other ranks' experts, invalid ids (-1 padding, out of range, huge int64) and int32 or
+    int64 ids."""
+    g = torch.Generator().manual_seed(n * 31 + k)
+    ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(n)])
+    ids[0, 0] = -1
+    if n > 2:
+        ids[1, -1] = e + 7
+        ids[2, 0] = (1 << 40) + first  # truncated to int32 as the torch ops do
+    for dtype in (torch.int64, torch.int32):
+        if dtype == torch.int32 and n > 2:
+            ids[2, 0] = first
+        ref = stage.plan_device(ids.to(dtype), first, local, e, backend="torch")
+        got = stage.plan_device(ids.to(dtype).to(DEV), first, local, e, backend="triton")
+        for name in ("row_P", "offsets_L", "count_1", "inv_NK"):
+            a, b = getattr(got, name).cpu(), getattr(ref, name)
+            assert a.dtype == b.dtype and torch.equal(a, b), (name, a, b)
+        assert got.rows_per_expert == ref.rows_per_expert
 
 
 def test_unpermute_torch_is_the_k_order_sum():

@@ -288,9 +288,10 @@ class WireSpec:
             uint8 ``[T, R]`` rows (``out`` when given).
         """
         self._check_x(x)
-        self._check_extras(x.shape[0], x.device, extras)
-        rows = self._out_rows(out, x.shape[0], x.device)
-        if self._pick_backend(backend, x.device) == "triton":
+        device, t = x.device, x.shape[0]
+        self._check_extras(t, device, extras)
+        rows = self._out_rows(out, t, device)
+        if self._pick_backend(backend, device) == "triton":
             return _triton_module().pack(self, x, rows, extras)
         step = max(1, _CHUNK_VALUES // self._hidden)
         for start in range(0, x.shape[0], step):

@@ -405,10 +405,10 @@ class EPMoE(nn.Module):
                 self.spec, recv_NR, ids_NK, weights_NK, impl, self.combine_dtype
             )
         with self._stage("combine"):
-            y_TH = self.comm.combine(partial_NH, handle).float()
+            y_TH = self.comm.combine(partial_NH, handle)
         if self.shared_expert is not None:
-            y_TH = y_TH + self.shared_expert(x_TH).float()
-        return y_TH.to(x_TH.dtype)
+            y_TH = y_TH.float() + self.shared_expert(x_TH).float()
+        return y_TH.to(x_TH.dtype)  # bf16 -> x's dtype rounds as through fp32
 
     def _route_received(
         self, recv_NR: torch.Tensor, t: int, valid_counts: torch.Tensor | None

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import torch
 
+from moewire.formats._launch import arg_key, launcher
+from moewire.formats.spec import pick_backend
 from moewire.moe.config import MoEConfig
 
 #: How a token's routing travels: router logits (every rank routes after the gather) or this
@@ -41,6 +43,9 @@ def routing_extras(mode: str, num_experts: int, top_k: int) -> dict[str, tuple[t
         return {"topk_ids": (torch.int32, top_k), "topk_weights": (torch.float32, top_k)}
     raise ValueError(f"routing must be one of {ROUTING_MODES}, got {mode!r}")
 
+
+#: The most experts the routing kernel takes (one program holds a token's whole row).
+_KERNEL_MAX_EXPERTS = 1024
 
 #: Added to the denominator of the DeepSeek-V3 renormalization (as in its reference code).
 DSV3_RENORM_EPS = 1e-20
@@ -137,6 +142,8 @@ def route(
     config: MoEConfig,
     router_logits_TE: torch.Tensor,
     router_bias_E: torch.Tensor | None = None,
+    *,
+    backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pick each token's experts and their weights.
 
@@ -145,6 +152,10 @@ def route(
         router_logits_TE: ``[T, E]`` float logits (any float dtype; upcast to fp32 first).
         router_bias_E: ``deepseek_v3`` only: the ``[E]`` per-expert correction bias added to
             the sigmoid scores for selection only (None = zeros).
+        backend: ``"torch"`` (the chain of torch ops below, the reference), ``"triton"``
+            (one kernel, ``_kernels/routing.py``, bitwise the same; CUDA, or CPU under
+            ``TRITON_INTERPRET=1``) or None (the kernel on CUDA where triton is importable
+            and the shape fits it: ``E <= 1024``, groups of a power of two).
 
     Returns:
         ``(topk_ids_TK, topk_weights_TK)``: int64 expert ids in ``[0, E)``, in descending
@@ -167,6 +178,8 @@ def route(
     if logits.shape[0] == 0:
         empty = logits.new_empty((0, k))
         return empty.long(), empty
+    if pick_backend(backend, logits.device) == "triton" and _kernel_fits(config):
+        return _route_triton(config, logits, router_bias_E)
 
     if config.router == "softmax":
         weights, ids = _topk(softmax_f32(logits), k)
@@ -194,6 +207,45 @@ def route(
             weights = weights / (tree_sum(weights).unsqueeze(-1) + DSV3_RENORM_EPS)
     if config.routed_scaling_factor != 1.0:
         weights = weights * config.routed_scaling_factor
+    return ids, weights
+
+
+def _kernel_fits(config: MoEConfig) -> bool:
+    """Whether ``route_kernel`` takes this router: at most 1024 experts, and with a group
+    limit a power-of-two number of experts and of groups."""
+    e, g = config.num_experts, config.n_group
+    if e > _KERNEL_MAX_EXPERTS:
+        return False
+    grouped = config.router == "deepseek_v3" and config.topk_group < g
+    return not grouped or (e & (e - 1) == 0 and g & (g - 1) == 0)
+
+
+def _route_triton(
+    config: MoEConfig, logits_TE: torch.Tensor, router_bias_E: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`route` in one kernel (``_kernels/routing.py``), bitwise the same."""
+    from moewire.moe._kernels.routing import route_kernel
+
+    t, e = logits_TE.shape
+    k = config.top_k
+    ep, kp = 1 << (e - 1).bit_length(), 1 << (k - 1).bit_length()
+    if logits_TE.stride(1) != 1:
+        logits_TE = logits_TE.contiguous()
+    sigmoid = config.router == "deepseek_v3"
+    bias = logits_TE
+    if router_bias_E is not None:
+        bias = router_bias_E.to(device=logits_TE.device, dtype=torch.float32).contiguous()
+    groups = config.n_group if sigmoid and config.topk_group < config.n_group else 1
+    ids = torch.empty((t, k), dtype=torch.int64, device=logits_TE.device)
+    weights = torch.empty((t, k), dtype=torch.float32, device=logits_TE.device)
+    scale = config.routed_scaling_factor
+    args = (logits_TE, logits_TE.stride(0), bias, ids, weights, e, float(scale))
+    launcher(
+        route_kernel, EP=ep, EP_LOG=ep.bit_length() - 1, K=k, KP=kp, KP_LOG=kp.bit_length() - 1,
+        SIGMOID=sigmoid, HAS_BIAS=router_bias_E is not None, G=groups,
+        TOPK_GROUP=config.topk_group, RENORM=config.renormalize, SCALE=scale != 1.0,
+        num_warps=max(1, min(8, ep // 64)), enable_fp_fusion=False,
+    )((t,), arg_key(*args), *args)  # fmt: skip
     return ids, weights
 
 

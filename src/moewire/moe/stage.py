@@ -63,14 +63,22 @@ class DevicePlan:
 
 
 def plan_device(
-    topk_ids_NK: torch.Tensor, first_expert: int, num_local: int, num_experts: int | None = None
+    topk_ids_NK: torch.Tensor,
+    first_expert: int,
+    num_local: int,
+    num_experts: int | None = None,
+    backend: str | None = None,
 ) -> DevicePlan:
     """Sort the pairs of ``topk_ids_NK`` (int global expert ids) that fall in
     ``[first_expert, first_expert + num_local)`` by expert, without a host sync. Ids
     outside that range (other ranks' experts, or invalid ones) are never used as an index:
-    their pairs are non-local."""
+    their pairs are non-local. On CUDA one kernel (``plan_kernel``), bitwise the torch ops
+    below."""
     n, k = topk_ids_NK.shape
     dev = topk_ids_NK.device
+    per_expert = n * k / (num_experts or num_local)
+    if num_local and n and _use_triton(topk_ids_NK, backend):
+        return _plan_triton(topk_ids_NK, first_expert, num_local, per_expert)
     local_P = topk_ids_NK.reshape(-1).to(torch.int32) - first_expert
     local_P = torch.where((local_P >= 0) & (local_P < num_local), local_P, num_local)
     key_P, order_P = torch.sort(local_P, stable=True)
@@ -81,8 +89,36 @@ def plan_device(
     inv_P = torch.empty(n * k, dtype=torch.int32, device=dev)
     inv_P.index_copy_(0, order_P, torch.where(key_P < num_local, pos_P, -1))
     row_P = torch.div(order_P, k, rounding_mode="floor").to(torch.int32)
-    per_expert = n * k / (num_experts or num_local)
     return DevicePlan(row_P, offsets_L, count_1, inv_P.view(n, k), per_expert)
+
+
+#: The plan kernel's bins x pairs per program (its one-hot tile) and pairs per count step.
+_PLAN_TILE = 8192
+_PLAN_SCAN = 2048
+
+
+def _plan_triton(
+    topk_ids_NK: torch.Tensor, first_expert: int, num_local: int, per_expert: float
+) -> DevicePlan:
+    """:func:`plan_device` in one launch of ``plan_kernel``."""
+    from moewire.moe._kernels.stage import plan_kernel
+
+    n, k = topk_ids_NK.shape
+    p, dev = n * k, topk_ids_NK.device
+    ids_P = topk_ids_NK.reshape(-1)
+    if not ids_P.is_contiguous():
+        ids_P = ids_P.contiguous()
+    row_P = torch.empty(p, dtype=torch.int32, device=dev)
+    offsets_L = torch.empty(num_local, dtype=torch.int32, device=dev)
+    inv_P = torch.empty(p, dtype=torch.int32, device=dev)
+    bins = 1 << (num_local + 1).bit_length()  # >= num_local + 2
+    block = max(16, min(128, _PLAN_TILE // bins))
+    scan = max(16, min(_PLAN_SCAN, 1 << (p - 1).bit_length()))
+    args = (ids_P, p, k, first_expert, num_local, row_P, offsets_L, inv_P)
+    launcher(plan_kernel, BLOCK=block, SCAN=scan, LP=bins, num_warps=4)(
+        (ceil_div(p, block),), arg_key(*args), *args
+    )
+    return DevicePlan(row_P, offsets_L, offsets_L[-1:], inv_P.view(n, k), per_expert)
 
 
 def _use_triton(t: torch.Tensor, backend: str | None) -> bool:
@@ -235,10 +271,10 @@ SMALL_M_ROWS = 32
 SMALL_M_TILES = {
     ("bf16", 16): (128, 128, 4, 3, True),
     ("bf16", 32): (128, 128, 4, 3, True),
-    ("bf16", 64): (64, 128, 4, 4, True),
+    ("bf16", 64): (128, 128, 4, 4, True),
     ("fp8", 16): (128, 256, 4, 3, True),
     ("fp8", 32): (128, 256, 4, 3, True),
-    ("fp8", 64): (64, 256, 4, 3, True),
+    ("fp8", 64): (128, 128, 4, 4, True),
 }
 
 

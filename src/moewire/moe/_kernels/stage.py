@@ -9,6 +9,8 @@
   bf16, optionally quantized per row with the ``fp8`` recipe, reading the GEMM output once.
 - :func:`unpermute_kernel`: for each received row, ``sum_k w_k * y_k`` over its local
   experts in ``k`` order, gathered (no atomics), written once in the combine dtype.
+- :func:`plan_kernel`: the device plan (the pairs sorted by local expert, the groups' ends,
+  the inverse map) in one launch, bitwise ``plan_device``'s torch ops.
 
 Rows of the sorted pair order past the number of local pairs (``count``, on the device)
 are skipped: their programs store nothing. Shape legend: ``N`` received rows, ``P = N*K``
@@ -151,3 +153,57 @@ def unpermute_kernel(
         y = tl.load(y_ptr + tl.maximum(p, 0).to(tl.int64) * H + cols, mask=cm & live, other=0.0)
         acc = tl.where(live, acc + y.to(tl.float32) * w, acc)
     _store_out(out_ptr + n * H, cols, acc, cm, OUT, HW)
+
+
+@triton.jit
+def _buckets(ids_ptr, idx, P, first, num_local, PAD: tl.constexpr):
+    """The local expert of pairs ``idx`` (``num_local`` for another rank's or an invalid
+    id, ``PAD`` past ``P``), as ``plan_device`` computes it: the id cast to int32, less
+    ``first``."""
+    e = tl.load(ids_ptr + idx, mask=idx < P, other=0).to(tl.int32) - first
+    e = tl.where((e >= 0) & (e < num_local), e, num_local)
+    return tl.where(idx < P, e, PAD)
+
+
+@triton.jit
+def plan_kernel(
+    ids_ptr,
+    P,
+    K,
+    first,
+    num_local,
+    row_ptr,
+    offs_ptr,
+    inv_ptr,
+    BLOCK: tl.constexpr,
+    SCAN: tl.constexpr,
+    LP: tl.constexpr,
+):
+    """Program ``b``: the sorted positions of pairs ``[b*BLOCK, (b+1)*BLOCK)``, as a stable
+    sort by local expert (the other ranks' pairs last) places them: the pairs of lower
+    experts, plus the earlier pairs of the same expert. Every program counts all ``P``
+    pairs (``SCAN`` at a time; counts are order-free, so the plan is deterministic);
+    program 0 also writes the groups' ends. ``LP``: bins, at least ``num_local + 2`` (the
+    last is padding)."""
+    b = tl.program_id(0)
+    lo = b * BLOCK
+    scan = tl.arange(0, SCAN)
+    total = tl.zeros([LP], tl.int32)
+    before = tl.zeros([LP], tl.int32)
+    for c0 in range(0, P, SCAN):
+        idx = c0 + scan
+        e = _buckets(ids_ptr, idx, P, first, num_local, LP - 1)
+        total += tl.histogram(e, LP)
+        before += tl.histogram(tl.where(idx < lo, e, LP - 1), LP)
+    bins = tl.arange(0, LP)
+    start = tl.cumsum(total, axis=0) - total + before
+    idx = lo + tl.arange(0, BLOCK)
+    e = _buckets(ids_ptr, idx, P, first, num_local, LP - 1)
+    onehot = (e[:, None] == bins[None, :]).to(tl.int32)
+    rank = tl.sum(onehot * (tl.cumsum(onehot, axis=0) - 1), axis=1)
+    pos = tl.sum(onehot * start[None, :], axis=1) + rank
+    live = idx < P
+    tl.store(row_ptr + pos, idx // K, mask=live)
+    tl.store(inv_ptr + idx, tl.where(e < num_local, pos, -1), mask=live)
+    if b == 0:
+        tl.store(offs_ptr + bins, tl.cumsum(total, axis=0), mask=bins < num_local)
