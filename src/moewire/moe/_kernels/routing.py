@@ -67,8 +67,7 @@ def exp_f32(x):
 def tree_sum(v, WIDTH: tl.constexpr, LOG: tl.constexpr):
     """``routing.tree_sum`` of a ``[WIDTH]`` vector (``WIDTH = 2**LOG``, zero-padded)."""
     for i in tl.static_range(LOG):
-        h: tl.constexpr = WIDTH >> (i + 1)
-        v = tl.sum(tl.reshape(v, (2, h)), axis=0)
+        v = tl.sum(tl.reshape(v, (2, WIDTH >> (i + 1))), axis=0)
     return tl.sum(v, axis=0)
 
 
