@@ -110,15 +110,22 @@ def test_plan_kernel_bitwise(n, k, e, first, local):
     if n > 2:
         ids[1, -1] = e + 7
         ids[2, 0] = (1 << 40) + first  # truncated to int32 as the torch ops do
+    # padded batches: rows n per rank (3 ranks where n divides), some ranks partly padding
+    w = 3 if n % 3 == 0 else 1
+    valid_W = torch.tensor([n // w, n // (2 * w), 0][:w], dtype=torch.int32)
     for dtype in (torch.int64, torch.int32):
         if dtype == torch.int32 and n > 2:
             ids[2, 0] = first
-        ref = stage.plan_device(ids.to(dtype), first, local, e, backend="torch")
-        got = stage.plan_device(ids.to(dtype).to(DEV), first, local, e, backend="triton")
-        for name in ("row_P", "offsets_L", "count_1", "inv_NK"):
-            a, b = getattr(got, name).cpu(), getattr(ref, name)
-            assert a.dtype == b.dtype and torch.equal(a, b), (name, a, b)
-        assert got.rows_per_expert == ref.rows_per_expert
+        for valid in (None, (valid_W, n // w)):
+            ref = stage.plan_device(ids.to(dtype), first, local, e, backend="torch", valid=valid)
+            dev_valid = None if valid is None else (valid_W.to(DEV), n // w)
+            got = stage.plan_device(
+                ids.to(dtype).to(DEV), first, local, e, backend="triton", valid=dev_valid
+            )
+            for name in ("row_P", "offsets_L", "count_1", "inv_NK"):
+                a, b = getattr(got, name).cpu(), getattr(ref, name)
+                assert a.dtype == b.dtype and torch.equal(a, b), (name, valid, a, b)
+            assert got.rows_per_expert == ref.rows_per_expert
 
 
 def test_unpermute_torch_is_the_k_order_sum():

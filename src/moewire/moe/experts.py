@@ -154,6 +154,7 @@ class LocalExperts(nn.Module):
         topk_weights_NK: torch.Tensor,
         impl: str,
         dtype: torch.dtype = torch.float32,
+        valid: tuple[torch.Tensor, int] | None = None,
     ) -> torch.Tensor:
         """Apply the local experts to received rows, without a host sync (``grouped`` and
         ``fp8``; the ``loop`` oracles read the per-expert counts on the host).
@@ -166,6 +167,9 @@ class LocalExperts(nn.Module):
             topk_weights_NK: ``[N, K]`` fp32 weights.
             impl: ``loop``, ``grouped``, ``fp8`` or ``fp8_loop`` (see the module docstring).
             dtype: of the result, float32 or bfloat16 (the combine dtype).
+            valid: padded batches: ``(valid_W, T)``, rows ``T`` per rank of which the first
+                ``valid_W[rank]`` are real tokens; the others select no expert (their
+                outputs are zeros). See :func:`moewire.moe.stage.plan_device`.
 
         Returns:
             ``[N, H]`` of ``dtype``: for each row, the weighted sum of its local experts'
@@ -181,7 +185,9 @@ class LocalExperts(nn.Module):
         n = rows_NR.shape[0]
         if n == 0:
             return torch.zeros((0, spec.hidden), dtype=dtype, device=rows_NR.device)
-        plan = plan_device(topk_ids_NK, self.first_expert, self.num_local, self.num_experts)
+        plan = plan_device(
+            topk_ids_NK, self.first_expert, self.num_local, self.num_experts, valid=valid
+        )
         if impl in FP8_IMPLS:
             a_PH, scale_P = gather_fp8(spec, rows_NR, plan)
             y_PH = (_ffn_fp8 if impl == "fp8" else _ffn_fp8_loop)(self, a_PH, scale_P, plan)

@@ -399,10 +399,11 @@ class EPMoE(nn.Module):
         with self._stage("experts"):
             if self.quantize == "after":
                 recv_NR = self._quantize_received(recv_NR)
-            ids_NK, weights_NK = self._route_received(recv_NR, x_TH.shape[0], valid_counts)
+            ids_NK, weights_NK = self._route_received(recv_NR)
             impl = resolve_impl(self.experts_impl, recv_NR.device)
+            valid = None if valid_counts is None else (valid_counts, x_TH.shape[0])
             partial_NH = self.local_experts(
-                self.spec, recv_NR, ids_NK, weights_NK, impl, self.combine_dtype
+                self.spec, recv_NR, ids_NK, weights_NK, impl, self.combine_dtype, valid
             )
         with self._stage("combine"):
             y_TH = self.comm.combine(partial_NH, handle)
@@ -410,10 +411,9 @@ class EPMoE(nn.Module):
             y_TH = y_TH.float() + self.shared_expert(x_TH).float()
         return y_TH.to(x_TH.dtype)  # bf16 -> x's dtype rounds as through fp32
 
-    def _route_received(
-        self, recv_NR: torch.Tensor, t: int, valid_counts: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Expert ids and weights of the received rows; padding rows get id -1 (no expert)."""
+    def _route_received(self, recv_NR: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expert ids and weights of the received rows (padding rows, if any, are dropped
+        by the expert stage's plan)."""
         view = self.spec.unpack(recv_NR)
         if self.routing == "logits":
             logits_NE = view.extras["router_logits"]
@@ -422,10 +422,6 @@ class EPMoE(nn.Module):
             ids_NK, weights_NK = view.extras["topk_ids"], view.extras["topk_weights"]
             if not _capturing(recv_NR):  # one host sync; under capture bad ids select nothing
                 check_topk_ids(ids_NK, self.config.num_experts, "received topk_ids", distinct=True)
-        if valid_counts is not None:
-            pos_N = torch.arange(recv_NR.shape[0], device=recv_NR.device)
-            real_N = (pos_N % max(t, 1)) < valid_counts.to(recv_NR.device)[pos_N // max(t, 1)]
-            ids_NK = torch.where(real_N[:, None], ids_NK, -1)
         return ids_NK, weights_NK
 
     def _quantize_received(self, recv_NR: torch.Tensor) -> torch.Tensor:

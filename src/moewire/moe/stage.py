@@ -68,17 +68,22 @@ def plan_device(
     num_local: int,
     num_experts: int | None = None,
     backend: str | None = None,
+    valid: tuple[torch.Tensor, int] | None = None,
 ) -> DevicePlan:
     """Sort the pairs of ``topk_ids_NK`` (int global expert ids) that fall in
     ``[first_expert, first_expert + num_local)`` by expert, without a host sync. Ids
     outside that range (other ranks' experts, or invalid ones) are never used as an index:
-    their pairs are non-local. On CUDA one kernel (``plan_kernel``), bitwise the torch ops
-    below."""
+    their pairs are non-local. ``valid``: ``(valid_W, T)`` for padded batches: the rows
+    come ``T`` per rank and only the first ``valid_W[rank]`` of each rank's are real (the
+    others' pairs are non-local). On CUDA one kernel (``plan_kernel``), bitwise the torch
+    ops below."""
     n, k = topk_ids_NK.shape
     dev = topk_ids_NK.device
     per_expert = n * k / (num_experts or num_local)
     if num_local and n and _use_triton(topk_ids_NK, backend):
-        return _plan_triton(topk_ids_NK, first_expert, num_local, per_expert)
+        return _plan_triton(topk_ids_NK, first_expert, num_local, per_expert, valid)
+    if valid is not None:
+        topk_ids_NK = torch.where(_real_rows(n, *valid, dev)[:, None], topk_ids_NK, -1)
     local_P = topk_ids_NK.reshape(-1).to(torch.int32) - first_expert
     local_P = torch.where((local_P >= 0) & (local_P < num_local), local_P, num_local)
     key_P, order_P = torch.sort(local_P, stable=True)
@@ -97,8 +102,18 @@ _PLAN_TILE = 8192
 _PLAN_SCAN = 2048
 
 
+def _real_rows(n: int, valid_W: torch.Tensor, t: int, device: torch.device) -> torch.Tensor:
+    """bool ``[N]``: row ``n`` (rank ``n // T``, slot ``n % T``) is a real token."""
+    pos_N = torch.arange(n, device=device)
+    return (pos_N % max(t, 1)) < valid_W.to(device)[pos_N // max(t, 1)]
+
+
 def _plan_triton(
-    topk_ids_NK: torch.Tensor, first_expert: int, num_local: int, per_expert: float
+    topk_ids_NK: torch.Tensor,
+    first_expert: int,
+    num_local: int,
+    per_expert: float,
+    valid: tuple[torch.Tensor, int] | None,
 ) -> DevicePlan:
     """:func:`plan_device` in one launch of ``plan_kernel``."""
     from moewire.moe._kernels.stage import plan_kernel
@@ -114,10 +129,11 @@ def _plan_triton(
     bins = 1 << (num_local + 1).bit_length()  # >= num_local + 2
     block = max(16, min(128, _PLAN_TILE // bins))
     scan = max(16, min(_PLAN_SCAN, 1 << (p - 1).bit_length()))
-    args = (ids_P, p, k, first_expert, num_local, row_P, offsets_L, inv_P)
-    launcher(plan_kernel, BLOCK=block, SCAN=scan, LP=bins, num_warps=4)(
-        (ceil_div(p, block),), arg_key(*args), *args
-    )
+    valid_W, t = (ids_P, 1) if valid is None else (valid[0].to(dev), max(valid[1], 1))
+    args = (ids_P, p, k, first_expert, num_local, row_P, offsets_L, inv_P, valid_W, t)
+    launcher(
+        plan_kernel, BLOCK=block, SCAN=scan, LP=bins, HAS_VALID=valid is not None, num_warps=4
+    )((ceil_div(p, block),), arg_key(*args), *args)
     return DevicePlan(row_P, offsets_L, offsets_L[-1:], inv_P.view(n, k), per_expert)
 
 

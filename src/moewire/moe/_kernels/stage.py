@@ -156,13 +156,20 @@ def unpermute_kernel(
 
 
 @triton.jit
-def _buckets(ids_ptr, idx, P, first, num_local, PAD: tl.constexpr):
+def _buckets(ids_ptr, idx, P, K, first, num_local, valid_ptr, T, PAD: tl.constexpr,
+             HAS_VALID: tl.constexpr):  # fmt: skip
     """The local expert of pairs ``idx`` (``num_local`` for another rank's or an invalid
-    id, ``PAD`` past ``P``), as ``plan_device`` computes it: the id cast to int32, less
-    ``first``."""
-    e = tl.load(ids_ptr + idx, mask=idx < P, other=0).to(tl.int32) - first
+    id, or a padding row; ``PAD`` past ``P``), as ``plan_device`` computes it: the id cast
+    to int32, less ``first``. ``HAS_VALID``: rows come ``T`` per rank, the first
+    ``valid[rank]`` of them real."""
+    live = idx < P
+    e = tl.load(ids_ptr + idx, mask=live, other=0).to(tl.int32) - first
     e = tl.where((e >= 0) & (e < num_local), e, num_local)
-    return tl.where(idx < P, e, PAD)
+    if HAS_VALID:
+        n = idx // K
+        real = (n % T) < tl.load(valid_ptr + n // T, mask=live, other=0)
+        e = tl.where(real, e, num_local)
+    return tl.where(live, e, PAD)
 
 
 @triton.jit
@@ -175,16 +182,19 @@ def plan_kernel(
     row_ptr,
     offs_ptr,
     inv_ptr,
+    valid_ptr,
+    T,
     BLOCK: tl.constexpr,
     SCAN: tl.constexpr,
     LP: tl.constexpr,
+    HAS_VALID: tl.constexpr,
 ):
     """Program ``b``: the sorted positions of pairs ``[b*BLOCK, (b+1)*BLOCK)``, as a stable
     sort by local expert (the other ranks' pairs last) places them: the pairs of lower
     experts, plus the earlier pairs of the same expert. Every program counts all ``P``
     pairs (``SCAN`` at a time; counts are order-free, so the plan is deterministic);
     program 0 also writes the groups' ends. ``LP``: bins, at least ``num_local + 2`` (the
-    last is padding)."""
+    last is padding). ``HAS_VALID``: padding rows (see ``_buckets``) are non-local."""
     b = tl.program_id(0)
     lo = b * BLOCK
     scan = tl.arange(0, SCAN)
@@ -192,13 +202,13 @@ def plan_kernel(
     before = tl.zeros([LP], tl.int32)
     for c0 in range(0, P, SCAN):
         idx = c0 + scan
-        e = _buckets(ids_ptr, idx, P, first, num_local, LP - 1)
+        e = _buckets(ids_ptr, idx, P, K, first, num_local, valid_ptr, T, LP - 1, HAS_VALID)
         total += tl.histogram(e, LP)
         before += tl.histogram(tl.where(idx < lo, e, LP - 1), LP)
     bins = tl.arange(0, LP)
     start = tl.cumsum(total, axis=0) - total + before
     idx = lo + tl.arange(0, BLOCK)
-    e = _buckets(ids_ptr, idx, P, first, num_local, LP - 1)
+    e = _buckets(ids_ptr, idx, P, K, first, num_local, valid_ptr, T, LP - 1, HAS_VALID)
     onehot = (e[:, None] == bins[None, :]).to(tl.int32)
     rank = tl.sum(onehot * (tl.cumsum(onehot, axis=0) - 1), axis=1)
     pos = tl.sum(onehot * start[None, :], axis=1) + rank
