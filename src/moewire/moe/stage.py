@@ -180,12 +180,14 @@ def gather_fp8(
     ``fp8`` rows are consumed as they are (their payload and per-row scale, gathered);
     every other format is decoded to fp32 and quantized with the ``fp8`` recipe in one
     kernel (bitwise ``FP8Format.quantize(spec.dequantize(rows, float32))``)."""
+    triton = _use_triton(rows_NR, backend)
     if spec.format == "fp8":
-        view = spec.unpack(rows_NR)
-        idx = plan.row_P.long()
-        q = view.payload.index_select(0, idx)
-        return q, view.scales.reshape(-1).index_select(0, idx)
-    if not _use_triton(rows_NR, backend):
+        return (
+            _gather_fp8_rows(spec, rows_NR, plan)
+            if triton
+            else _index_fp8_rows(spec, rows_NR, plan)
+        )
+    if not triton:
         x_PH = spec.dequantize(rows_NR.index_select(0, plan.row_P), torch.float32, backend="torch")
         return quantize_fp8_rows(x_PH)
     from moewire.formats._triton import decoder
@@ -201,6 +203,30 @@ def gather_fp8(
         launcher(
             gather_fp8_kernel, N_CHUNKS=d.n_chunks, KIND=d.kind, NBLK=d.nblk, BLKP=d.blkp,
             FULL=d.full, HW=d.hw, num_warps=d.num_warps,
+        )((p,), arg_key(*args), *args)  # fmt: skip
+    return q, s
+
+
+def _index_fp8_rows(spec: WireSpec, rows_NR: torch.Tensor, plan: DevicePlan) -> tuple:
+    """``fp8`` rows' payload and per-row scale in the plan's order (torch)."""
+    view = spec.unpack(rows_NR)
+    idx = plan.row_P.long()
+    return view.payload.index_select(0, idx), view.scales.reshape(-1).index_select(0, idx)
+
+
+def _gather_fp8_rows(spec: WireSpec, rows_NR: torch.Tensor, plan: DevicePlan) -> tuple:
+    """:func:`_index_fp8_rows` in one kernel (``gather_fp8_rows_kernel``), local pairs only."""
+    from moewire.moe._kernels.stage import gather_fp8_rows_kernel
+
+    p, h, dev = plan.num_pairs, spec.hidden, rows_NR.device
+    q = torch.empty((p, h), dtype=torch.float8_e4m3fn, device=dev)
+    s = torch.empty((p,), dtype=torch.float32, device=dev)
+    if p:
+        sec = spec.sections
+        args = (rows_NR, rows_NR.stride(0), plan.row_P, plan.count_1, q, s, h // 4)
+        launcher(
+            gather_fp8_rows_kernel, PAY_OFF=sec["payload"].offset, SCALE_OFF=sec["scales"].offset,
+            BLOCK=min(1024, 1 << (h // 4 - 1).bit_length()), num_warps=4,
         )((p,), arg_key(*args), *args)  # fmt: skip
     return q, s
 

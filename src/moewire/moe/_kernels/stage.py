@@ -217,3 +217,29 @@ def plan_kernel(
     tl.store(inv_ptr + idx, tl.where(e < num_local, pos, -1), mask=live)
     if b == 0:
         tl.store(offs_ptr + bins, tl.cumsum(total, axis=0), mask=bins < num_local)
+
+
+@triton.jit
+def gather_fp8_rows_kernel(
+    rows_ptr,
+    stride_r,
+    row_ptr,
+    count_ptr,
+    q_ptr,
+    s_ptr,
+    W,
+    PAY_OFF: tl.constexpr,
+    SCALE_OFF: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Program ``p`` (``p < count``): ``fp8`` row ``row[p]``'s e4m3 payload (``W`` int32
+    words) and fp32 scale, copied as they are to ``q[p]`` and ``s[p]``."""
+    p = tl.program_id(0)
+    if p < tl.load(count_ptr):
+        src = rows_ptr + tl.load(row_ptr + p).to(tl.int64) * stride_r
+        words = (src + PAY_OFF).to(tl.pointer_type(tl.int32))
+        dst = q_ptr.to(tl.pointer_type(tl.int32)) + p.to(tl.int64) * W
+        for c in range(0, W, BLOCK):
+            i = c + tl.arange(0, BLOCK)
+            tl.store(dst + i, tl.load(words + i, mask=i < W), mask=i < W)
+        tl.store(s_ptr + p, tl.load((src + SCALE_OFF).to(tl.pointer_type(tl.float32))))
