@@ -71,7 +71,17 @@ def profile_case(wire: str, experts: str, t: int) -> None:
         "dispatch": _host_us(lambda: layer.comm.dispatch(rows, None, counts=counts)),
         "combine": _host_us(lambda: layer.comm.combine(partial, replace(handle))),
     }
+    plain = mw.WireSpec(
+        spec.format, H, global_scale=getattr(spec.wire_format, "global_scale", None)
+    )
+    host["pack out="] = _host_us(lambda: spec.pack(x, out=rows, **extras))
+    host["pack no extras"] = _host_us(lambda: plain.pack(x))
     print("host us: " + "; ".join(f"{k} {v:.1f}" for k, v in host.items()), flush=True)
+    prof = cProfile.Profile()
+    for _ in range(200):
+        torch.cuda.synchronize()
+        prof.runcall(lambda: spec.pack(x, **extras))
+    pstats.Stats(prof).sort_stats("tottime").print_stats(10)
     prof = cProfile.Profile()
     for _ in range(30):
         torch.cuda.synchronize()
