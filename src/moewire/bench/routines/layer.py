@@ -56,12 +56,24 @@ class StageTimer:
         self.cuda = cuda
         self.pending: list[tuple[str, object, object]] = []
         self.samples: dict[str, list[float]] = defaultdict(list)
+        self._free: list = []  # recorded and read events, reused (created once)
+
+    def reserve(self, n: int) -> None:
+        """Create ``n`` events up front (the driver creates an event at its first record),
+        so that a stage's interval holds no event creation."""
+        if self.cuda:
+            for _ in range(n - len(self._free)):
+                ev = torch.cuda.Event(enable_timing=True)
+                ev.record()
+                self._free.append(ev)
+
+    def _event(self):
+        return self._free.pop() if self._free else torch.cuda.Event(enable_timing=True)
 
     @contextmanager
     def __call__(self, stage: str):
         if self.cuda:
-            a = torch.cuda.Event(enable_timing=True)
-            b = torch.cuda.Event(enable_timing=True)
+            a, b = self._event(), self._event()
             a.record()
             yield
             b.record()
@@ -77,6 +89,8 @@ class StageTimer:
         for stage, a, b in self.pending:
             dt = a.elapsed_time(b) / 1e3 if self.cuda else b - a
             self.samples[stage].append(dt)
+            if self.cuda:
+                self._free += [a, b]
         self.pending.clear()
 
 
@@ -144,6 +158,7 @@ def _ratio(a: float | None, b: float) -> float | None:
 def _case_record(ctx, layer, label, kw, x, logits, counts, iters, warmup) -> dict:
     """Time one case: stages and the whole forward eager (and replayed with ``--graph``)."""
     timer = StageTimer(ctx.is_cuda)
+    timer.reserve(2 * len(STAGES) * (iters + warmup + 1))
     layer.stage_timer = timer
     if ctx.is_cuda:
         torch.cuda.reset_peak_memory_stats(ctx.device)
