@@ -47,6 +47,10 @@ class GraphedMoE:
         max_tokens: ``M``, the static capacity per rank (every rank the same).
         x_dtype: dtype of the activations the caller passes (the output's dtype).
         pool: optional CUDA graph memory pool to share with other captures.
+
+    Attributes ``x_MH``, ``logits_ME`` and ``valid_W`` (int32 ``[W]``, every rank's real
+    token count) are the graph's input buffers, written by each call: read them, do not
+    write them (a call copies new counts into ``valid_W`` only when they change).
     """
 
     def __init__(
@@ -88,6 +92,7 @@ class GraphedMoE:
         self._copied = torch.cuda.Event()  # the last copy out of _valid_host
         self.graph = torch.cuda.CUDAGraph()
         self.y_MH = self._capture(pool)
+        self._valid_counts = (max_tokens,) * w  # what valid_W holds (capture filled it)
 
     def _run(self) -> torch.Tensor:
         return self.layer(self.x_MH, self.logits_ME, counts=self.counts, valid_counts=self.valid_W)
@@ -140,11 +145,13 @@ class GraphedMoE:
             )
         self.x_MH[:t].copy_(x_TH)
         self.logits_ME[:t].copy_(router_logits_TE)
-        self._copied.synchronize()  # the previous step's copy has read the pinned buffer
-        for i, n in enumerate(counts):
-            self._valid_host[i] = n
-        self.valid_W.copy_(self._valid_host, non_blocking=True)
-        self._copied.record()
+        if counts != self._valid_counts:  # decode steps mostly repeat their counts
+            self._copied.synchronize()  # the previous copy has read the pinned buffer
+            for i, n in enumerate(counts):
+                self._valid_host[i] = n
+            self.valid_W.copy_(self._valid_host, non_blocking=True)
+            self._copied.record()
+            self._valid_counts = counts
         self.graph.replay()
         return self.y_MH[:t]
 

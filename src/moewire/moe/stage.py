@@ -127,7 +127,7 @@ def _plan_triton(
     offsets_L = torch.empty(num_local, dtype=torch.int32, device=dev)
     inv_P = torch.empty(p, dtype=torch.int32, device=dev)
     bins = 1 << (num_local + 1).bit_length()  # >= num_local + 2
-    block = max(16, min(128, _PLAN_TILE // bins))
+    block = max(16, min(64, _PLAN_TILE // bins))
     scan = max(16, min(_PLAN_SCAN, 1 << (p - 1).bit_length()))
     valid_W, t = (ids_P, 1) if valid is None else (valid[0].to(dev), max(valid[1], 1))
     args = (ids_P, p, k, first_expert, num_local, row_P, offsets_L, inv_P, valid_W, t)

@@ -207,11 +207,13 @@ def plan_kernel(
         before += tl.histogram(tl.where(idx < lo, e, LP - 1), LP)
     bins = tl.arange(0, LP)
     start = tl.cumsum(total, axis=0) - total + before
-    idx = lo + tl.arange(0, BLOCK)
+    j = tl.arange(0, BLOCK)
+    idx = lo + j
     e = _buckets(ids_ptr, idx, P, K, first, num_local, valid_ptr, T, LP - 1, HAS_VALID)
-    onehot = (e[:, None] == bins[None, :]).to(tl.int32)
-    rank = tl.sum(onehot * (tl.cumsum(onehot, axis=0) - 1), axis=1)
-    pos = tl.sum(onehot * start[None, :], axis=1) + rank
+    # rank within the block: the earlier pairs of the same expert
+    same = (e[:, None] == e[None, :]) & (j[None, :] < j[:, None])
+    rank = tl.sum(same.to(tl.int32), axis=1)
+    pos = tl.sum(tl.where(e[:, None] == bins[None, :], start[None, :], 0), axis=1) + rank
     live = idx < P
     tl.store(row_ptr + pos, idx // K, mask=live)
     tl.store(inv_ptr + idx, tl.where(e < num_local, pos, -1), mask=live)
