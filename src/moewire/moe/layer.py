@@ -36,6 +36,7 @@ import torch.distributed as dist
 from torch import nn
 
 from moewire.comm.combine_wire import COMBINE_DTYPES
+from moewire.comm.expert_ids import check_topk_ids
 from moewire.comm.local import LocalComm
 from moewire.formats import WireSpec, nvfp4_global_scale
 from moewire.moe.config import MoEConfig
@@ -49,7 +50,6 @@ from moewire.moe.layer_checks import (
 from moewire.moe.routing import (
     ROUTING_MODES,
     check_router_bias,
-    check_topk_ids,
     route,
     routing_extras,
 )
@@ -421,7 +421,9 @@ class EPMoE(nn.Module):
         else:
             ids_NK, weights_NK = view.extras["topk_ids"], view.extras["topk_weights"]
             if not _capturing(recv_NR):  # one host sync; under capture bad ids select nothing
-                check_topk_ids(ids_NK, self.config.num_experts, "received topk_ids", distinct=True)
+                check_topk_ids(
+                    ids_NK, self.config.num_experts, name="received topk_ids", distinct=True
+                )
         if valid_counts is not None:
             pos_N = torch.arange(recv_NR.shape[0], device=recv_NR.device)
             real_N = (pos_N % max(t, 1)) < valid_counts.to(recv_NR.device)[pos_N // max(t, 1)]

@@ -195,33 +195,3 @@ def route(
     if config.routed_scaling_factor != 1.0:
         weights = weights * config.routed_scaling_factor
     return ids, weights
-
-
-def check_topk_ids(
-    topk_ids_TK: torch.Tensor, num_experts: int, name: str = "topk_ids", *, distinct: bool = False
-) -> None:
-    """Raise ``ValueError`` naming the offending values unless every id is in ``[0, E)``
-    (and, with ``distinct``, no token lists an expert twice, as :func:`route` guarantees).
-
-    Call before any id is used as an index (one host sync)."""
-    if topk_ids_TK.numel() == 0:
-        return
-    if distinct and topk_ids_TK.shape[-1] > 1:
-        s = topk_ids_TK.sort(dim=-1).values
-        dup_T = (s[..., 1:] == s[..., :-1]).any(dim=-1)
-        stats = torch.stack([topk_ids_TK.min(), topk_ids_TK.max(), dup_T.sum().to(s.dtype)])
-        lo, hi, n_dup = stats.tolist()
-        if n_dup and lo >= 0 and hi < num_experts:
-            first = int(dup_T.nonzero()[0, 0])
-            raise ValueError(
-                f"{name}: {n_dup} tokens list an expert more than once (the router picks "
-                f"distinct experts), e.g. token {first}: {topk_ids_TK[first].tolist()}"
-            )
-    else:
-        lo, hi = topk_ids_TK.min().item(), topk_ids_TK.max().item()
-    if lo < 0 or hi >= num_experts:
-        bad = topk_ids_TK[(topk_ids_TK < 0) | (topk_ids_TK >= num_experts)]
-        raise ValueError(
-            f"{name}: expert ids must be in [0, {num_experts}), got {bad[:8].tolist()} "
-            f"(min {lo}, max {hi})"
-        )
