@@ -149,6 +149,7 @@ class Comm(ABC):
         combine_wire: str = "bf16",
         check: str = "once",
     ):
+        check_combine_wire(combine_wire)
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError(
                 f"make_comm({self.name!r}) needs torch.distributed initialized "
@@ -179,7 +180,7 @@ class Comm(ABC):
             "src_index": 0,
             **agr.spec_agreement(spec),
             "num_experts": agr.UNSET if num_experts is None else num_experts,
-            "combine wire": COMBINE_WIRES.index(check_combine_wire(combine_wire)),
+            "combine wire": COMBINE_WIRES.index(combine_wire),
         }
         self._extras_text = agr.extras_text(spec)
         self._check_every_call = agr.check_mode(check)

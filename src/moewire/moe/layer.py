@@ -35,8 +35,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from moewire.comm.combine_wire import COMBINE_DTYPES
+from moewire.comm.combine_wire import COMBINE_DTYPES, check_combine_wire
 from moewire.comm.expert_ids import check_topk_ids
+from moewire.comm.grouped import check_grouped_combine_wire
 from moewire.comm.local import LocalComm
 from moewire.formats import WireSpec, nvfp4_global_scale
 from moewire.moe.config import MoEConfig
@@ -131,14 +132,9 @@ class EPMoE(nn.Module):
         _choice("routing", routing, ROUTING_MODES)
         _choice("quantize", quantize, QUANTIZE_MODES)
         _choice("combine_dtype", combine_dtype, COMBINE_DTYPES)
-        from moewire.comm.combine_wire import check_combine_wire
-
         check_combine_wire(combine_wire)
-        if comm == "grouped" and combine_wire != "bf16":
-            raise ValueError(
-                f"combine_wire={combine_wire!r}: comm='grouped' (the one-collective-per-tensor "
-                "baseline) supports only combine_wire='bf16'"
-            )
+        if comm == "grouped":
+            check_grouped_combine_wire(combine_wire)
         if experts not in ("auto", "loop", "grouped", *FP8_IMPLS):
             raise ValueError(
                 f"experts must be one of ('auto', 'loop', 'grouped', 'fp8', 'fp8_loop'), "
