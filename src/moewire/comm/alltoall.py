@@ -59,6 +59,8 @@ class AllToAllComm(Comm):
     """
 
     name = "alltoall"
+    needs_topk_ids = True
+    rank_ordered = False
 
     def __init__(
         self,

@@ -132,6 +132,12 @@ class Comm(ABC):
     """
 
     name: ClassVar[str]
+    #: Whether :meth:`dispatch` needs ``topk_ids`` (it sends a token only to the ranks of
+    #: its experts): the caller routes its tokens before the dispatch.
+    needs_topk_ids: ClassVar[bool] = False
+    #: Whether :meth:`dispatch` returns every rank's rows, all of them, rank by rank (what
+    #: padded batches, ``EPMoE.forward(valid_counts=...)``, rely on).
+    rank_ordered: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
