@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 import moewire as mw
 from moewire.comm import COMMS, AllGatherHandle, AllToAllHandle, CommHandle, make_comm
-from moewire.comm.alltoall import check_topk_ids
+from moewire.comm.expert_ids import check_topk_ids
 from moewire.comm.grouped import byte_ranges
 from moewire.testing.spawn import run_distributed
 
@@ -323,13 +323,13 @@ def test_byte_ranges_tile_the_row(fmt):
 
 def test_check_topk_ids():
     ids = torch.tensor([[0, 3], [7, 2]])
-    assert check_topk_ids(ids, 2, 8) is ids
+    assert check_topk_ids(ids, 8, num_tokens=2) is ids
     with pytest.raises(ValueError, match=r"\[-2, 8\]"):
-        check_topk_ids(torch.tensor([[0, -2], [8, 1]]), 2, 8)
+        check_topk_ids(torch.tensor([[0, -2], [8, 1]]), 8, num_tokens=2)
     with pytest.raises(TypeError, match="int32 or int64"):
-        check_topk_ids(ids.float(), 2, 8)
+        check_topk_ids(ids.float(), 8, num_tokens=2)
     with pytest.raises(ValueError, match="T=3"):
-        check_topk_ids(ids, 3, 8)
+        check_topk_ids(ids, 8, num_tokens=3)
 
 
 def test_handle_is_frozen_and_validated():

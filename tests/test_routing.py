@@ -11,8 +11,9 @@ import math
 import pytest
 import torch
 
+from moewire.comm.expert_ids import check_topk_ids
 from moewire.moe import MoEConfig, route
-from moewire.moe.routing import check_topk_ids, exp_f32, sigmoid_f32, softmax_f32, tree_sum
+from moewire.moe.routing import exp_f32, sigmoid_f32, softmax_f32, tree_sum
 
 
 def logit(p: float) -> float:
@@ -191,7 +192,7 @@ def test_route_errors():
         route(cfg, torch.randn(3, 8), torch.zeros(8))
     with pytest.raises(ValueError, match=r"router_bias must be \[E=8\]"):
         route(DSV3, torch.randn(3, 8), torch.zeros(4))
-    with pytest.raises(ValueError, match=r"expert ids must be in \[0, 8\), got \[8, -1\]"):
+    with pytest.raises(ValueError, match=r"expert ids must be in \[0, 8\), got \[-1, 8\]"):
         check_topk_ids(torch.tensor([[0, 8], [-1, 3]]), 8)
 
 

@@ -172,6 +172,25 @@ def test_errors():
         )
 
 
+def test_options_object_same_as_keywords():
+    """expert_parallel(model, group, LayerOptions(...)) builds the layers the keywords do;
+    options and option keywords together, or a global scale given twice, are TypeErrors."""
+    import moewire as mw
+
+    by_kw, by_opts = tiny_model("mixtral"), tiny_model("mixtral")
+    expert_parallel(by_kw, None, wire="nvfp4", comm="local", global_scale=G_NVFP4)
+    opts = mw.LayerOptions(wire="nvfp4", comm="local", global_scale=G_NVFP4)
+    expert_parallel(by_opts, None, opts)
+    assert by_opts.model.layers[1].mlp.moe.options == by_kw.model.layers[1].mlp.moe.options
+    with torch.no_grad():
+        ids = prompts(0)
+        assert torch.equal(by_kw(ids).logits, by_opts(ids).logits)
+    with pytest.raises(TypeError, match="not both"):
+        expert_parallel(tiny_model("mixtral"), None, opts, wire="fp8")
+    with pytest.raises(TypeError, match="global_scale given twice"):
+        expert_parallel(tiny_model("mixtral"), None, opts, global_scale=G_NVFP4)
+
+
 def _dp_worker(comm: str) -> dict:
     import torch.distributed as dist
 

@@ -21,6 +21,7 @@ _LAZY = {
     "COMMS": "moewire.comm",
     "MoEConfig": "moewire.moe",
     "EPMoE": "moewire.moe",
+    "LayerOptions": "moewire.moe",
 }
 
 
@@ -37,6 +38,7 @@ __all__ = [  # noqa: RUF022
     "COMMS",
     "EPMoE",
     "FORMATS",
+    "LayerOptions",
     "MoEConfig",
     "RowView",
     "WireSpec",

@@ -32,7 +32,7 @@ from torch.distributed import ProcessGroup
 from moewire.comm.allgather import AllGatherComm, AllGatherHandle
 from moewire.comm.alltoall import AllToAllComm, AllToAllHandle
 from moewire.comm.base import COMBINE_DTYPES, Comm, CommError, CommHandle, SendBuffer
-from moewire.comm.combine_wire import COMBINE_WIRES, CombineCodec, check_combine_wire
+from moewire.comm.combine_wire import COMBINE_WIRES, CombineCodec
 from moewire.comm.grouped import GroupedComm
 from moewire.formats.spec import WireSpec
 
@@ -90,25 +90,12 @@ def make_comm(
     """
     if name not in _BACKENDS:
         raise ValueError(f"comm name must be one of {COMMS}, got {name!r}")
-    check_combine_wire(combine_wire)
-    if name == "alltoall":
-        if num_experts is None:
-            raise ValueError("make_comm('alltoall') needs num_experts=E; got None")
-        return AllToAllComm(
-            group, num_experts=num_experts, spec=spec, combine_wire=combine_wire, check=check, **kw
-        )
-    if kw:
+    if name == "alltoall" and num_experts is None:
+        raise ValueError("make_comm('alltoall') needs num_experts=E; got None")
+    if kw and name != "alltoall":
         raise TypeError(f"make_comm({name!r}) got unexpected options {sorted(kw)}")
-    if name == "grouped":
-        if combine_wire != "bf16":
-            raise ValueError(
-                f"combine_wire={combine_wire!r}: the 'grouped' backend (the baseline, "
-                "one reduce per rank) supports only combine_wire='bf16'; use 'allgather' or "
-                "'alltoall' for a quantized combine"
-            )
-        return GroupedComm(group, spec=spec, num_experts=num_experts, check=check)
-    return AllGatherComm(
-        group, spec=spec, num_experts=num_experts, combine_wire=combine_wire, check=check
+    return _BACKENDS[name](
+        group, spec=spec, num_experts=num_experts, combine_wire=combine_wire, check=check, **kw
     )
 
 

@@ -29,10 +29,8 @@ from moewire.comm._collectives import all_to_all
 from moewire.comm.base import Comm, CommHandle, Counts, SendBuffer
 from moewire.comm.combine_wire import combine_codec
 from moewire.comm.counts import normalize_counts, offsets
+from moewire.comm.expert_ids import check_topk_ids
 from moewire.formats.spec import WireSpec
-
-#: Most distinct bad expert ids an error message lists.
-_MAX_BAD_IDS = 8
 
 
 @dataclass(frozen=True, eq=False)
@@ -53,27 +51,6 @@ class AllToAllHandle(CommHandle):
     recv_src_index: torch.Tensor | None
 
 
-def check_topk_ids(topk_ids: object, num_tokens: int, num_experts: int) -> torch.Tensor:
-    """Raise unless ``topk_ids`` is int32/int64 ``[T, K>=1]`` with every id in ``[0, E)``."""
-    if not isinstance(topk_ids, torch.Tensor):
-        raise TypeError(f"topk_ids must be a torch.Tensor, got {type(topk_ids).__name__}")
-    if topk_ids.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"topk_ids must be int32 or int64, got dtype {topk_ids.dtype}")
-    if topk_ids.dim() != 2 or topk_ids.shape[0] != num_tokens or topk_ids.shape[1] < 1:
-        raise ValueError(
-            f"topk_ids must be [T={num_tokens}, K>=1] (one row per token), "
-            f"got shape {tuple(topk_ids.shape)}"
-        )
-    bad = (topk_ids < 0) | (topk_ids >= num_experts)
-    if bool(bad.any()):
-        values = torch.unique(topk_ids[bad]).tolist()
-        shown = values[:_MAX_BAD_IDS] + (["..."] if len(values) > _MAX_BAD_IDS else [])
-        raise ValueError(
-            f"topk_ids: expert ids must be in [0, num_experts={num_experts}), got {shown}"
-        )
-    return topk_ids
-
-
 class AllToAllComm(Comm):
     """Sparse all-to-all dispatch and combine (see the module docstring).
 
@@ -82,6 +59,8 @@ class AllToAllComm(Comm):
     """
 
     name = "alltoall"
+    needs_topk_ids = True
+    rank_ordered = False
 
     def __init__(
         self,
@@ -146,7 +125,7 @@ class AllToAllComm(Comm):
             )
         if counts is not None:
             normalize_counts(counts, self.world_size, self.rank, t)
-        ids_TK = check_topk_ids(topk_ids, t, self._num_experts).to(device)
+        ids_TK = check_topk_ids(topk_ids, self._num_experts, num_tokens=t).to(device)
         w = self.world_size
         dest_TK = torch.div(ids_TK, self.num_local_experts, rounding_mode="floor").long()
         mask_TW = torch.zeros((t, w), dtype=torch.bool, device=device)

@@ -132,6 +132,12 @@ class Comm(ABC):
     """
 
     name: ClassVar[str]
+    #: Whether :meth:`dispatch` needs ``topk_ids`` (it sends a token only to the ranks of
+    #: its experts): the caller routes its tokens before the dispatch.
+    needs_topk_ids: ClassVar[bool] = False
+    #: Whether :meth:`dispatch` returns every rank's rows, all of them, rank by rank (what
+    #: padded batches, ``EPMoE.forward(valid_counts=...)``, rely on).
+    rank_ordered: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -149,6 +155,7 @@ class Comm(ABC):
         combine_wire: str = "bf16",
         check: str = "once",
     ):
+        check_combine_wire(combine_wire)
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError(
                 f"make_comm({self.name!r}) needs torch.distributed initialized "
@@ -179,7 +186,7 @@ class Comm(ABC):
             "src_index": 0,
             **agr.spec_agreement(spec),
             "num_experts": agr.UNSET if num_experts is None else num_experts,
-            "combine wire": COMBINE_WIRES.index(check_combine_wire(combine_wire)),
+            "combine wire": COMBINE_WIRES.index(combine_wire),
         }
         self._extras_text = agr.extras_text(spec)
         self._check_every_call = agr.check_mode(check)

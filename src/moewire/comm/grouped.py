@@ -24,8 +24,21 @@ from torch.distributed import ProcessGroup
 
 from moewire.comm.allgather import AllGatherHandle
 from moewire.comm.base import Comm, Counts, SendBuffer
+from moewire.comm.combine_wire import check_combine_wire
 from moewire.comm.counts import offsets
 from moewire.formats.spec import WireSpec
+
+
+def check_grouped_combine_wire(combine_wire: object) -> str:
+    """Return ``combine_wire`` if it is ``"bf16"``, else raise ``ValueError``: the baseline
+    sums the partial rows with one unquantized reduce per rank."""
+    if check_combine_wire(combine_wire) != "bf16":
+        raise ValueError(
+            f"combine_wire={combine_wire!r}: comm='grouped' (the baseline: one collective per "
+            "tensor, one reduce per rank) supports only combine_wire='bf16'; use 'allgather' "
+            "or 'alltoall' for a quantized combine"
+        )
+    return combine_wire
 
 
 def byte_ranges(spec: WireSpec) -> tuple[tuple[str, int, int], ...]:
@@ -56,14 +69,18 @@ class GroupedComm(Comm):
         *,
         spec: WireSpec | None = None,
         num_experts: int | None = None,
+        combine_wire: str = "bf16",
         check: str = "once",
     ):
+        check_grouped_combine_wire(combine_wire)
         if spec is None:
             raise ValueError(
                 "the 'grouped' backend needs spec= (a moewire.WireSpec) to send each row "
                 "section in its own collective; got None"
             )
-        super().__init__(group, spec=spec, num_experts=num_experts, check=check)
+        super().__init__(
+            group, spec=spec, num_experts=num_experts, combine_wire=combine_wire, check=check
+        )
         self._ranges = byte_ranges(spec)
 
     def _global(self, group_rank: int) -> int:

@@ -8,7 +8,7 @@ returns. Shape legend: ``T`` tokens, ``K`` top-k, ``R`` row bytes, ``N`` rows, `
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -18,7 +18,12 @@ from moewire.comm.counts import normalize_counts
 class LocalComm:
     """World size 1 without a process group: dispatch is the identity; combine is too with
     ``combine_wire="bf16"``, else the one source's quantize/dequantize round trip (exactly
-    what a one-rank ``allgather`` comm returns)."""
+    what a one-rank ``allgather`` comm returns). Its class attributes are those of
+    :class:`moewire.comm.Comm`."""
+
+    name: ClassVar[str] = "local"
+    needs_topk_ids: ClassVar[bool] = False
+    rank_ordered: ClassVar[bool] = True
 
     def __init__(self, combine_wire: str = "bf16") -> None:
         self.combine_wire = combine_wire

@@ -11,9 +11,8 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
-from moewire.comm.combine_wire import check_combine_wire
 from moewire.formats import FORMATS
-from moewire.moe.layer import QUANTIZE_MODES, ROUTING_MODES
+from moewire.moe.options import LayerOptions
 
 #: Dispatch formats and combine wires of the issue's full table.
 DISPATCH_FORMATS = tuple(FORMATS)
@@ -42,11 +41,7 @@ class EvalConfig:
     def __post_init__(self) -> None:
         if self.dispatch not in FORMATS:
             raise ValueError(f"dispatch format must be one of {FORMATS}, got {self.dispatch!r}")
-        check_combine_wire(self.combine)
-        if self.routing not in ROUTING_MODES:
-            raise ValueError(f"routing must be one of {ROUTING_MODES}, got {self.routing!r}")
-        if self.quantize not in QUANTIZE_MODES:
-            raise ValueError(f"quantize must be one of {QUANTIZE_MODES}, got {self.quantize!r}")
+        LayerOptions(**self.layer_kwargs())  # checks combine, routing and quantize
 
     @property
     def name(self) -> str:

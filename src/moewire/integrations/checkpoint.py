@@ -212,7 +212,8 @@ def load_expert_parallel(
         device: where this rank's weights go and the forward runs.
         trust_remote_code: allow a model type whose code lives in the checkpoint.
         **ep_kwargs: passed to :func:`~moewire.integrations.transformers.expert_parallel`
-            (``wire``, ``comm``, ``routing``, ``combine_wire``, ...).
+            (``options=LayerOptions(...)``, or ``wire``, ``comm``, ``routing``,
+            ``combine_wire``, ...).
 
     Returns:
         ``(model in eval mode, qualified names of the replaced MoE blocks)``.

@@ -30,6 +30,7 @@ Shape legend: ``B`` batch, ``S`` sequence, ``T = B*S`` tokens, ``H`` hidden, ``E
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -38,7 +39,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from moewire.moe import EPMoE, MoEConfig
+from moewire.moe import EPMoE, LayerOptions, MoEConfig
+from moewire.moe.options import layer_options
 
 #: ``(block name, first expert, count) -> (w13_L2IH, w2_LHI)``: a rank's experts, read alone.
 ExpertShardReader = Callable[[str, int, int], tuple[torch.Tensor, torch.Tensor]]
@@ -204,12 +206,11 @@ class EPMoEBlock(nn.Module):
 def expert_parallel(
     model: nn.Module,
     group: dist.ProcessGroup | None = None,
+    options: LayerOptions | None = None,
     *,
-    wire: str = "bf16",
-    comm: str = "allgather",
     global_scale: float | Mapping[str, float] | None = None,
     expert_weights: ExpertShardReader | None = None,
-    **layer_kwargs,
+    **option_kwargs,
 ) -> list[str]:
     """Swap every supported sparse MoE block of ``model`` for an expert-parallel one, in place.
 
@@ -219,18 +220,20 @@ def expert_parallel(
         group: the expert-parallel process group (None: the default group); every rank of
             it must call this, and later run the model's forward together (each with its
             own tokens, possibly none).
-        wire: the wire format of the token rows (:data:`moewire.FORMATS`).
-        comm: ``"allgather"``, ``"alltoall"``, ``"grouped"`` or ``"local"``.
+        options: the :class:`~moewire.LayerOptions` of every new layer, or None: built from
+            ``**option_kwargs`` (not both).
         global_scale: ``nvfp4`` only: one static global scale for every layer, or a mapping
-            from the block's qualified name (as in ``model.named_modules()``) to its scale.
+            from the block's qualified name (as in ``model.named_modules()``) to its scale
+            (or in ``options``, one for every layer; not both).
         expert_weights: the shard-only path: ``(block name, first expert, count) ->
             (w13 [L, 2I, H], w2 [L, H, I])`` returns this rank's experts, and the block's
             own expert tensors are never read (they may be on the ``meta`` device, for a
             model built without its experts: see
             :func:`moewire.integrations.checkpoint.load_expert_parallel`). None: each rank
             slices its experts out of the block's full weights.
-        **layer_kwargs: passed to :class:`EPMoE` (``routing``, ``quantize``, ``experts``,
-            ``combine_dtype``).
+        **option_kwargs: the fields of :class:`~moewire.LayerOptions` (``wire``, ``comm``:
+            ``"allgather"``, ``"alltoall"``, ``"grouped"`` or ``"local"``, ``routing``,
+            ``quantize``, ``experts``, ``combine_dtype``, ``combine_wire``, ...).
 
     Returns:
         The qualified names of the replaced blocks, in model order.
@@ -242,33 +245,37 @@ def expert_parallel(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    options = layer_options(options, option_kwargs, who="expert_parallel")
+    if options.global_scale is not None and global_scale is not None:
+        raise TypeError("expert_parallel: global_scale given twice, as an argument and in options")
     found = _find_blocks(model)
-    replaced = []
     for name, block, arch in found:
-        if isinstance(global_scale, Mapping):
-            if name not in global_scale:
-                raise ValueError(f"global_scale: no entry for MoE block {name!r}")
-            scale = global_scale[name]
-        else:
-            scale = global_scale
+        scale = _block_scale(global_scale, name)
+        opts = options if scale is None else dataclasses.replace(options, global_scale=scale)
         shared = getattr(block, "shared_experts", None)
-        moe = EPMoE(
-            arch.config(block),
-            group,
-            wire=wire,
-            comm=comm,
-            global_scale=scale,
-            shared_expert=shared,
-            **layer_kwargs,
-        )
-        bias = getattr(block.gate, "e_score_correction_bias", None)
-        if expert_weights is None:
-            moe.load_experts(block.experts.gate_up_proj, block.experts.down_proj, bias)
-        else:
-            w13, w2 = expert_weights(name, moe.first_expert, moe.num_local)
-            moe.load_local_experts(w13, w2, bias)
+        moe = EPMoE(arch.config(block), group, opts, shared_expert=shared)
+        _load_block_experts(moe, name, block, expert_weights)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, EPMoEBlock(block.gate, moe, fp32_logits=arch.fp32_logits))
-        replaced.append(name)
-    return replaced
+    return [name for name, _, _ in found]
+
+
+def _block_scale(global_scale: float | Mapping[str, float] | None, name: str) -> float | None:
+    if not isinstance(global_scale, Mapping):
+        return global_scale
+    if name not in global_scale:
+        raise ValueError(f"global_scale: no entry for MoE block {name!r}")
+    return global_scale[name]
+
+
+def _load_block_experts(
+    moe: EPMoE, name: str, block: nn.Module, expert_weights: ExpertShardReader | None
+) -> None:
+    """This rank's experts of ``block``: sliced from its weights, or read alone."""
+    bias = getattr(block.gate, "e_score_correction_bias", None)
+    if expert_weights is None:
+        moe.load_experts(block.experts.gate_up_proj, block.experts.down_proj, bias)
+    else:
+        w13, w2 = expert_weights(name, moe.first_expert, moe.num_local)
+        moe.load_local_experts(w13, w2, bias)

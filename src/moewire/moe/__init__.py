@@ -2,7 +2,17 @@
 
 from moewire.moe.config import ROUTERS, MoEConfig
 from moewire.moe.experts import EXPERT_IMPLS, LocalExperts
-from moewire.moe.layer import LAYER_COMMS, EPMoE
+from moewire.moe.layer import EPMoE
+from moewire.moe.options import LAYER_COMMS, LayerOptions
 from moewire.moe.routing import route
 
-__all__ = ["EXPERT_IMPLS", "LAYER_COMMS", "ROUTERS", "EPMoE", "LocalExperts", "MoEConfig", "route"]
+__all__ = [
+    "EXPERT_IMPLS",
+    "LAYER_COMMS",
+    "ROUTERS",
+    "EPMoE",
+    "LayerOptions",
+    "LocalExperts",
+    "MoEConfig",
+    "route",
+]

@@ -35,7 +35,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from moewire.comm.combine_wire import COMBINE_DTYPES
+from moewire.comm import make_comm
+from moewire.comm.expert_ids import check_topk_ids
 from moewire.comm.local import LocalComm
 from moewire.formats import WireSpec, nvfp4_global_scale
 from moewire.moe.config import MoEConfig
@@ -46,19 +47,10 @@ from moewire.moe.layer_checks import (
     check_process_group,
     reload_global_scale,
 )
-from moewire.moe.routing import (
-    ROUTING_MODES,
-    check_router_bias,
-    check_topk_ids,
-    route,
-    routing_extras,
-)
+from moewire.moe.options import LayerOptions, layer_options
+from moewire.moe.routing import check_router_bias, route, routing_extras
 from moewire.moe.weights import check_expert_weights, check_finite
 
-#: ``comm`` names: the backends of :func:`moewire.make_comm`, plus ``local`` (no process
-#: group, one process holds every expert: the unsharded reference layer).
-LAYER_COMMS = ("allgather", "alltoall", "grouped", "local")
-QUANTIZE_MODES = ("before", "after")
 X_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
@@ -66,45 +58,29 @@ def _capturing(t: torch.Tensor) -> bool:
     return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
-def _choice(name: str, value: object, allowed: tuple) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+def _option(name: str) -> property:
+    return property(lambda self: getattr(self.options, name), doc=f"``options.{name}``.")
 
 
 class EPMoE(nn.Module):
     """An MoE layer whose experts are sharded over ``group``, with quantized rows on the wire.
 
+    ``EPMoE(config, group, options)`` or, the same layer, ``EPMoE(config, group, wire=...,
+    comm=..., ...)`` with the fields of :class:`~moewire.LayerOptions` as keywords (not
+    both: ``TypeError``).
+
     Args:
         config: the layer's shapes and router.
         group: the expert-parallel process group (None: the default group). Unused with
             ``comm="local"``.
-        wire: wire format of the token rows (one of :data:`moewire.FORMATS`).
-        comm: ``"allgather"``, ``"alltoall"``, ``"grouped"`` (:func:`moewire.make_comm`) or
-            ``"local"`` (no communication; this process hosts all ``E`` experts).
-        routing: ``"logits"`` (router logits travel, receivers route) or ``"topk"`` (senders
-            route; ids and weights travel).
-        global_scale: ``wire="nvfp4"`` only: the static fp32 global scale ``448*6/amax``
-            from calibration (:func:`moewire.nvfp4_global_scale`). None: calibrated once, on
-            the first forward, from the largest finite ``|x|`` over every rank (one extra
-            all-reduce, that forward only), then fixed; pass a calibrated scale in
-            production, where the first batch may not be representative.
-        quantize: ``"before"`` (rows quantized before the dispatch) or ``"after"`` (bf16
-            rows travel and the receiver quantizes them: vLLM's path before PR 30014, kept for
-            measurement). Outputs are bitwise identical.
-        experts: compute path of the local experts: ``"auto"``, ``"loop"``, ``"grouped"``,
-            ``"fp8"`` or ``"fp8_loop"`` (see ``moe/experts.py``; the fp8 paths take every
-            wire format: ``fp8`` rows as they are, the others decoded to e4m3 per row).
-        combine_dtype: dtype of the partial sums sent back: bf16 (default, as peers send;
-            each rank's sum is accumulated in fp32 and rounded once) or fp32 (twice the
-            combine bytes).
+        options: a :class:`~moewire.LayerOptions`: wire format, comm backend, routing mode,
+            nvfp4 global scale, where to quantize, expert path, combine dtype and wire.
+            None: built from ``**option_kwargs`` (defaults where not given).
         shared_expert: optional module ``[T, H] -> [T, H]`` run on this rank's unquantized
             ``x`` and added to the output (DeepSeek-V3's shared experts).
-        combine_wire: how the partial sums travel back (:func:`moewire.make_comm`):
-            ``"bf16"`` (default: unquantized, in ``combine_dtype``), ``"fp8"``, ``"mxfp8"``,
-            ``"nvfp4"`` (dynamic per-row scale) or ``"mxfp4"``: each rank's partial rows
-            (``combine_dtype``) are quantized, dequantized by the owner and added in fp32
-            in rank order. ``comm="grouped"`` supports only ``"bf16"``. With
-            ``comm="local"`` the full sum makes one round trip (a one-rank group's result).
+        **option_kwargs: the fields of :class:`~moewire.LayerOptions` (``wire="nvfp4"``,
+            ``comm="allgather"``, ``routing``, ``global_scale``, ``quantize``, ``experts``,
+            ``combine_dtype``, ``combine_wire``, ``check``).
 
     Call :meth:`load_experts` before the first forward.
     """
@@ -113,90 +89,78 @@ class EPMoE(nn.Module):
         self,
         config: MoEConfig,
         group: dist.ProcessGroup | None = None,
+        options: LayerOptions | None = None,
         *,
-        wire: str = "bf16",
-        comm: str = "allgather",
-        routing: str = "logits",
-        global_scale: float | torch.Tensor | None = None,
-        quantize: str = "before",
-        experts: str = "auto",
-        combine_dtype: torch.dtype = torch.bfloat16,
         shared_expert: nn.Module | None = None,
-        combine_wire: str = "bf16",
+        **option_kwargs: Any,
     ) -> None:
         super().__init__()
         if not isinstance(config, MoEConfig):
             raise TypeError(f"config must be a MoEConfig, got {type(config).__name__}")
-        _choice("comm", comm, LAYER_COMMS)
-        _choice("routing", routing, ROUTING_MODES)
-        _choice("quantize", quantize, QUANTIZE_MODES)
-        _choice("combine_dtype", combine_dtype, COMBINE_DTYPES)
-        from moewire.comm.combine_wire import check_combine_wire
-
-        check_combine_wire(combine_wire)
-        if comm == "grouped" and combine_wire != "bf16":
-            raise ValueError(
-                f"combine_wire={combine_wire!r}: comm='grouped' (the one-collective-per-tensor "
-                "baseline) supports only combine_wire='bf16'"
-            )
-        if experts not in ("auto", "loop", "grouped", *FP8_IMPLS):
-            raise ValueError(
-                f"experts must be one of ('auto', 'loop', 'grouped', 'fp8', 'fp8_loop'), "
-                f"got {experts!r}"
-            )
-        if experts == "fp8":
+        options = layer_options(options, option_kwargs)
+        if options.experts == "fp8":
             check_fp8_device(None)
         if shared_expert is not None and not callable(shared_expert):
             raise TypeError(f"shared_expert must be callable, got {type(shared_expert).__name__}")
-        self.config = config
-        self.routing = routing
-        self.quantize = quantize
-        self.experts_impl = experts
-        self.combine_dtype = combine_dtype
-        self.shared_expert = shared_expert
-        self.comm_name = comm
-        self.combine_wire = combine_wire
-
-        k, e = config.top_k, config.num_experts
-        extras = routing_extras(routing, e, k)
+        self.config, self.options, self.shared_expert = config, options, shared_expert
         self._group = group
-        self._wire = wire
-        self._extras = extras
-        if comm == "local":
-            self.world_size, self.rank = 1, 0
-        else:
-            check_process_group(comm)
-            self.world_size = dist.get_world_size(group)
-            self.rank = dist.get_rank(group)
-        self.spec: WireSpec | None = None
-        self.travel_spec: WireSpec | None = None
-        self.comm: Any = None
-        if wire == "nvfp4":
-            # The fp32 bits of g (0: not calibrated yet), so that state_dict() holds the
-            # calibrated scale and model.to(dtype) cannot round it.
-            self.register_buffer("global_scale_bits", torch.zeros((), dtype=torch.int32))
-            self.register_load_state_dict_post_hook(reload_global_scale)
-        if wire == "nvfp4" and global_scale is None:
-            WireSpec(wire, config.hidden, global_scale=1.0, extras=extras)  # validate now
-        else:
-            self._build_wire(global_scale)
-        if e % self.world_size:
-            raise ValueError(
-                f"num_experts={e} must be a multiple of the group size {self.world_size}"
-            )
-        self.num_local = e // self.world_size
-        self.first_expert = self.rank * self.num_local
+        self._extras = routing_extras(options.routing, config.num_experts, config.top_k)
+        self.world_size, self.rank = self._place_in_group()
+        self._init_wire()
+        self.num_local, self.first_expert = self._expert_shard()
         self.local_experts: LocalExperts | None = None
         self.router_bias_E: torch.Tensor | None = None
         #: Optional ``stage -> context manager`` hook around the stages "pack", "dispatch",
         #: "experts" (routing included) and "combine" of each forward (``moewire bench``).
         self.stage_timer: Callable[[str], AbstractContextManager] | None = None
 
+    # The options under the names the layer always had (read-only: see ``options``).
+    comm_name = _option("comm")
+    routing = _option("routing")
+    quantize = _option("quantize")
+    experts_impl = _option("experts")
+    combine_dtype = _option("combine_dtype")
+    combine_wire = _option("combine_wire")
+
+    def _place_in_group(self) -> tuple[int, int]:
+        """``(world size, rank)``: ``(1, 0)`` with ``comm="local"``, else the group's."""
+        if self.comm_name == "local":
+            return 1, 0
+        check_process_group(self.comm_name)
+        return dist.get_world_size(self._group), dist.get_rank(self._group)
+
+    def _init_wire(self) -> None:
+        """The row layouts and the comm now, or (nvfp4 without a global scale) the checks
+        now and the rest at the first forward's calibration."""
+        self.spec: WireSpec | None = None
+        self.travel_spec: WireSpec | None = None
+        self.comm: Any = None
+        wire, g = self.options.wire, self.options.global_scale
+        if wire == "nvfp4":
+            # The fp32 bits of g (0: not calibrated yet), so that state_dict() holds the
+            # calibrated scale and model.to(dtype) cannot round it.
+            self.register_buffer("global_scale_bits", torch.zeros((), dtype=torch.int32))
+            self.register_load_state_dict_post_hook(reload_global_scale)
+        if wire == "nvfp4" and g is None:
+            WireSpec(wire, self.config.hidden, global_scale=1.0, extras=self._extras)  # validate
+        else:
+            self._build_wire(g)
+
+    def _expert_shard(self) -> tuple[int, int]:
+        """``(E/W, rank*E/W)``: this rank's expert count and first expert."""
+        e = self.config.num_experts
+        if e % self.world_size:
+            raise ValueError(
+                f"num_experts={e} must be a multiple of the group size {self.world_size}"
+            )
+        num_local = e // self.world_size
+        return num_local, self.rank * num_local
+
     def _build_wire(self, global_scale: float | torch.Tensor | None) -> None:
         """The row layouts and the comm, once the wire format's parameters are known."""
-        hidden, extras = self.config.hidden, self._extras
-        self.spec = WireSpec(self._wire, hidden, global_scale=global_scale, extras=extras)
-        if self._wire == "nvfp4":
+        hidden, extras, wire = self.config.hidden, self._extras, self.options.wire
+        self.spec = WireSpec(wire, hidden, global_scale=global_scale, extras=extras)
+        if wire == "nvfp4":
             g = torch.tensor(self.spec.global_scale, dtype=torch.float32)
             self.global_scale_bits.copy_(g.view(torch.int32))
         self.travel_spec = (
@@ -205,8 +169,6 @@ class EPMoE(nn.Module):
         if self.comm_name == "local":
             self.comm = LocalComm(self.combine_wire)
         else:
-            from moewire.comm import make_comm
-
             # spec and E make every dispatch check that all ranks agree on the format,
             # hidden size, global scale, extras and expert count (in the count exchange).
             self.comm = make_comm(
@@ -215,6 +177,7 @@ class EPMoE(nn.Module):
                 num_experts=self.config.num_experts,
                 spec=self.travel_spec,
                 combine_wire=self.combine_wire,
+                check=self.options.check,
             )
 
     def _calibrate(self, x16_TH: torch.Tensor) -> None:
@@ -271,21 +234,7 @@ class EPMoE(nn.Module):
         The weights stay on their device, which is where the forward runs.
         """
         n = check_expert_weights(self.config, self.num_local, w13_E2IH, w2_EHI, w13_scale, w2_scale)
-        if n == self.config.num_experts and first_expert is None:
-            sl = slice(self.first_expert, self.first_expert + self.num_local)
-        elif n != self.num_local:
-            raise ValueError(
-                f"first_expert={first_expert} is for a shard of {self.num_local} experts; "
-                f"the weights hold {n}"
-            )
-        elif first_expert != self.first_expert:
-            raise ValueError(
-                f"first_expert={first_expert}: this rank's shard (rank {self.rank} of "
-                f"{self.world_size}, {self.num_local} experts each) starts at expert "
-                f"{self.first_expert}"
-            )
-        else:
-            sl = slice(0, n)
+        sl = self._shard_slice(n, first_expert)
         check_router_bias(self.config, router_bias)
         if self.experts_impl == "fp8":
             check_fp8_device(w13_E2IH.device)
@@ -304,6 +253,24 @@ class EPMoE(nn.Module):
             if router_bias is None
             else router_bias.detach().to(device=w13_E2IH.device, dtype=torch.float32)
         )
+
+    def _shard_slice(self, n: int, first_expert: int | None) -> slice:
+        """This rank's experts among ``n`` given: all ``E`` (``first_expert`` None) or only
+        this rank's shard (``first_expert`` this rank's); ``ValueError`` otherwise."""
+        if n == self.config.num_experts and first_expert is None:
+            return slice(self.first_expert, self.first_expert + self.num_local)
+        if n != self.num_local:
+            raise ValueError(
+                f"first_expert={first_expert} is for a shard of {self.num_local} experts; "
+                f"the weights hold {n}"
+            )
+        if first_expert != self.first_expert:
+            raise ValueError(
+                f"first_expert={first_expert}: this rank's shard (rank {self.rank} of "
+                f"{self.world_size}, {self.num_local} experts each) starts at expert "
+                f"{self.first_expert}"
+            )
+        return slice(0, n)
 
     def load_local_experts(
         self,
@@ -379,18 +346,11 @@ class EPMoE(nn.Module):
             experts on every rank (plus ``shared_expert(x_TH)``).
         """
         self._check_inputs(x_TH, router_logits_TE)
-        check_padding(self.comm_name, self.world_size, x_TH.shape[0], counts, valid_counts)
         x16_TH = x_TH.to(torch.bfloat16)
-        logits_TE = router_logits_TE.float().contiguous()
-        ids_TK = weights_TK = None
-        if self.routing == "topk" or self.comm_name == "alltoall":
-            ids_TK, weights_TK = route(self.config, logits_TE, self.router_bias_E)
-        if self.routing == "logits":
-            extras = {"router_logits": logits_TE}
-        else:
-            extras = {"topk_ids": ids_TK.to(torch.int32), "topk_weights": weights_TK}
         if self.spec is None:
             self._calibrate(x16_TH)
+        check_padding(self.comm, self.world_size, x_TH.shape[0], counts, valid_counts)
+        ids_TK, extras = self._route_sent(router_logits_TE.float().contiguous())
         with self._stage("pack"):
             rows_TR = self.travel_spec.pack(x16_TH, **extras)
         with self._stage("dispatch"):
@@ -411,6 +371,18 @@ class EPMoE(nn.Module):
             y_TH = y_TH.float() + self.shared_expert(x_TH).float()
         return y_TH.to(x_TH.dtype)  # bf16 -> x's dtype rounds as through fp32
 
+    def _route_sent(
+        self, logits_TE: torch.Tensor
+    ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+        """``(ids for the dispatch, extras of the rows)``: this rank's tokens routed where the
+        rows carry top-k ids or the comm needs them (:attr:`~moewire.comm.Comm.needs_topk_ids`)."""
+        ids_TK = weights_TK = None
+        if self.routing == "topk" or self.comm.needs_topk_ids:
+            ids_TK, weights_TK = route(self.config, logits_TE, self.router_bias_E)
+        if self.routing == "logits":
+            return ids_TK, {"router_logits": logits_TE}
+        return ids_TK, {"topk_ids": ids_TK.to(torch.int32), "topk_weights": weights_TK}
+
     def _route_received(self, recv_NR: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Expert ids and weights of the received rows (padding rows, if any, are dropped
         by the expert stage's plan)."""
@@ -421,7 +393,9 @@ class EPMoE(nn.Module):
         else:
             ids_NK, weights_NK = view.extras["topk_ids"], view.extras["topk_weights"]
             if not _capturing(recv_NR):  # one host sync; under capture bad ids select nothing
-                check_topk_ids(ids_NK, self.config.num_experts, "received topk_ids", distinct=True)
+                check_topk_ids(
+                    ids_NK, self.config.num_experts, name="received topk_ids", distinct=True
+                )
         return ids_NK, weights_NK
 
     def _quantize_received(self, recv_NR: torch.Tensor) -> torch.Tensor:
@@ -432,7 +406,7 @@ class EPMoE(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"{self.config}, wire={self._wire!r}, comm={self.comm_name!r}, "
+            f"{self.config}, wire={self.options.wire!r}, comm={self.comm_name!r}, "
             f"routing={self.routing!r}, quantize={self.quantize!r}, "
             f"experts={self.experts_impl!r}, combine_wire={self.combine_wire!r}, "
             f"rank={self.rank}/{self.world_size}"

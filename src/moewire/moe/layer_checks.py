@@ -5,6 +5,7 @@ global scale follows ``load_state_dict``."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -54,19 +55,19 @@ def reload_global_scale(module: nn.Module, incompatible_keys: object) -> None:
 
 
 def check_padding(
-    comm: str,
+    comm: Any,
     world_size: int,
     t: int,
     counts: Sequence[int] | torch.Tensor | None,
     valid: torch.Tensor | None,
 ) -> None:
-    """``EPMoE.forward``'s ``valid_counts`` (padded batches) fits: rows arrive rank by
-    rank (not ``alltoall``), ``counts`` puts every rank at this rank's ``T``, and it is an
-    int tensor ``[W]``."""
+    """``EPMoE.forward``'s ``valid_counts`` (padded batches) fits: ``comm`` delivers rows
+    rank by rank (:attr:`moewire.comm.Comm.rank_ordered`), ``counts`` puts every rank at
+    this rank's ``T``, and it is an int tensor ``[W]``."""
     if valid is None:
         return
-    if comm == "alltoall":
-        raise ValueError("valid_counts: comm='alltoall' does not deliver rows rank by rank")
+    if not comm.rank_ordered:
+        raise ValueError(f"valid_counts: comm={comm.name!r} does not deliver rows rank by rank")
     if counts is None or [int(c) for c in counts] != [t] * world_size:
         raise ValueError(
             f"valid_counts needs counts with every rank at this rank's T={t} (padded "

@@ -18,7 +18,8 @@ differ in the last bit; reductions pick their order by layout. So:
 Softmax and sigmoid therefore differ from ``torch.softmax``/``torch.sigmoid`` by an ulp or
 two, well inside the fp32 rounding that the transformers routers are compared at.
 
-Shape legend: ``T`` tokens, ``E`` experts, ``K`` top-k, ``G`` expert groups.
+Shape legend: ``T`` tokens, ``E`` experts, ``K`` top-k, ``G`` expert groups, ``S`` experts
+per group.
 """
 
 from __future__ import annotations
@@ -182,29 +183,9 @@ def route(
         return _route_triton(config, logits, router_bias_E)
 
     if config.router == "softmax":
-        weights, ids = _topk(softmax_f32(logits), k)
-        if config.renormalize:
-            weights = weights / tree_sum(weights).unsqueeze(-1)
+        ids, weights = _route_softmax(config, logits)
     else:
-        scores = sigmoid_f32(logits)
-        choice = scores
-        if router_bias_E is not None:
-            choice = scores + router_bias_E.to(device=scores.device, dtype=torch.float32)
-        g = config.n_group
-        if config.topk_group < g:
-            t = choice.shape[0]
-            per_group = choice.view(t, g, config.group_size)
-            top2 = _topk(per_group, 2)[0]
-            group_scores = top2[..., 0] + top2[..., 1]
-            group_idx = _topk(group_scores, config.topk_group)[1]
-            keep = torch.zeros((t, g), dtype=torch.bool, device=choice.device)
-            keep.scatter_(1, group_idx, True)
-            keep = keep.unsqueeze(-1).expand(t, g, config.group_size).reshape(t, e)
-            choice = choice.masked_fill(~keep, float("-inf"))
-        ids = _topk(choice, k)[1]
-        weights = scores.gather(1, ids)
-        if config.renormalize:
-            weights = weights / (tree_sum(weights).unsqueeze(-1) + DSV3_RENORM_EPS)
+        ids, weights = _route_deepseek_v3(config, logits, router_bias_E)
     if config.routed_scaling_factor != 1.0:
         weights = weights * config.routed_scaling_factor
     return ids, weights
@@ -249,31 +230,39 @@ def _route_triton(
     return ids, weights
 
 
-def check_topk_ids(
-    topk_ids_TK: torch.Tensor, num_experts: int, name: str = "topk_ids", *, distinct: bool = False
-) -> None:
-    """Raise ``ValueError`` naming the offending values unless every id is in ``[0, E)``
-    (and, with ``distinct``, no token lists an expert twice, as :func:`route` guarantees).
+def _route_softmax(config: MoEConfig, logits_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    weights_TK, ids_TK = _topk(softmax_f32(logits_TE), config.top_k)
+    if config.renormalize:
+        weights_TK = weights_TK / tree_sum(weights_TK).unsqueeze(-1)
+    return ids_TK, weights_TK
 
-    Call before any id is used as an index (one host sync)."""
-    if topk_ids_TK.numel() == 0:
-        return
-    if distinct and topk_ids_TK.shape[-1] > 1:
-        s = topk_ids_TK.sort(dim=-1).values
-        dup_T = (s[..., 1:] == s[..., :-1]).any(dim=-1)
-        stats = torch.stack([topk_ids_TK.min(), topk_ids_TK.max(), dup_T.sum().to(s.dtype)])
-        lo, hi, n_dup = stats.tolist()
-        if n_dup and lo >= 0 and hi < num_experts:
-            first = int(dup_T.nonzero()[0, 0])
-            raise ValueError(
-                f"{name}: {n_dup} tokens list an expert more than once (the router picks "
-                f"distinct experts), e.g. token {first}: {topk_ids_TK[first].tolist()}"
-            )
-    else:
-        lo, hi = topk_ids_TK.min().item(), topk_ids_TK.max().item()
-    if lo < 0 or hi >= num_experts:
-        bad = topk_ids_TK[(topk_ids_TK < 0) | (topk_ids_TK >= num_experts)]
-        raise ValueError(
-            f"{name}: expert ids must be in [0, {num_experts}), got {bad[:8].tolist()} "
-            f"(min {lo}, max {hi})"
-        )
+
+def _route_deepseek_v3(
+    config: MoEConfig, logits_TE: torch.Tensor, router_bias_E: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Selection on the biased sigmoid scores within the best ``topk_group`` groups;
+    weights from the unbiased scores."""
+    scores_TE = sigmoid_f32(logits_TE)
+    choice_TE = scores_TE
+    if router_bias_E is not None:
+        choice_TE = scores_TE + router_bias_E.to(device=scores_TE.device, dtype=torch.float32)
+    if config.topk_group < config.n_group:
+        choice_TE = _mask_to_best_groups(config, choice_TE)
+    ids_TK = _topk(choice_TE, config.top_k)[1]
+    weights_TK = scores_TE.gather(1, ids_TK)
+    if config.renormalize:
+        weights_TK = weights_TK / (tree_sum(weights_TK).unsqueeze(-1) + DSV3_RENORM_EPS)
+    return ids_TK, weights_TK
+
+
+def _mask_to_best_groups(config: MoEConfig, choice_TE: torch.Tensor) -> torch.Tensor:
+    """``-inf`` outside each token's ``topk_group`` best groups (a group's score is the sum
+    of its two best scores)."""
+    (t, e), g = choice_TE.shape, config.n_group
+    per_group_TGS = choice_TE.view(t, g, config.group_size)
+    top2_TG2 = _topk(per_group_TGS, 2)[0]
+    group_idx = _topk(top2_TG2[..., 0] + top2_TG2[..., 1], config.topk_group)[1]
+    keep_TG = torch.zeros((t, g), dtype=torch.bool, device=choice_TE.device)
+    keep_TG.scatter_(1, group_idx, True)
+    keep_TE = keep_TG.unsqueeze(-1).expand(t, g, config.group_size).reshape(t, e)
+    return choice_TE.masked_fill(~keep_TE, float("-inf"))
