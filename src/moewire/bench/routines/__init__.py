@@ -4,7 +4,8 @@ renders its own table. ``bench/main.py`` runs them through :func:`get`.
 - ``quantize``: pack and dequantize throughput on one device (Triton vs torch reference).
 - ``comm``: routines ``dispatch`` and ``combine`` (they share their inputs and cases).
 - ``layer``: the whole EP layer, stage by stage, with ``layer_refs``' hardware references.
-- ``model``: a DeepSeek-V3-style model's forward with its MoE blocks swapped in.
+- ``model``: a DeepSeek-V3-style model's forward with its MoE blocks swapped in (the model
+  built by ``model_build``).
 - ``eval``: the ``moewire eval`` front (what each configuration does to a trained model).
 """
 
