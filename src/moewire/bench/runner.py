@@ -91,11 +91,7 @@ class BenchContext:
                 end.synchronize()
                 samples.append(start.elapsed_time(end) / 1e3)
         else:
-            for _ in range(iters):
-                self.barrier()
-                t0 = time.perf_counter()
-                fn()
-                samples.append(time.perf_counter() - t0)
+            samples = wall_times(fn, iters, before=self.barrier)
         per_iter = torch.tensor(samples, dtype=torch.float64, device=self.device)
         dist.all_reduce(per_iter, op=dist.ReduceOp.MAX, group=self.group)
         self.last_samples = per_iter.tolist()
@@ -104,8 +100,7 @@ class BenchContext:
     def spread(self) -> dict:
         """The last :meth:`time` call's per-iteration times (slowest rank, us) and their
         min and max, for a record."""
-        us = [s * 1e6 for s in self.last_samples]
-        return {"time_us_min": min(us), "time_us_max": max(us), "samples_us": us}
+        return spread_fields([s * 1e6 for s in self.last_samples])
 
     def progress(self, label: str) -> None:
         """One progress line on rank 0 (stderr): ``[ k/total] label``."""
@@ -113,6 +108,30 @@ class BenchContext:
         if self.rank == 0:
             w = len(str(self.total_steps))
             print(f"[{self._step:>{w}}/{self.total_steps}] {label}", file=sys.stderr, flush=True)
+
+
+def wall_times(
+    fn: Callable[[], object], iters: int, before: Callable[[], object] | None = None
+) -> list[float]:
+    """Wall seconds until each of ``iters`` calls of ``fn`` returns, ``before()`` (untimed)
+    run ahead of each."""
+    samples = []
+    for _ in range(iters):
+        if before is not None:
+            before()
+        t0 = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t0)
+    return samples
+
+
+def spread_fields(samples_us: list[float]) -> dict:
+    """A record's spread fields from its per-iteration times in us: min, max and all."""
+    return {
+        "time_us_min": min(samples_us),
+        "time_us_max": max(samples_us),
+        "samples_us": samples_us,
+    }
 
 
 def environment(device: torch.device, world_size: int, backend: str) -> dict:

@@ -112,6 +112,24 @@ def calibrated_global_scale(ctx: BenchContext, x_TH: torch.Tensor) -> float:
     return nvfp4_global_scale(max(ctx.max_over_ranks(local), 1e-6))
 
 
+@dataclass(frozen=True)
+class Batch:
+    """One token count's inputs on this rank (routines ``dispatch`` and ``layer``)."""
+
+    tokens: int  # per rank, before ``--skew``
+    counts: list[int]  # every rank's token count
+    x_TH: torch.Tensor
+    logits_TE: torch.Tensor
+    g: float  # the nvfp4 global scale, calibrated on every rank's tokens
+
+
+def rank_batch(ctx: BenchContext, shape: ModelShape, tokens: int) -> Batch:
+    """This rank's :class:`Batch` at ``tokens`` per rank (``--skew`` splits them)."""
+    counts = token_counts(tokens, ctx.world_size, ctx.args.skew)
+    x, logits = rank_inputs(shape, counts[ctx.rank], ctx.rank, ctx.args.seed, ctx.device)
+    return Batch(tokens, counts, x, logits, calibrated_global_scale(ctx, x))
+
+
 def cases_for(args, shape: ModelShape) -> list[Case]:
     """The baseline first, then bf16 rows in one collective, then each quantized format in
     each routing mode over each backend (and nvfp4 over ``grouped``, PR 30014's own way)."""
@@ -164,28 +182,12 @@ def nccl_allgather_time(ctx: BenchContext, nbytes_per_rank: int) -> float:
     return ctx.time(run, ctx.args.iters, ctx.args.warmup)
 
 
-@dataclass(frozen=True)
-class _Batch:
-    """One token count's inputs on this rank."""
-
-    tokens: int
-    counts: list[int]  # every rank's token count
-    x: torch.Tensor
-    logits: torch.Tensor
-    ids: torch.Tensor  # top-k expert ids of ``logits``
-    g: float  # the nvfp4 global scale, calibrated on every rank's ``x``
-
-
 def run_dispatch(ctx: BenchContext, shape: ModelShape) -> list[dict]:
     args = ctx.args
     records = []
     ref_cache: dict[int, float] = {}  # bytes per rank -> the group's own all-gather time
     for tokens in args.tokens:
-        counts = token_counts(tokens, ctx.world_size, args.skew)
-        x, logits = rank_inputs(shape, counts[ctx.rank], ctx.rank, args.seed, ctx.device)
-        g = calibrated_global_scale(ctx, x)
-        ids, _ = topk_of(logits, shape.top_k)
-        batch = _Batch(tokens, counts, x, logits, ids, g)
+        batch = rank_batch(ctx, shape, tokens)
         base_time = None
         for case in cases_for(args, shape):
             ctx.progress(f"dispatch T={tokens} {case.label}")
@@ -197,20 +199,21 @@ def run_dispatch(ctx: BenchContext, shape: ModelShape) -> list[dict]:
 
 
 def _dispatch_case(
-    ctx: BenchContext, case: Case, shape: ModelShape, batch: _Batch, ref_cache: dict
+    ctx: BenchContext, case: Case, shape: ModelShape, batch: Batch, ref_cache: dict
 ) -> tuple[dict, float]:
     """One case, checked bitwise against the rows every rank must receive, then timed: its
     record (all but the speedup) and its time in seconds."""
     from moewire.comm import make_comm
 
-    args, x, counts = ctx.args, batch.x, batch.counts
+    args, x, counts = ctx.args, batch.x_TH, batch.counts
     spec = make_spec(case.fmt, case.routing, shape, batch.g)
     comm = make_comm(case.backend, ctx.group, num_experts=shape.num_experts, spec=spec)
-    extras = extras_for(case.routing, batch.logits, shape.top_k)
+    extras = extras_for(case.routing, batch.logits_TE, shape.top_k)
+    ids, _ = topk_of(batch.logits_TE, shape.top_k)
     kw = {"counts": counts} if case.counts else {}
 
     def step():
-        return comm.dispatch(spec.pack(x, **extras), batch.ids, **kw)
+        return comm.dispatch(spec.pack(x, **extras), ids, **kw)
 
     recv, _ = step()
     want = expected_recv(ctx, case, spec, shape, counts, args.seed)

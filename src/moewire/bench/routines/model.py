@@ -65,7 +65,7 @@ import torch
 from torch import nn
 
 from moewire.bench.presets import PRESETS, ModelShape
-from moewire.bench.routines.layer import fp8_skip_reason
+from moewire.bench.routines.layer import FP8_CASES, fp8_skip_reason
 from moewire.bench.routines.model_build import (
     build_model,
     expert_shard,
@@ -91,13 +91,7 @@ def model_cases(ctx: BenchContext) -> list[tuple[str, dict]]:
         ("nvfp4 rows, bf16 experts", {"wire": "nvfp4", "experts": "auto"}),
     ]
     if fp8_skip_reason(ctx) is None:
-        cases += [
-            (
-                "fp8 after dispatch (pre-PR-30014 path), fp8 experts",
-                {"wire": "fp8", "experts": "fp8", "quantize": "after"},
-            ),
-            ("fp8 before dispatch, fp8 experts", {"wire": "fp8", "experts": "fp8"}),
-        ]
+        cases += FP8_CASES
     return cases
 
 

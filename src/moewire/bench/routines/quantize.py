@@ -47,13 +47,19 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from collections.abc import Callable, Sequence
 
 import torch
 
 from moewire.bench.presets import ModelShape
-from moewire.bench.runner import BenchContext, fmt_num, fmt_time, render_table
+from moewire.bench.runner import (
+    BenchContext,
+    fmt_num,
+    fmt_time,
+    render_table,
+    spread_fields,
+    wall_times,
+)
 from moewire.formats import FORMATS, WireSpec, format_class, nvfp4_global_scale
 from moewire.testing.data import heavy_tailed
 
@@ -97,13 +103,7 @@ def _wall_us(fn: Callable[[], object], iters: int, warmup: int, sync: bool) -> l
     with ``sync`` the device is idle before each call."""
     for _ in range(warmup):
         fn()
-    samples = []
-    for _ in range(iters):
-        if sync:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - t0) * 1e6)
+    samples = [s * 1e6 for s in wall_times(fn, iters, torch.cuda.synchronize if sync else None)]
     if sync:
         torch.cuda.synchronize()
     return samples
@@ -308,8 +308,7 @@ def format_table(results: Sequence[dict]) -> str:
 def _cpu_time_us(fn, iters: int, warmup: int) -> tuple[float, dict]:
     """Median microseconds per call, and the spread fields of a record."""
     samples = _wall_us(fn, iters, warmup, sync=False)
-    spread = {"time_us_min": min(samples), "time_us_max": max(samples), "samples_us": samples}
-    return statistics.median(samples), spread
+    return statistics.median(samples), spread_fields(samples)
 
 
 def _cpu_records(ctx: BenchContext, shape: ModelShape) -> list[dict]:
