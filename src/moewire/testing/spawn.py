@@ -73,10 +73,6 @@ class RankOutcome:
     #: killed by the parent.
     hung: bool = False
 
-    @property
-    def ok(self) -> bool:
-        return self.error is None and not self.hung
-
 
 def init_group(
     rank: int,
