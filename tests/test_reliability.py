@@ -567,6 +567,8 @@ def test_dead_or_stuck_peer(case):
         assert res["elapsed"] <= PG_TIMEOUT_S + MARGIN_S, (case, rank, res["elapsed"])
         print(f"{case}: rank {rank} raised after {res['elapsed']:.2f} s: {res['msg'][:160]}")
     assert results[BAD_RANK] is None
+    bad = outcomes[BAD_RANK]  # stuck: killed; else its error (raised, or its exit code)
+    assert bad.hung if case == "never_dispatches" else bad.error is not None, bad
     assert codes[BAD_RANK] != 0 and codes.count(0) == PEER_WORLD - 1, codes
     # the process tree is clean: every worker is reaped, none is a child any more
     assert all(_gone(pid) for pid in pids), pids

@@ -31,6 +31,7 @@ import datetime
 import os
 import pickle
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -69,8 +70,8 @@ class RankOutcome:
     traceback: str = ""
     #: ``time.time()`` of the failure (orders the failures of a run).
     failed_at: float | None = None
-    #: Still running when the run ended (deadline, or the ranks waited for were done):
-    #: killed by the parent.
+    #: Still running when the run ended (deadline, grace after a failure, or the ranks
+    #: waited for were done), and killed by the parent.
     hung: bool = False
 
 
@@ -232,8 +233,8 @@ def _wait(
     procs: list, waited: list, tmpdir: str, run_timeout: float | None, grace: float | None
 ) -> list[int]:
     """Wait until every process of ``waited`` has ended (at most ``run_timeout`` s, or
-    ``grace`` s after the first failure), kill every one still running and return their
-    ranks."""
+    ``grace`` s after the first failure), kill every one still running and return the ranks
+    that the kill ended."""
     deadline = None if run_timeout is None else time.monotonic() + run_timeout
     failed_at: float | None = None
     while any(p.is_alive() for p in waited):
@@ -245,13 +246,13 @@ def _wait(
         wait([p.sentinel for p in procs if p.is_alive()], timeout=0.5)
         if failed_at is None and _any_failed(procs, tmpdir):
             failed_at = time.monotonic()
-    hung = [rank for rank, p in enumerate(procs) if p.is_alive()]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
+    alive = [rank for rank, p in enumerate(procs) if p.is_alive()]
+    for rank in alive:
+        procs[rank].kill()
     for p in procs:
         p.join()
-    return hung
+    # one that was on its way out (e.g. a failed rank released by its peers' exit) is not
+    return [rank for rank in alive if procs[rank].exitcode == -signal.SIGKILL]
 
 
 def _outcome(rank: int, p: Any, tmpdir: str, hung: bool) -> RankOutcome:
