@@ -63,7 +63,7 @@ def _equivalence_worker() -> dict:
     import torch.distributed as dist
 
     from moewire.bench.presets import ModelShape
-    from moewire.bench.routines.model import build_model, expert_shard, model_config, swap_in
+    from moewire.bench.routines.model_build import build_model, expert_shard, model_config, swap_in
     from moewire.integrations.transformers import expert_parallel
 
     rank, world = dist.get_rank(), dist.get_world_size()

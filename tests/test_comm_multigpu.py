@@ -15,7 +15,6 @@ Shape legend: ``G`` tokens over all ranks, ``T`` tokens on this rank, ``N`` rows
 
 from __future__ import annotations
 
-import datetime
 import os
 from dataclasses import replace
 
@@ -25,6 +24,7 @@ import torch.distributed as dist
 
 import moewire as mw
 from moewire.comm import COMMS, make_comm
+from moewire.testing.spawn import init_group
 
 pytestmark = [pytest.mark.multigpu, pytest.mark.timeout(600)]
 
@@ -42,14 +42,10 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 def group():
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         pytest.skip("run under torchrun --nproc_per_node=N (N >= 2)")
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    torch.cuda.set_device(local)
     if not dist.is_initialized():
-        dist.init_process_group(
-            "nccl",
-            timeout=datetime.timedelta(seconds=300),
-            device_id=torch.device("cuda", local),
-        )
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        init_group(rank, world, "env://", device_type="cuda", timeout=300)
+    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if dist.get_world_size() < 2:
         pytest.skip("needs 2+ ranks")
     return dist.group.WORLD

@@ -13,15 +13,10 @@ Shape legend: ``T`` tokens, ``H`` hidden, ``E`` experts, ``K`` top-k, ``R`` row 
 
 from __future__ import annotations
 
-import datetime
 import os
-import pickle
 import resource
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
-from multiprocessing.connection import wait
 from typing import Any
 
 import pytest
@@ -31,7 +26,7 @@ import torch.multiprocessing as mp
 
 import moewire as mw
 from moewire.comm import CommError, make_comm
-from moewire.testing.spawn import run_distributed
+from moewire.testing.spawn import RankOutcome, run_distributed, spawn
 from test_moe import G_NVFP4, E, H, make_config, make_inputs, make_layer, make_weights, oracle
 
 META = torch.device("meta")
@@ -455,59 +450,24 @@ MARGIN_S = 5.0
 RUN_DEADLINE_S = 60.0
 
 
-def _peer_worker(rank, world_size, tmpdir, fn, pg_timeout) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{os.path.join(tmpdir, 'store')}",
-        rank=rank,
-        world_size=world_size,
-        timeout=datetime.timedelta(seconds=pg_timeout),
+def _spawn_peers(fn, world_size: int) -> list[RankOutcome]:
+    """Run ``fn(rank)`` on every rank of a gloo group with a short timeout; rank
+    ``BAD_RANK`` may raise, die or hang. The run ends when every other rank has ended (by
+    the deadline at the latest); the stuck one, if any, is killed then."""
+    survivors = [r for r in range(world_size) if r != BAD_RANK]
+    return spawn(
+        _with_rank,
+        world_size,
+        fn,
+        timeout=PG_TIMEOUT_S,
+        run_timeout=RUN_DEADLINE_S,
+        grace=None,
+        wait_for=survivors,
     )
-    result = fn(rank)
-    dist.destroy_process_group()
-    with open(os.path.join(tmpdir, f"result_{rank}.pkl.tmp"), "wb") as f:
-        pickle.dump(result, f)
-    os.replace(*(os.path.join(tmpdir, f"result_{rank}.pkl{s}") for s in (".tmp", "")))
 
 
-def _spawn_peers(fn, world_size: int) -> tuple[list[Any], list[int | None], list[int]]:
-    """Run ``fn(rank)`` on every rank of a gloo group with a short timeout; ranks may die or
-    hang. Returns each rank's result (None if it wrote none), exit codes and pids; every
-    process is gone when it returns (stuck ones are killed at the deadline)."""
-    ctx = mp.get_context("spawn")
-    tmpdir = tempfile.mkdtemp(prefix="moewire_peers_")
-    procs = [
-        ctx.Process(target=_peer_worker, args=(r, world_size, tmpdir, fn, PG_TIMEOUT_S))
-        for r in range(world_size)
-    ]
-    try:
-        for p in procs:
-            p.start()
-        deadline = time.monotonic() + RUN_DEADLINE_S
-        survivors = [p for r, p in enumerate(procs) if r != BAD_RANK]
-        while any(p.is_alive() for p in survivors) and time.monotonic() < deadline:
-            wait([p.sentinel for p in survivors if p.is_alive()], timeout=0.5)
-        # every survivor has exited on its own: the stuck rank, if any, is killed here
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-            p.join(timeout=10)
-        results = []
-        for r in range(world_size):
-            path = os.path.join(tmpdir, f"result_{r}.pkl")
-            if os.path.exists(path):
-                with open(path, "rb") as f:
-                    results.append(pickle.load(f))
-            else:
-                results.append(None)
-        return results, [p.exitcode for p in procs], [p.pid for p in procs]
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join()
-        shutil.rmtree(tmpdir, ignore_errors=True)
+def _with_rank(fn):
+    return fn(dist.get_rank())
 
 
 def _small_layer(comm: str) -> tuple[mw.EPMoE, torch.Tensor, torch.Tensor]:
@@ -591,7 +551,9 @@ def test_dead_or_stuck_peer(case):
     operation within the group timeout plus a margin; no process is left behind."""
     worker, op, step = PEER_CASES[case]
     t0 = time.monotonic()
-    results, codes, pids = _spawn_peers(worker, PEER_WORLD)
+    outcomes = _spawn_peers(worker, PEER_WORLD)
+    results = [o.result for o in outcomes]
+    codes, pids = [o.exitcode for o in outcomes], [o.pid for o in outcomes]
     wall = time.monotonic() - t0
     for rank in sorted(set(range(PEER_WORLD)) - {BAD_RANK}):
         res = results[rank]
@@ -603,6 +565,8 @@ def test_dead_or_stuck_peer(case):
         assert res["elapsed"] <= PG_TIMEOUT_S + MARGIN_S, (case, rank, res["elapsed"])
         print(f"{case}: rank {rank} raised after {res['elapsed']:.2f} s: {res['msg'][:160]}")
     assert results[BAD_RANK] is None
+    bad = outcomes[BAD_RANK]  # stuck: killed; else its error (raised, or its exit code)
+    assert bad.hung if case == "never_dispatches" else bad.error is not None, bad
     assert codes[BAD_RANK] != 0 and codes.count(0) == PEER_WORLD - 1, codes
     # the process tree is clean: every worker is reaped, none is a child any more
     assert all(_gone(pid) for pid in pids), pids

@@ -15,7 +15,7 @@ from moewire.bench.runner import _user_error
 from moewire.cli import main
 from moewire.comm import COMMS, make_comm
 from moewire.formats.elements import encode_e2m1
-from moewire.testing.spawn import run_distributed
+from moewire.testing.spawn import RankOutcome, run_distributed
 
 H, I, E, K = 64, 32, 4, 2
 
@@ -113,13 +113,26 @@ def test_cli_bad_arguments_are_one_line_errors(capsys, argv, needle):
 
 
 def test_worker_value_error_comes_back_as_one_line():
-    from torch.multiprocessing import ProcessRaisedException
-
-    tb = "Traceback (most recent call last):\n  File 'x.py', line 1\nValueError: bad hidden\n"
-    e = _user_error(ProcessRaisedException(tb, 1, 1234))
+    e = _user_error(RankOutcome(1, 1234, 1, error=ValueError("bad hidden"), traceback="tb"))
     assert isinstance(e, ValueError) and str(e) == "rank 1: bad hidden"
-    other = ProcessRaisedException("Traceback\nKeyError: 'x'\n", 0, 1)
-    assert _user_error(other) is other  # a bug keeps its traceback
+    other = RankOutcome(0, 1, 1, error=KeyError("x"), traceback="Traceback\nKeyError: 'x'\n")
+    assert _user_error(other) is None  # a bug keeps its traceback
+
+
+def _rank_one_rejects(ctx) -> None:
+    if ctx.rank == 1:
+        raise ValueError("bad hidden")
+    dist.barrier()  # rank 0 waits for a peer that never comes: the launcher must not hang
+
+
+def test_launch_reports_a_worker_value_error_once():
+    from types import SimpleNamespace
+
+    from moewire.bench.runner import launch
+
+    args = SimpleNamespace(device="cpu", world_size=2, timeout=30.0)
+    with pytest.raises(ValueError, match=r"^rank 1: bad hidden$"):
+        launch(_rank_one_rejects, args)
 
 
 # ------------------------------------------------------------------ combine: handle, width

@@ -21,7 +21,6 @@ Shape legend: ``T`` tokens on this rank, ``H`` hidden, ``E`` experts.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import sys
 import time
@@ -30,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 import moewire as mw
+from moewire.testing.spawn import init_group
 
 H, I, E, K = 256, 128, 8, 2
 MAX_T = 96
@@ -237,17 +237,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--check-every", type=int, default=50)
     p.add_argument("--timeout", type=float, default=120.0, help="process-group timeout, s")
     args = p.parse_args(argv)
-    if args.device == "cuda":
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-        backend = "nccl"
-    else:
-        device, backend = torch.device("cpu"), "gloo"
+    backend = "nccl" if args.device == "cuda" else "gloo"
+    if args.device == "cpu":
         torch.set_num_threads(1)
         _cpu_without_onednn()
-    kw = {"device_id": device} if device.type == "cuda" else {}
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=args.timeout), **kw)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    device = init_group(rank, world, "env://", device_type=args.device, timeout=args.timeout)
     try:
         r = soak(args.iters, device, args.check_every)
         ok = torch.tensor([int(r["ok"])], device=device)

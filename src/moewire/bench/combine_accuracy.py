@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import tempfile
 
 import torch
 import torch.nn.functional as F
@@ -43,9 +42,12 @@ import torch.nn.functional as F
 from moewire.comm.combine_wire import COMBINE_WIRES, combine_codec
 from moewire.formats import WireSpec, nvfp4_global_scale
 from moewire.testing.data import heavy_tailed, sqnr_db
+from moewire.testing.spawn import run_distributed
 
 DISPATCH = ("bf16", "fp8", "nvfp4")
 QUANTIZED = tuple(w for w in COMBINE_WIRES if w != "bf16")
+#: Seconds for the tiny models' gloo run (spawn included) and for each of its collectives.
+MODELS_TIMEOUT_S = 1800.0
 
 
 def _deepseek_partials(tokens: int, world: int, dispatch: str, seed: int) -> torch.Tensor:
@@ -125,20 +127,16 @@ def deepseek_table(tokens: int, world: int, seed: int) -> list[dict]:
     return rows
 
 
-def _model_worker(rank: int, world: int, store: str, result: str) -> None:
+def _model_worker() -> dict:
     import copy
     import sys
 
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     tests = os.path.join(os.path.dirname(__file__), "..", "..", "..", "tests")
     sys.path.insert(0, os.path.abspath(tests))
     from moewire.integrations.transformers import expert_parallel
     from test_transformers import ARCHS, VOCAB, tiny_model
 
-    gen = torch.Generator().manual_seed(500 + rank)
+    gen = torch.Generator().manual_seed(500 + torch.distributed.get_rank())
     ids_BS = torch.randint(0, VOCAB, (4, 32), generator=gen)
     out = {}
     with torch.no_grad():
@@ -150,19 +148,11 @@ def _model_worker(rank: int, world: int, store: str, result: str) -> None:
                 expert_parallel(m, None, wire="bf16", comm="allgather", combine_wire=wire)
                 logits[wire] = m(ids_BS).logits.float()
             out[arch] = logits
-    torch.save(out, f"{result}.{rank}")
-    dist.destroy_process_group()
+    return out
 
 
 def models_table(world: int) -> list[dict]:
-    import torch.multiprocessing as mp
-
-    with tempfile.TemporaryDirectory() as tmp:
-        store, result = os.path.join(tmp, "store"), os.path.join(tmp, "res")
-        mp.start_processes(
-            _model_worker, args=(world, store, result), nprocs=world, start_method="spawn"
-        )
-        per_rank = [torch.load(f"{result}.{r}") for r in range(world)]
+    per_rank = run_distributed(_model_worker, world, timeout=MODELS_TIMEOUT_S)
     rows = []
     for arch in per_rank[0]:
         ref = torch.cat(

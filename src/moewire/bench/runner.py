@@ -17,19 +17,19 @@ from __future__ import annotations
 import csv
 import datetime
 import json
-import logging
 import math
 import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+
+from moewire.testing.spawn import RankOutcome, first_failure, init_group, results, spawn
 
 
 @dataclass
@@ -91,11 +91,7 @@ class BenchContext:
                 end.synchronize()
                 samples.append(start.elapsed_time(end) / 1e3)
         else:
-            for _ in range(iters):
-                self.barrier()
-                t0 = time.perf_counter()
-                fn()
-                samples.append(time.perf_counter() - t0)
+            samples = wall_times(fn, iters, before=self.barrier)
         per_iter = torch.tensor(samples, dtype=torch.float64, device=self.device)
         dist.all_reduce(per_iter, op=dist.ReduceOp.MAX, group=self.group)
         self.last_samples = per_iter.tolist()
@@ -104,8 +100,7 @@ class BenchContext:
     def spread(self) -> dict:
         """The last :meth:`time` call's per-iteration times (slowest rank, us) and their
         min and max, for a record."""
-        us = [s * 1e6 for s in self.last_samples]
-        return {"time_us_min": min(us), "time_us_max": max(us), "samples_us": us}
+        return spread_fields([s * 1e6 for s in self.last_samples])
 
     def progress(self, label: str) -> None:
         """One progress line on rank 0 (stderr): ``[ k/total] label``."""
@@ -113,6 +108,30 @@ class BenchContext:
         if self.rank == 0:
             w = len(str(self.total_steps))
             print(f"[{self._step:>{w}}/{self.total_steps}] {label}", file=sys.stderr, flush=True)
+
+
+def wall_times(
+    fn: Callable[[], object], iters: int, before: Callable[[], object] | None = None
+) -> list[float]:
+    """Wall seconds until each of ``iters`` calls of ``fn`` returns, ``before()`` (untimed)
+    run ahead of each."""
+    samples = []
+    for _ in range(iters):
+        if before is not None:
+            before()
+        t0 = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t0)
+    return samples
+
+
+def spread_fields(samples_us: list[float]) -> dict:
+    """A record's spread fields from its per-iteration times in us: min, max and all."""
+    return {
+        "time_us_min": min(samples_us),
+        "time_us_max": max(samples_us),
+        "samples_us": samples_us,
+    }
 
 
 def environment(device: torch.device, world_size: int, backend: str) -> dict:
@@ -250,47 +269,17 @@ def write_plot(path: str, env: dict, records: list[dict]) -> None:
 
 
 # ------------------------------------------------------------------------------ launching
-def _init_group(rank: int, world_size: int, device_type: str, init_method: str, timeout_s: float):
-    backend = "nccl" if device_type == "cuda" else "gloo"
+def _rank_main(main: Callable[[BenchContext], None], args: object, device_type: str) -> None:
+    """One rank, its group set up (:func:`moewire.testing.spawn.init_group`): its context,
+    then ``main(ctx)``."""
+    rank, world = dist.get_rank(), dist.get_world_size()
     if device_type == "cuda":
-        local = int(os.environ.get("LOCAL_RANK", rank))
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
+        device, backend = torch.device("cuda", torch.cuda.current_device()), "nccl"
     else:
-        device = torch.device("cpu")
-    kwargs = {}
-    if device_type == "cuda":
-        kwargs["device_id"] = device
-    dist.init_process_group(
-        backend,
-        init_method=init_method,
-        rank=rank,
-        world_size=world_size,
-        timeout=datetime.timedelta(seconds=timeout_s),
-        **kwargs,
-    )
-    return dist.group.WORLD, device, backend
-
-
-def _worker(
-    rank: int,
-    world_size: int,
-    device_type: str,
-    init_method: str,
-    main: Callable[[BenchContext], None],
-    args: object,
-) -> None:
-    if device_type == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
-    group, device, backend = _init_group(
-        rank, world_size, device_type, init_method, getattr(args, "timeout", 600)
-    )
-    try:
-        ctx = BenchContext(group, rank, world_size, device, args)
-        ctx.env = environment(device, world_size, backend)
-        main(ctx)
-    finally:
-        dist.destroy_process_group()
+        device, backend = torch.device("cpu"), "gloo"
+    ctx = BenchContext(dist.group.WORLD, rank, world, device, args)
+    ctx.env = environment(device, world, backend)
+    main(ctx)
 
 
 def resolve_world(args: object) -> tuple[str, int, bool]:
@@ -319,34 +308,31 @@ def cpu_cores() -> int:
 
 def launch(main: Callable[[BenchContext], None], args: object) -> None:
     """Run ``main(ctx)`` on every rank: under torchrun when its variables are set,
-    otherwise in freshly spawned processes on this machine."""
+    otherwise in freshly spawned processes on this machine (:mod:`moewire.testing.spawn`)."""
     device_type, world, torchrun = resolve_world(args)
-    if torchrun:
-        _worker(int(os.environ["RANK"]), world, device_type, "env://", main, args)
+    timeout = getattr(args, "timeout", 600)
+    threads = max(1, (os.cpu_count() or 1) // world) if device_type == "cpu" else None
+    if not torchrun:
+        kw = {"timeout": timeout, "threads": threads, "device_type": device_type}
+        outcomes = spawn(_rank_main, world, main, args, device_type, **kw)
+        failed = first_failure(outcomes)
+        if failed is not None and (err := _user_error(failed)) is not None:
+            raise err from None
+        results(outcomes, "moewire bench", None)
         return
-    with tempfile.TemporaryDirectory(prefix="moewire-bench-") as tmp:
-        init = f"file://{os.path.join(tmp, 'store')}"
-        # A worker's error is reported once, by _user_error; not also as torch's
-        # "Terminating process" warning for each of the other workers.
-        logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)
-        try:
-            torch.multiprocessing.spawn(
-                _worker,
-                args=(world, device_type, init, main, args),
-                nprocs=world,
-                join=True,
-            )
-        except torch.multiprocessing.ProcessRaisedException as e:
-            raise _user_error(e) from None
+    if threads is not None:
+        torch.set_num_threads(threads)
+    init_group(int(os.environ["RANK"]), world, "env://", device_type=device_type, timeout=timeout)
+    try:
+        _rank_main(main, args, device_type)
+    finally:
+        dist.destroy_process_group()
 
 
-def _user_error(e: Exception) -> Exception:
+def _user_error(failed: RankOutcome) -> Exception | None:
     """A worker's ``ValueError``/``TypeError`` as one line naming the rank and the cause
-    (the CLI prints it); any other failure keeps its full traceback."""
-    last = [line for line in str(e).splitlines() if line.strip()][-1:]
-    for kind in (ValueError, TypeError):
-        prefix = f"{kind.__name__}: "
-        if last and last[0].startswith(prefix):
-            rank = getattr(e, "error_index", "?")
-            return kind(f"rank {rank}: {last[0].removeprefix(prefix)}")
-    return e
+    (the CLI prints it); None for any other failure (it keeps its full traceback)."""
+    kind = type(failed.error)
+    if kind in (ValueError, TypeError):
+        return kind(f"rank {failed.rank}: {failed.error}")
+    return None

@@ -52,7 +52,7 @@ CPU_CAVEAT = (
 
 def skipped_notes(args: argparse.Namespace, hidden: int, is_cuda: bool) -> dict[str, list[str]]:
     """Per routine, the rows the run leaves out and why (one line each)."""
-    from moewire.bench.routines.comm import CPU_QUANTIZED_COMBINE_MAX_TOKENS
+    from moewire.bench.routines.combine import CPU_QUANTIZED_COMBINE_MAX_TOKENS
     from moewire.formats import format_class
 
     notes: dict[str, list[str]] = {r: [] for r in LEGENDS}

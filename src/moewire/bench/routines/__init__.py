@@ -2,9 +2,11 @@
 renders its own table. ``bench/main.py`` runs them through :func:`get`.
 
 - ``quantize``: pack and dequantize throughput on one device (Triton vs torch reference).
-- ``comm``: routines ``dispatch`` and ``combine`` (they share their inputs and cases).
+- ``comm``: routine ``dispatch``, and the per-rank inputs every routine draws from the seed.
+- ``combine``: the return trip of the partial outputs, on ``dispatch``'s tokens and routing.
 - ``layer``: the whole EP layer, stage by stage, with ``layer_refs``' hardware references.
-- ``model``: a DeepSeek-V3-style model's forward with its MoE blocks swapped in.
+- ``model``: a DeepSeek-V3-style model's forward with its MoE blocks swapped in (the model
+  built by ``model_build``).
 - ``eval``: the ``moewire eval`` front (what each configuration does to a trained model).
 """
 
@@ -30,8 +32,8 @@ class Routine:
 
 _ROUTINES = {  # routine -> (module, run function, steps function)
     "quantize": ("quantize", "run_quantize", "steps"),
-    "dispatch": ("comm", "run_dispatch", "dispatch_steps"),
-    "combine": ("comm", "run_combine", "combine_steps"),
+    "dispatch": ("comm", "run_dispatch", "steps"),
+    "combine": ("combine", "run_combine", "steps"),
     "layer": ("layer", "run_layer", "steps"),
     "model": ("model", "run_model", "steps"),
 }

@@ -42,7 +42,7 @@ import torch
 
 from moewire.bench.presets import ModelShape
 from moewire.bench.routines import layer_refs
-from moewire.bench.routines.comm import calibrated_global_scale, rank_inputs, token_counts
+from moewire.bench.routines.comm import rank_batch
 from moewire.bench.runner import BenchContext
 from moewire.testing.data import sqnr_db
 
@@ -106,6 +106,17 @@ def fp8_skip_reason(ctx: BenchContext) -> str | None:
     return None
 
 
+#: The fp8 expert cases of routines ``layer`` and ``model`` (where ``fp8_skip_reason`` is None):
+#: rows quantized after the dispatch (vLLM before PR 30014) and before it.
+FP8_CASES = (
+    (
+        "fp8 after dispatch (pre-PR-30014 path), fp8 experts",
+        {"wire": "fp8", "experts": "fp8", "quantize": "after"},
+    ),
+    ("fp8 before dispatch, fp8 experts", {"wire": "fp8", "experts": "fp8", "quantize": "before"}),
+)
+
+
 def layer_cases(ctx: BenchContext) -> list[tuple[str, dict]]:
     cases = [
         ("bf16 rows, bf16 experts", {"wire": "bf16", "experts": "auto"}),
@@ -113,14 +124,7 @@ def layer_cases(ctx: BenchContext) -> list[tuple[str, dict]]:
     ]
     if fp8_skip_reason(ctx) is None:
         cases += [
-            (
-                "fp8 after dispatch (pre-PR-30014 path), fp8 experts",
-                {"wire": "fp8", "experts": "fp8", "quantize": "after"},
-            ),
-            (
-                "fp8 before dispatch, fp8 experts",
-                {"wire": "fp8", "experts": "fp8", "quantize": "before"},
-            ),
+            *FP8_CASES,
             (
                 "fp8 rows + fp8 experts + fp8 combine",
                 {"wire": "fp8", "experts": "fp8", "quantize": "before", "combine_wire": "fp8"},
@@ -244,9 +248,8 @@ def run_layer(ctx: BenchContext, shape: ModelShape) -> list[dict]:
     records = []
     cases = layer_cases(ctx)
     for tokens in args.tokens:
-        counts = token_counts(tokens, ctx.world_size, args.skew)
-        x, logits = rank_inputs(shape, counts[ctx.rank], ctx.rank, args.seed, ctx.device)
-        g = calibrated_global_scale(ctx, x)
+        batch = rank_batch(ctx, shape, tokens)
+        counts, x, logits, g = batch.counts, batch.x_TH, batch.logits_TE, batch.g
         base = refs = None
         outputs = {}
         for label, kw in cases:

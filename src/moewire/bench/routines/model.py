@@ -62,11 +62,17 @@ from __future__ import annotations
 import gc
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from moewire.bench.presets import PRESETS, ModelShape
-from moewire.bench.routines.layer import fp8_skip_reason
+from moewire.bench.routines.layer import FP8_CASES, fp8_skip_reason
+from moewire.bench.routines.model_build import (
+    build_model,
+    expert_shard,
+    model_config,
+    swap_in,
+    weight_bytes,
+)
 from moewire.bench.runner import BenchContext
 from moewire.testing.data import sqnr_db
 
@@ -76,31 +82,6 @@ MEMORY_FRACTION = 0.6
 GPU_SEQ, CPU_SEQ = 2048, 64
 #: The CPU default shape (when the preset is the unmodified ``cpu-small``).
 CPU_TINY = ModelShape("cpu-tiny-model", 256, 128, 16, 4, "deepseek_v3", 4, 2, 2.5)
-#: DeepSeek-R1's attention and vocabulary (config.json of deepseek-ai/DeepSeek-R1).
-R1_ATTENTION = {
-    "num_attention_heads": 128,
-    "num_key_value_heads": 128,
-    "q_lora_rank": 1536,
-    "kv_lora_rank": 512,
-    "qk_rope_head_dim": 64,
-    "qk_nope_head_dim": 128,
-    "v_head_dim": 128,
-    "vocab_size": 129280,
-    "intermediate_size": 18432,
-    "max_position_embeddings": 163840,
-}
-TINY_ATTENTION = {
-    "num_attention_heads": 4,
-    "num_key_value_heads": 4,
-    "q_lora_rank": 64,
-    "kv_lora_rank": 32,
-    "qk_rope_head_dim": 16,
-    "qk_nope_head_dim": 32,
-    "v_head_dim": 32,
-    "vocab_size": 512,
-    "intermediate_size": 512,
-    "max_position_embeddings": 4096,
-}
 
 
 def model_cases(ctx: BenchContext) -> list[tuple[str, dict]]:
@@ -110,13 +91,7 @@ def model_cases(ctx: BenchContext) -> list[tuple[str, dict]]:
         ("nvfp4 rows, bf16 experts", {"wire": "nvfp4", "experts": "auto"}),
     ]
     if fp8_skip_reason(ctx) is None:
-        cases += [
-            (
-                "fp8 after dispatch (pre-PR-30014 path), fp8 experts",
-                {"wire": "fp8", "experts": "fp8", "quantize": "after"},
-            ),
-            ("fp8 before dispatch, fp8 experts", {"wire": "fp8", "experts": "fp8"}),
-        ]
+        cases += FP8_CASES
     return cases
 
 
@@ -124,54 +99,6 @@ def model_shape(shape: ModelShape, on_gpu: bool) -> ModelShape:
     """The MoE shape of the model: the preset, except the tiny CPU default for an
     unmodified ``cpu-small`` on CPU."""
     return CPU_TINY if not on_gpu and shape == PRESETS["cpu-small"] else shape
-
-
-def model_config(shape: ModelShape, layers: int, on_gpu: bool):
-    """A ``transformers.DeepseekV3Config``: the MoE sizes of ``shape``, DeepSeek-R1's
-    attention and vocabulary on GPU (tiny ones on CPU), ``layers`` MoE layers, bf16."""
-    import transformers
-
-    if shape.router != "deepseek_v3":
-        raise ValueError(
-            f"bench model builds DeepSeek-V3 models; shape {shape.name!r} has router "
-            f"{shape.router!r} (use --model deepseek-r1 or cpu-small)"
-        )
-    if layers <= 0:
-        raise ValueError(f"--layers must be positive, got {layers}")
-    return transformers.DeepseekV3Config(
-        **(R1_ATTENTION if on_gpu else TINY_ATTENTION),
-        hidden_size=shape.hidden,
-        moe_intermediate_size=shape.intermediate,
-        n_routed_experts=shape.num_experts,
-        num_experts_per_tok=shape.top_k,
-        n_group=shape.n_group,
-        topk_group=shape.topk_group,
-        routed_scaling_factor=shape.routed_scaling_factor,
-        norm_topk_prob=shape.renormalize,
-        n_shared_experts=1,
-        first_k_dense_replace=0,
-        num_hidden_layers=layers,
-        attn_implementation="sdpa",
-        dtype=torch.bfloat16,
-    )
-
-
-def weight_bytes(cfg, world_size: int, fp8: bool) -> tuple[int, int]:
-    """``(fixed, per layer)`` bytes of weights one rank holds: embeddings, final norm and
-    LM head; and per layer the attention, norms, router and shared expert (bf16) plus the
-    rank's ``E/W`` routed experts (bf16, and their e4m3 copies and fp32 channel scales
-    when ``fp8``)."""
-    import transformers
-
-    one = transformers.DeepseekV3Config(**{**cfg.to_dict(), "num_hidden_layers": 1})
-    with torch.device("meta"):
-        m = transformers.DeepseekV3ForCausalLM(one)
-    layer = sum(p.numel() for n, p in m.model.layers[0].named_parameters() if ".experts." not in n)
-    fixed = sum(p.numel() for n, p in m.named_parameters() if ".layers." not in n)
-    h, i = cfg.hidden_size, cfg.moe_intermediate_size
-    local = cfg.n_routed_experts // world_size
-    experts = local * 3 * h * i * (2 + (1 if fp8 else 0)) + (local * 3 * h * 4 if fp8 else 0)
-    return 2 * fixed, 2 * layer + experts
 
 
 def fit_layers(ctx: BenchContext, shape: ModelShape, fp8: bool) -> int:
@@ -190,105 +117,6 @@ def fit_layers(ctx: BenchContext, shape: ModelShape, fp8: bool) -> int:
             f"{total / 1e9:.1f} GB; use more ranks or --layers"
         )
     return n
-
-
-def build_model(cfg, device: torch.device, seed: int) -> nn.Module:
-    """``DeepseekV3ForCausalLM`` in bf16 on ``device`` without its routed experts.
-
-    Built on the meta device, then every remaining weight materialized and filled from a
-    generator seeded with ``seed`` (the same values on every rank): normal with std
-    ``initializer_range``, RMSNorm weights 1, score correction bias 0. Each MoE block
-    keeps its ``gate`` and ``shared_experts``; ``experts`` is deleted.
-    """
-    import transformers
-
-    with torch.device("meta"):
-        model = transformers.DeepseekV3ForCausalLM(cfg)
-    model.to(torch.bfloat16)
-    for layer in model.model.layers:
-        del layer.mlp.experts
-    model.to_empty(device=device)
-    rotary = type(model.model.rotary_emb)
-    with torch.device(device):
-        model.model.rotary_emb = rotary(cfg)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, cfg.initializer_range, generator=gen)
-        for layer in model.model.layers:
-            layer.mlp.gate.e_score_correction_bias.zero_()
-    return model.eval()
-
-
-def expert_shard(
-    cfg, layer: int, first: int, num: int, device: torch.device, seed: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Experts ``[first, first + num)`` of layer ``layer``: bf16 ``w13 [L, 2I, H]`` (gate
-    rows, then up rows) and ``w2 [L, H, I]``, normal with std ``initializer_range``; expert
-    ``e`` comes from its own seed, so any shard is the slice of the global weights."""
-    h, i = cfg.hidden_size, cfg.moe_intermediate_size
-    w13 = torch.empty(num, 2 * i, h, dtype=torch.bfloat16, device=device)
-    w2 = torch.empty(num, h, i, dtype=torch.bfloat16, device=device)
-    gen = torch.Generator(device=device)
-    std = cfg.initializer_range
-    for j in range(num):
-        gen.manual_seed(((seed * 1000 + layer) * 100_000 + first + j) * 2 + 1)
-        w13[j].normal_(0.0, std, generator=gen)
-        w2[j].normal_(0.0, std, generator=gen)
-    return w13, w2
-
-
-def swap_in(
-    model: nn.Module,
-    blocks: list[nn.Module],
-    shards: list[tuple[torch.Tensor, torch.Tensor]],
-    group: dist.ProcessGroup,
-    scales: list[float] | None,
-    **layer_kwargs,
-) -> None:
-    """Put one ``EPMoEBlock`` per layer into ``model`` (what ``expert_parallel`` builds),
-    from the original blocks' ``gate``/``shared_experts`` and this rank's expert shards.
-    Each layer's previous block is released before the next one is built."""
-    from moewire.bench.routines.layer import layer_config
-    from moewire.integrations.transformers import EPMoEBlock
-    from moewire.moe import EPMoE
-
-    for idx, (layer, block, (w13, w2)) in enumerate(
-        zip(model.model.layers, blocks, shards, strict=True)
-    ):
-        layer.mlp = None
-        cfg = layer_config(_shape_of(model.config))
-        moe = EPMoE(
-            cfg,
-            group,
-            comm="allgather",
-            routing="logits",
-            global_scale=scales[idx] if scales else None,
-            shared_expert=block.shared_experts,
-            **layer_kwargs,
-        )
-        # only this rank's slice exists (the global weights of a DeepSeek-R1 layer take
-        # 22 GB); bf16 contiguous weights are kept without a copy, shared by the layers
-        moe.load_local_experts(w13, w2, block.gate.e_score_correction_bias.detach())
-        layer.mlp = EPMoEBlock(block.gate, moe, fp32_logits=True)
-
-
-def _shape_of(cfg) -> ModelShape:
-    return ModelShape(
-        "model",
-        cfg.hidden_size,
-        cfg.moe_intermediate_size,
-        cfg.n_routed_experts,
-        cfg.num_experts_per_tok,
-        "deepseek_v3",
-        cfg.n_group,
-        cfg.topk_group,
-        float(cfg.routed_scaling_factor),
-        renormalize=bool(cfg.norm_topk_prob),
-    )
 
 
 def _moe_input_amax(model: nn.Module, fn) -> list[float]:
@@ -329,22 +157,14 @@ def run_model(ctx: BenchContext, shape: ModelShape) -> list[dict]:
     ``batch``, ``layers`` (None: fit), ``model_iters``, ``model_warmup``, ``seed``.
     Returns one record per (sequence length, case).
     """
-    from moewire.formats.nvfp4 import nvfp4_global_scale
-
     args = ctx.args
     shape = model_shape(shape, ctx.is_cuda)
     cases = model_cases(ctx)
     has_fp8 = any(kw["wire"] == "fp8" for _, kw in cases)
     layers = args.layers or fit_layers(ctx, shape, has_fp8)
     cfg = model_config(shape, layers, ctx.is_cuda)
-    batch = args.batch
     seqs = list(args.model_tokens)
-    if batch <= 0 or any(s <= 0 for s in seqs):
-        raise ValueError(f"bench model: --batch and --tokens must be >= 1, got {batch}, {seqs}")
-    if max(seqs) > cfg.max_position_embeddings:
-        raise ValueError(
-            f"--tokens {max(seqs)} > max_position_embeddings {cfg.max_position_embeddings}"
-        )
+    _check_lengths(cfg, args.batch, seqs)
     if ctx.rank == 0 and (reason := fp8_skip_reason(ctx)):
         print(reason, flush=True)
     model = build_model(cfg, ctx.device, args.seed)
@@ -353,68 +173,95 @@ def run_model(ctx: BenchContext, shape: ModelShape) -> list[dict]:
     first = ctx.rank * local
     shards = [expert_shard(cfg, idx, first, local, ctx.device, args.seed) for idx in range(layers)]
     ctx.barrier()
-    desc = _describe(cfg, ctx.world_size)
     records = []
     for seq in seqs:
-        gen = torch.Generator().manual_seed(args.seed * 7919 + ctx.rank)
-        ids_BS = torch.randint(0, cfg.vocab_size, (batch, seq), generator=gen).to(ctx.device)
-
-        def forward(ids=ids_BS) -> torch.Tensor:
-            return model(input_ids=ids, use_cache=False, logits_to_keep=1).logits
-
-        base_time, ref_BV, scales = None, None, None
-        for label, kw in cases:
-            ctx.progress(f"model S={seq} {label}")
-            if kw["wire"] == "nvfp4" and scales is None:
-                raise RuntimeError("internal: the nvfp4 case needs case 1's calibration")
-            swap_in(
-                model, blocks, shards, ctx.group, scales if kw["wire"] == "nvfp4" else None, **kw
-            )
-            with torch.inference_mode():
-                if ref_BV is None:
-                    out: dict = {}
-                    amax = _moe_input_amax(model, lambda o=out: o.setdefault("y", forward()))
-                    logits_BV = out["y"]
-                    scales = [nvfp4_global_scale(max(ctx.max_over_ranks(a), 1e-6)) for a in amax]
-                else:
-                    logits_BV = forward()
-                logits_BV = logits_BV[:, -1].float()
-                if not ctx.all_true(bool(torch.isfinite(logits_BV).all())):
-                    raise RuntimeError(f"bench model: {label}: non-finite logits on some rank")
-                if ref_BV is None:
-                    ref_BV = logits_BV
-                sq = -ctx.max_over_ranks(-sqnr_db(ref_BV, logits_BV))
-                if ctx.is_cuda:
-                    torch.cuda.reset_peak_memory_stats(ctx.device)
-                t = ctx.time(forward, args.model_iters, args.model_warmup)
-            peak = None
-            if ctx.is_cuda:
-                peak = ctx.max_over_ranks(float(torch.cuda.max_memory_allocated(ctx.device)))
-            base_time = base_time or t
-            records.append(
-                {
-                    "routine": "model",
-                    "case": label,
-                    "baseline": label == cases[0][0],
-                    "layers": layers,
-                    "batch": batch,
-                    "seq": seq,
-                    "tokens": batch * seq,
-                    "tokens_per_s": ctx.world_size * batch * seq / t,
-                    "time_us": t * 1e6,
-                    "speedup": base_time / t,
-                    "peak_mem_GB": peak / 1e9 if peak is not None else None,
-                    "sqnr_vs_first_db": sq,
-                    "bytes_per_token": model.model.layers[0].mlp.moe.travel_spec.row_bytes,
-                    "model": desc,
-                }
-            )
+        records += _seq_records(ctx, model, blocks, shards, cases, seq)
     for layer in model.model.layers:  # release the EPMoE layers (and their comms)
         layer.mlp = None
     shards.clear()
     gc.collect()
     ctx.barrier()
     return records
+
+
+def _check_lengths(cfg, batch: int, seqs: list[int]) -> None:
+    if batch <= 0 or any(s <= 0 for s in seqs):
+        raise ValueError(f"bench model: --batch and --tokens must be >= 1, got {batch}, {seqs}")
+    if max(seqs) > cfg.max_position_embeddings:
+        raise ValueError(
+            f"--tokens {max(seqs)} > max_position_embeddings {cfg.max_position_embeddings}"
+        )
+
+
+def _seq_records(ctx: BenchContext, model, blocks, shards, cases, seq: int) -> list[dict]:
+    """Every case at prompt length ``seq``, the baseline first: swapped in, run once
+    (the baseline's run calibrates the nvfp4 scales), checked, timed."""
+    args, batch = ctx.args, ctx.args.batch
+    gen = torch.Generator().manual_seed(args.seed * 7919 + ctx.rank)
+    ids_BS = torch.randint(0, model.config.vocab_size, (batch, seq), generator=gen).to(ctx.device)
+
+    def forward(ids=ids_BS) -> torch.Tensor:
+        return model(input_ids=ids, use_cache=False, logits_to_keep=1).logits
+
+    records, base_time, ref_BV, scales = [], None, None, None
+    for label, kw in cases:
+        ctx.progress(f"model S={seq} {label}")
+        if kw["wire"] == "nvfp4" and scales is None:
+            raise RuntimeError("internal: the nvfp4 case needs case 1's calibration")
+        swap_in(model, blocks, shards, ctx.group, scales if kw["wire"] == "nvfp4" else None, **kw)
+        with torch.inference_mode():
+            if ref_BV is None:
+                logits_BV, scales = _calibrated_forward(ctx, model, forward)
+            else:
+                logits_BV = forward()
+            logits_BV = logits_BV[:, -1].float()
+            ref_BV = logits_BV if ref_BV is None else ref_BV
+            sq, t = _checked_time(ctx, forward, label, logits_BV, ref_BV)
+        peak = None
+        if ctx.is_cuda:
+            peak = ctx.max_over_ranks(float(torch.cuda.max_memory_allocated(ctx.device)))
+        base_time = base_time or t
+        records.append(
+            {
+                "routine": "model",
+                "case": label,
+                "baseline": label == cases[0][0],
+                "layers": model.config.num_hidden_layers,
+                "batch": batch,
+                "seq": seq,
+                "tokens": batch * seq,
+                "tokens_per_s": ctx.world_size * batch * seq / t,
+                "time_us": t * 1e6,
+                "speedup": base_time / t,
+                "peak_mem_GB": peak / 1e9 if peak is not None else None,
+                "sqnr_vs_first_db": sq,
+                "bytes_per_token": model.model.layers[0].mlp.moe.travel_spec.row_bytes,
+                "model": _describe(model.config, ctx.world_size),
+            }
+        )
+    return records
+
+
+def _calibrated_forward(ctx: BenchContext, model: nn.Module, forward) -> tuple:
+    """The logits of one ``forward()``, and the nvfp4 global scale of each layer calibrated
+    on its MoE inputs there (largest over ranks)."""
+    from moewire.formats.nvfp4 import nvfp4_global_scale
+
+    out: dict = {}
+    amax = _moe_input_amax(model, lambda: out.setdefault("y", forward()))
+    scales = [nvfp4_global_scale(max(ctx.max_over_ranks(a), 1e-6)) for a in amax]
+    return out["y"], scales
+
+
+def _checked_time(ctx: BenchContext, forward, label: str, logits_BV, ref_BV) -> tuple:
+    """``(SQNR of logits vs ref (worst rank), seconds per forward)`` once the logits are
+    finite on every rank; the peak-memory counter is reset before the timed forwards."""
+    if not ctx.all_true(bool(torch.isfinite(logits_BV).all())):
+        raise RuntimeError(f"bench model: {label}: non-finite logits on some rank")
+    sq = -ctx.max_over_ranks(-sqnr_db(ref_BV, logits_BV))
+    if ctx.is_cuda:
+        torch.cuda.reset_peak_memory_stats(ctx.device)
+    return sq, ctx.time(forward, ctx.args.model_iters, ctx.args.model_warmup)
 
 
 def render(ctx: BenchContext, recs: list[dict]) -> str:

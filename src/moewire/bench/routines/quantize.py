@@ -47,13 +47,19 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from collections.abc import Callable, Sequence
 
 import torch
 
 from moewire.bench.presets import ModelShape
-from moewire.bench.runner import BenchContext, fmt_num, fmt_time, render_table
+from moewire.bench.runner import (
+    BenchContext,
+    fmt_num,
+    fmt_time,
+    render_table,
+    spread_fields,
+    wall_times,
+)
 from moewire.formats import FORMATS, WireSpec, format_class, nvfp4_global_scale
 from moewire.testing.data import heavy_tailed
 
@@ -97,13 +103,7 @@ def _wall_us(fn: Callable[[], object], iters: int, warmup: int, sync: bool) -> l
     with ``sync`` the device is idle before each call."""
     for _ in range(warmup):
         fn()
-    samples = []
-    for _ in range(iters):
-        if sync:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - t0) * 1e6)
+    samples = [s * 1e6 for s in wall_times(fn, iters, torch.cuda.synchronize if sync else None)]
     if sync:
         torch.cuda.synchronize()
     return samples
@@ -191,22 +191,9 @@ def run_quantize_bench(
     """
     if not torch.cuda.is_available():
         raise RuntimeError("the quantize benchmark needs a CUDA GPU")
-    import triton
-
     dev = torch.device("cuda")
     flush = torch.empty(_FLUSH_BYTES, dtype=torch.uint8, device=dev)
-    copy_gbps = _copy_gbps(iters, warmup, flush)
-    copy_gbps_dirty = _copy_gbps(iters, warmup, flush, dirty=True)
-    empty_us = _time_us(_empty_kernel(), iters, warmup, flush)
-    meta = {
-        "device": torch.cuda.get_device_name(dev),
-        "copy_gbps": copy_gbps,
-        "copy_gbps_dirty": copy_gbps_dirty,
-        "empty_us": empty_us,
-        "torch_version": torch.__version__,
-        "triton_version": triton.__version__,
-    }
-
+    meta = _device_meta(iters, warmup, flush)
     x_all = (heavy_tailed(max(tokens), hidden) * 3).to(dev, torch.bfloat16)
     g = nvfp4_global_scale(x_all.float().abs().amax())
     results = []
@@ -215,46 +202,76 @@ def run_quantize_bench(
         spec = WireSpec(fmt, hidden, global_scale=g if fmt == "nvfp4" else None)
         for t in tokens:
             x = x_all[:t]
-            ref = spec.pack(x, backend="torch")
-            rows = torch.empty_like(ref)
-            spec.pack(x, out=rows, backend="triton")
-            if not torch.equal(rows, ref):
-                raise RuntimeError(f"{fmt} T={t}: triton pack differs from the torch reference")
-            deq = spec.dequantize(rows, torch.bfloat16, backend="triton")
-            if not _same_values(deq, spec.dequantize(rows, torch.bfloat16, backend="torch")):
-                raise RuntimeError(f"{fmt} T={t}: triton dequantize differs from the reference")
-            del ref, deq
-            x_bytes = t * hidden * x.element_size()
-            nbytes = x_bytes + rows.numel()
+            rows = _checked_rows(spec, x, f"{fmt} T={t}")
+            nbytes = t * hidden * x.element_size() + rows.numel()
             if nbytes not in same_copy:
                 same_copy[nbytes] = _same_size_copy_us(nbytes, iters, warmup, flush)
             for op, fns in _ops(spec, x, rows).items():
-                torch_us = _time_us(fns["torch"], iters, warmup, flush)
-                triton_us = _time_us(fns["triton"], iters, warmup, flush)
-                dirty_us = _time_us(fns["triton"], iters, warmup, flush, dirty=True)
-                host = host_us(fns["triton"], 4 * iters, warmup)
-                results.append(
-                    {
-                        "format": fmt,
-                        "tokens": t,
-                        "hidden": hidden,
-                        "op": op,
-                        "bytes": nbytes,
-                        "torch_us": torch_us,
-                        "triton_us": triton_us,
-                        "torch_gbps": nbytes / torch_us / 1e3,
-                        "triton_gbps": nbytes / triton_us / 1e3,
-                        "frac_of_copy": nbytes / triton_us / 1e3 / copy_gbps,
-                        "same_copy_frac": nbytes / same_copy[nbytes] / 1e3 / copy_gbps,
-                        "speedup": torch_us / triton_us,
-                        "x_empty": triton_us / empty_us,
-                        "triton_us_dirty": dirty_us,
-                        "frac_of_copy_dirty": nbytes / dirty_us / 1e3 / copy_gbps_dirty,
-                        "host_us": host,
-                        **meta,
-                    }
-                )
+                timed = _op_figures(fns, nbytes, same_copy[nbytes], meta, iters, warmup, flush)
+                results.append({"format": fmt, "tokens": t, "hidden": hidden, "op": op, **timed})
     return results
+
+
+def _device_meta(iters: int, warmup: int, flush: torch.Tensor) -> dict:
+    """The device-level fields of every record: the card, its copy bandwidth (after a read
+    and after a write flush), an empty kernel's time and the versions."""
+    import triton
+
+    return {
+        "device": torch.cuda.get_device_name(flush.device),
+        "copy_gbps": _copy_gbps(iters, warmup, flush),
+        "copy_gbps_dirty": _copy_gbps(iters, warmup, flush, dirty=True),
+        "empty_us": _time_us(_empty_kernel(), iters, warmup, flush),
+        "torch_version": torch.__version__,
+        "triton_version": triton.__version__,
+    }
+
+
+def _checked_rows(spec: WireSpec, x: torch.Tensor, label: str) -> torch.Tensor:
+    """``x`` packed by the Triton kernel, after checking its rows against the torch
+    reference's bytes and its dequantized values against the reference's, bit for bit."""
+    ref = spec.pack(x, backend="torch")
+    rows = torch.empty_like(ref)
+    spec.pack(x, out=rows, backend="triton")
+    if not torch.equal(rows, ref):
+        raise RuntimeError(f"{label}: triton pack differs from the torch reference")
+    deq = spec.dequantize(rows, torch.bfloat16, backend="triton")
+    if not _same_values(deq, spec.dequantize(rows, torch.bfloat16, backend="torch")):
+        raise RuntimeError(f"{label}: triton dequantize differs from the reference")
+    return rows
+
+
+def _op_figures(
+    fns: dict,
+    nbytes: int,
+    same_copy_us: float,
+    meta: dict,
+    iters: int,
+    warmup: int,
+    flush: torch.Tensor,
+) -> dict:
+    """One op moving ``nbytes``, timed (torch and triton; triton after a dirty flush and on
+    the host too): its record's fields from ``bytes`` on."""
+    torch_us = _time_us(fns["torch"], iters, warmup, flush)
+    triton_us = _time_us(fns["triton"], iters, warmup, flush)
+    dirty_us = _time_us(fns["triton"], iters, warmup, flush, dirty=True)
+    host = host_us(fns["triton"], 4 * iters, warmup)
+    copy_gbps = meta["copy_gbps"]
+    return {
+        "bytes": nbytes,
+        "torch_us": torch_us,
+        "triton_us": triton_us,
+        "torch_gbps": nbytes / torch_us / 1e3,
+        "triton_gbps": nbytes / triton_us / 1e3,
+        "frac_of_copy": nbytes / triton_us / 1e3 / copy_gbps,
+        "same_copy_frac": nbytes / same_copy_us / 1e3 / copy_gbps,
+        "speedup": torch_us / triton_us,
+        "x_empty": triton_us / meta["empty_us"],
+        "triton_us_dirty": dirty_us,
+        "frac_of_copy_dirty": nbytes / dirty_us / 1e3 / meta["copy_gbps_dirty"],
+        "host_us": host,
+        **meta,
+    }
 
 
 def format_table(results: Sequence[dict]) -> str:
@@ -291,8 +308,7 @@ def format_table(results: Sequence[dict]) -> str:
 def _cpu_time_us(fn, iters: int, warmup: int) -> tuple[float, dict]:
     """Median microseconds per call, and the spread fields of a record."""
     samples = _wall_us(fn, iters, warmup, sync=False)
-    spread = {"time_us_min": min(samples), "time_us_max": max(samples), "samples_us": samples}
-    return statistics.median(samples), spread
+    return statistics.median(samples), spread_fields(samples)
 
 
 def _cpu_records(ctx: BenchContext, shape: ModelShape) -> list[dict]:
