@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from moewire.comm.combine_wire import COMBINE_WIRES, combine_codec
-from moewire.formats import WireSpec, nvfp4_global_scale
+from moewire.formats import WireSpec, format_class, nvfp4_global_scale
 from moewire.testing.data import heavy_tailed, sqnr_db
 from moewire.testing.spawn import run_distributed
 
@@ -71,7 +71,8 @@ def _deepseek_partials(tokens: int, world: int, dispatch: str, seed: int) -> tor
     if dispatch == "bf16":
         xq_TH = x_TH.float()
     else:
-        g = nvfp4_global_scale(x_TH.float()) if dispatch == "nvfp4" else None
+        calibrate = format_class(dispatch).needs_global_scale
+        g = nvfp4_global_scale(x_TH.float()) if calibrate else None
         spec = WireSpec(dispatch, h, global_scale=g)
         xq_TH = spec.dequantize(spec.pack(x_TH), torch.bfloat16).float()
     ids_TK, wts_TK = route(cfg, logits_TE, torch.zeros(e))
