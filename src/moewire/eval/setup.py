@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from moewire.comm.combine_wire import combine_codec
 from moewire.eval.configs import EvalConfig
 from moewire.eval.corpus import builtin_text, sequences, tokenizer_for
 from moewire.formats import WireSpec, format_class
+from moewire.formats.combine import combine_codec
 from moewire.integrations.checkpoint import Checkpoint, load_config, meta_model
 from moewire.integrations.transformers import moe_block_names
 

@@ -32,6 +32,9 @@ class WireFormat:
     kind: ClassVar[Kind]
     #: Whether the format takes a static fp32 global scale ``g`` (``WireSpec(global_scale=)``).
     needs_global_scale: ClassVar[bool] = False
+    #: The kernel id of the combine codec's variant that stores a dynamic global scale in
+    #: each row (``formats/combine.py``); formats with a global scale only.
+    row_scaled_kind: ClassVar[Kind | None] = None
     #: Whether the GEMMs that consume it want its block scales in the 128x4 swizzled layout
     #: (:meth:`moewire.WireSpec.swizzled_scales`).
     swizzles_scales: ClassVar[bool] = False
@@ -93,6 +96,19 @@ class WireFormat:
     ) -> torch.Tensor:
         """(payload, scales) as returned by :meth:`quantize` -> ``[T, H]`` of ``dtype``."""
         raise NotImplementedError
+
+    def quantize_row_scaled(
+        self, x_TH: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Formats with a global scale, for the combine codec: quantize with a dynamic
+        global scale ``g_t`` per row -> ``(payload, scales, g [T, 1] fp32)``."""
+        raise NotImplementedError(f"format {self.name!r} has no global scale")
+
+    def dequantize_row_scaled(
+        self, payload: torch.Tensor, scales: torch.Tensor, g_T1: torch.Tensor
+    ) -> torch.Tensor:
+        """Inverse of :meth:`quantize_row_scaled`: fp32 ``[T, H]``."""
+        raise NotImplementedError(f"format {self.name!r} has no global scale")
 
 
 _REGISTRY: dict[str, type[WireFormat]] = {}

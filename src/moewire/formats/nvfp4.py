@@ -11,6 +11,10 @@ Per block of 16, all fp32 with round-to-nearest-even, in this order:
 Dequantized value: ``(e2m1(q_i) * S) * (1/g)``. A block holding a NaN or Inf stores
 ``S = 0x7F`` (NaN) and zero codes, so it dequantizes to NaN.
 
+The combine codec (``combine.py``) uses the same recipe with a dynamic global scale per
+row, ``g_t = 2688 / max(amax_t, 1e-4)``, stored in the row
+(:meth:`NVFP4Format.quantize_row_scaled`).
+
 Known differences from FlashInfer's / vLLM's CUDA quantizer: they use an approximate
 reciprocal (``rcp.approx.ftz``) for ``1/6`` products and for ``out``, so a code can differ at
 an exact rounding tie, and FlashInfer tests ``vmax == 0`` instead of ``S == 0`` for ``out``.
@@ -25,6 +29,7 @@ import numpy as np
 import torch
 
 from moewire.constants import (
+    COMBINE_NVFP4_AMAX_FLOOR,
     E4M3_MAX,
     E4M3_NAN_BYTE,
     NVFP4_BLOCK,
@@ -37,6 +42,7 @@ from moewire.constants import (
 )
 from moewire.formats.base import WireFormat, register
 from moewire.formats.elements import (
+    canonical_nan,
     decode_e2m1,
     decode_e4m3,
     div_rn,
@@ -146,6 +152,7 @@ class NVFP4Format(WireFormat):
     packed = True
     kind = Kind.NVFP4
     needs_global_scale = True
+    row_scaled_kind = Kind.NVFP4_DYN
     swizzles_scales = True
     #: Static global scale ``g`` (quantize direction), an fp32 value.
     global_scale: float = 1.0
@@ -177,6 +184,39 @@ class NVFP4Format(WireFormat):
     ) -> torch.Tensor:
         inv_g = torch.tensor(self.inv_global_scale, dtype=torch.float32, device=payload.device)
         return _dequantize_blocks(payload, scales, inv_g).to(dtype)
+
+    def quantize_row_scaled(
+        self, x_TH: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The combine codec's nvfp4: per row ``g_t = 2688 / max(amax_t, 1e-4)`` (correctly
+        rounded), then the recipe above with ``g = g_t`` (the static ``g`` is not used). A
+        row with a NaN or Inf stores ``g_t`` = NaN (``0x7FC00000``), ``S = 0x7F`` and zero
+        codes in every block.
+
+        Args:
+            x_TH: fp32 ``[T, H]``, ``H`` a multiple of 16.
+
+        Returns:
+            ``(payload uint8 [T, H/2], scales float8_e4m3fn [T, H/16], g fp32 [T, 1])``.
+        """
+        amax_T1 = x_TH.abs().amax(dim=1, keepdim=True)
+        bad_T1 = ~torch.isfinite(amax_T1)
+        floor = torch.tensor(COMBINE_NVFP4_AMAX_FLOOR, dtype=torch.float32, device=x_TH.device)
+        a_T1 = torch.maximum(torch.where(bad_T1, 1.0, amax_T1), floor)
+        g_T1 = div_rn(NVFP4_GLOBAL_NUMERATOR, a_T1, like=a_T1)
+        inv_g_T1 = div_rn(1.0, g_T1, like=g_T1)
+        payload, scales = _quantize_blocks(
+            x_TH, g_T1[:, :, None], inv_g_T1[:, :, None], bad_T1[:, :, None]
+        )
+        return payload, scales, canonical_nan(torch.where(bad_T1, torch.nan, g_T1))
+
+    def dequantize_row_scaled(
+        self, payload: torch.Tensor, scales: torch.Tensor, g_T1: torch.Tensor
+    ) -> torch.Tensor:
+        """Inverse of :meth:`quantize_row_scaled`: fp32 ``[T, H]``, ``(e2m1*S) * (1/g_t)``."""
+        g_T1 = g_T1.float()
+        inv_g_T1 = div_rn(1.0, g_T1, like=g_T1)
+        return _dequantize_blocks(payload, scales, inv_g_T1[:, :, None])
 
 
 def _as_scale_bytes(scales: torch.Tensor, name: str) -> torch.Tensor:

@@ -227,7 +227,9 @@ class WireSpec:
                 f"got shape {tuple(rows.shape)}"
             )
 
-    def _out_rows(self, out: torch.Tensor | None, t: int, device: torch.device) -> torch.Tensor:
+    def out_rows(self, out: torch.Tensor | None, t: int, device: torch.device) -> torch.Tensor:
+        """The destination of ``t`` rows on ``device``: ``out`` once checked (uint8
+        ``[t, R]``, unit stride along the row), or a new tensor when it is None."""
         if out is None:
             return torch.empty((t, self._row_bytes), dtype=torch.uint8, device=device)
         self.check_rows(out, "out")
@@ -277,7 +279,7 @@ class WireSpec:
         self._check_x(x)
         device, t = x.device, x.shape[0]
         self._check_extras(t, device, extras)
-        rows = self._out_rows(out, t, device)
+        rows = self.out_rows(out, t, device)
         if self._pick_backend(backend, device) == "triton":
             return _triton_module().pack(self, x, rows, extras)
         step = max(1, _CHUNK_VALUES // self._hidden)
@@ -322,7 +324,7 @@ class WireSpec:
                 f"{payload.shape[0]} on {payload.device} and {scales.shape[0]} on {scales.device}"
             )
         self._check_extras(payload.shape[0], payload.device, extras)
-        rows = self._out_rows(out, payload.shape[0], payload.device)
+        rows = self.out_rows(out, payload.shape[0], payload.device)
         self._write(rows, payload, scales, extras)
         return rows
 
