@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 import moewire as mw
 from moewire.comm import make_comm
-from moewire.comm.combine_wire import COMBINE_WIRES, combine_codec
+from moewire.formats.combine import COMBINE_WIRES, combine_codec
 from moewire.testing.data import heavy_tailed
 from moewire.testing.spawn import run_distributed
 

@@ -24,7 +24,7 @@ if not _CUDA:
     os.environ["TRITON_INTERPRET"] = "1"
 try:
     pytest.importorskip("triton", reason="triton is not importable")
-    from moewire.comm import _combine_triton  # noqa: F401
+    from moewire.formats import _combine_triton  # noqa: F401
 
     with contextlib.suppress(ImportError):
         import triton.experimental.gluon  # noqa: F401
@@ -34,7 +34,7 @@ finally:
     else:
         os.environ["TRITON_INTERPRET"] = _saved
 
-from moewire.comm.combine_wire import COMBINE_WIRES, combine_codec  # noqa: E402
+from moewire.formats.combine import COMBINE_WIRES, combine_codec  # noqa: E402
 from moewire.testing.data import heavy_tailed  # noqa: E402
 
 WIRES = tuple(w for w in COMBINE_WIRES if w != "bf16")

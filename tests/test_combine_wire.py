@@ -1,4 +1,4 @@
-"""Tier a: the combine codec (``moewire.comm.combine_wire``), torch reference.
+"""Tier a: the combine codec (``moewire.formats.combine``), torch reference.
 
 Byte layout per combine wire, the round trip against the wire formats it reuses, the
 dynamic nvfp4 codec against an independent computation (numpy ``g_t`` per row and the
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import moewire as mw
-from moewire.comm.combine_wire import (
+from moewire.formats.combine import (
     COMBINE_WIRES,
     CombineCodec,
     check_combine_wire,

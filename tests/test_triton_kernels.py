@@ -367,13 +367,15 @@ def test_nvfp4_global_scale_range(g):
     # On the GPU, bf16 words within _NVFP4_PAIRS_G take the pair encoder (in units of 2**-6,
     # exact only while out * 2**-6 stays a normal fp32), the others the integer encoder:
     # both edges of the range and one step outside, on data calibrated for g (amax ~ 2688/g).
-    assert _triton._pair_encoders("nvfp4", g) == (2.0**-100 <= g <= 2.0**100)
+    spec = make_spec("nvfp4", 2048, g=g)
+    assert _triton._pair_encoders(spec.wire_format) == (2.0**-100 <= g <= 2.0**100)
+    assert _triton._pair_encoders(make_spec("mxfp4", 2048).wire_format)
+    assert not _triton._pair_encoders(make_spec("mxfp8", 2048).wire_format)
     x = heavy_tailed(129, 2048)
     x = x * (2688.0 / g / float(x.abs().amax()))
     x[5, :16] = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0] * 2) * (6 * 448 / g)
     x = x.to(torch.bfloat16).to(DEVICE)
     assert bool(x.float().isfinite().all())
-    spec = make_spec("nvfp4", 2048, g=g)
     check_dequantize(spec, check_pack(spec, x, {}))
 
 

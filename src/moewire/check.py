@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 import torch
 
-from moewire.formats import FORMATS, WireSpec, nvfp4_global_scale
+from moewire.formats import FORMATS, WireSpec, format_class, nvfp4_global_scale
 from moewire.testing.data import heavy_tailed
 from moewire.testing.spawn import run_distributed
 
@@ -31,7 +31,7 @@ TOP_K = 4
 
 
 def _spec(fmt: str, extras=None) -> WireSpec:
-    g = nvfp4_global_scale(64.0) if fmt == "nvfp4" else None
+    g = nvfp4_global_scale(64.0) if format_class(fmt).needs_global_scale else None
     return WireSpec(fmt, HIDDEN, global_scale=g, extras=extras)
 
 
@@ -71,12 +71,12 @@ def check_kernels() -> str:
             if not torch.equal(ref, got):
                 bad = (ref != got).any(dim=1).nonzero().flatten().tolist()[:5]
                 raise AssertionError(f"{fmt} {dtype}: triton rows differ at rows {bad}")
-            if fmt == "nvfp4":
+            if spec.wire_format.swizzles_scales:
                 sw_ref = spec.swizzled_scales(ref, backend="torch").view(torch.uint8)
                 if not torch.equal(
                     spec.swizzled_scales(ref, backend="triton").view(torch.uint8), sw_ref
                 ):
-                    raise AssertionError(f"nvfp4 {dtype}: triton swizzled scales differ")
+                    raise AssertionError(f"{fmt} {dtype}: triton swizzled scales differ")
             for out in (torch.bfloat16, torch.float32):
                 d_ref = spec.dequantize(ref, out, backend="torch")
                 d_got = spec.dequantize(ref, out, backend="triton")

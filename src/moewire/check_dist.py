@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from moewire.formats import FORMATS, WireSpec, nvfp4_global_scale
+from moewire.formats import FORMATS, WireSpec, format_class, nvfp4_global_scale
 from moewire.testing.data import heavy_tailed
 from moewire.testing.reference import dispatch_reference
 
@@ -46,7 +46,7 @@ def _invariance(seed: int) -> str:
     ids = [route(cfg, lg)[0] for _, lg in inputs]
     n = 0
     for fmt in FORMATS:
-        g = nvfp4_global_scale(32.0) if fmt == "nvfp4" else None
+        g = nvfp4_global_scale(32.0) if format_class(fmt).needs_global_scale else None
         spec = WireSpec(
             fmt, HIDDEN, global_scale=g, extras={"router_logits": (torch.float32, EXPERTS)}
         )
@@ -88,7 +88,7 @@ def _layer(seed: int) -> str:
     worst = 0.0
     n = 0
     for wire in ("bf16", "fp8", "nvfp4", "mxfp4"):
-        g = nvfp4_global_scale(32.0) if wire == "nvfp4" else None
+        g = nvfp4_global_scale(32.0) if format_class(wire).needs_global_scale else None
         ref = EPMoE(cfg, None, wire=wire, comm="local", global_scale=g, combine_dtype=F32)
         ref.load_experts(w13, w2)
         y_ref = ref(x_all, l_all)[start : start + counts[rank]].float()

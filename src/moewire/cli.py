@@ -56,14 +56,14 @@ def formats_table(
             continue
         sqnr = {}
         for name, x in data.items():
-            g = nvfp4_global_scale(x) if fmt == "nvfp4" else None
+            g = nvfp4_global_scale(x) if format_class(fmt).needs_global_scale else None
             spec = WireSpec(fmt, hidden, global_scale=g)
             sqnr[name] = sqnr_db(x, spec.dequantize(spec.pack(x), torch.float32))
         for mode in ROUTING_MODES:
             spec = WireSpec(
                 fmt,
                 hidden,
-                global_scale=1.0 if fmt == "nvfp4" else None,
+                global_scale=1.0 if format_class(fmt).needs_global_scale else None,
                 extras=routing_extras(mode, num_experts, top_k),
             )
             sec = spec.sections

@@ -54,7 +54,8 @@ COMBINE_NVFP4_AMAX_FLOOR = 1e-4
 
 
 class Kind(IntEnum):
-    """Kernel ids: the recipe a Triton kernel compiles, passed as a ``tl.constexpr``."""
+    """Kernel ids: the recipe a Triton kernel compiles, passed as a ``tl.constexpr`` (each
+    format's is its class attribute ``kind``)."""
 
     BF16 = 0
     FP8 = 1  # fp8 and fp8_block128: an fp32 scale per block
@@ -62,14 +63,3 @@ class Kind(IntEnum):
     NVFP4 = 3
     MXFP4 = 4
     NVFP4_DYN = 5  # the combine codec's nvfp4, its global scale stored in the row
-
-
-#: Kernel id of each wire format.
-FORMAT_KIND = {
-    "bf16": Kind.BF16,
-    "fp8": Kind.FP8,
-    "fp8_block128": Kind.FP8,
-    "mxfp8": Kind.MXFP8,
-    "nvfp4": Kind.NVFP4,
-    "mxfp4": Kind.MXFP4,
-}

@@ -15,7 +15,7 @@ up rows and the down-projection columns (so 256 distinct experts without materia
 partial outputs have outlier channels too, as real MoE outputs do. Expert math in fp32
 from the dispatch format's dequantized bf16 inputs; each rank's partial row is the fp32
 sum of its experts' weighted outputs in top-k order. The combine then quantizes each
-rank's partial rows with the codec (:mod:`moewire.comm.combine_wire`, the code the comms
+rank's partial rows with the codec (:mod:`moewire.formats.combine`, the code the comms
 run), dequantizes and adds in fp32 in rank order. Reported: SQNR of the layer output vs
 the unquantized combine (fp32 partials, EPMoE's default; bf16 partials shown too), for
 dispatch formats bf16, fp8 and nvfp4.
@@ -39,8 +39,8 @@ import os
 import torch
 import torch.nn.functional as F
 
-from moewire.comm.combine_wire import COMBINE_WIRES, combine_codec
-from moewire.formats import WireSpec, nvfp4_global_scale
+from moewire.formats import WireSpec, format_class, nvfp4_global_scale
+from moewire.formats.combine import COMBINE_WIRES, combine_codec
 from moewire.testing.data import heavy_tailed, sqnr_db
 from moewire.testing.spawn import run_distributed
 
@@ -71,7 +71,8 @@ def _deepseek_partials(tokens: int, world: int, dispatch: str, seed: int) -> tor
     if dispatch == "bf16":
         xq_TH = x_TH.float()
     else:
-        g = nvfp4_global_scale(x_TH.float()) if dispatch == "nvfp4" else None
+        calibrate = format_class(dispatch).needs_global_scale
+        g = nvfp4_global_scale(x_TH.float()) if calibrate else None
         spec = WireSpec(dispatch, h, global_scale=g)
         xq_TH = spec.dequantize(spec.pack(x_TH), torch.bfloat16).float()
     ids_TK, wts_TK = route(cfg, logits_TE, torch.zeros(e))

@@ -154,8 +154,8 @@ def _shape_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _case_arguments(p: argparse.ArgumentParser) -> None:
-    from moewire.comm.combine_wire import COMBINE_WIRES
     from moewire.formats import FORMATS
+    from moewire.formats.combine import COMBINE_WIRES
 
     p.add_argument(
         "--formats",

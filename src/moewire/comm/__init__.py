@@ -32,8 +32,8 @@ from torch.distributed import ProcessGroup
 from moewire.comm.allgather import AllGatherComm, AllGatherHandle
 from moewire.comm.alltoall import AllToAllComm, AllToAllHandle
 from moewire.comm.base import COMBINE_DTYPES, Comm, CommError, CommHandle, SendBuffer
-from moewire.comm.combine_wire import COMBINE_WIRES, CombineCodec
 from moewire.comm.grouped import GroupedComm
+from moewire.formats.combine import COMBINE_WIRES, CombineCodec
 from moewire.formats.spec import WireSpec
 
 _BACKENDS: dict[str, type[Comm]] = {
@@ -72,7 +72,7 @@ def make_comm(
         combine_wire: how ``combine`` moves the partial rows back, one of
             :data:`COMBINE_WIRES`: ``"bf16"`` (default: unquantized, in the partial dtype),
             ``"fp8"``, ``"mxfp8"``, ``"nvfp4"`` (dynamic per-row global scale) or
-            ``"mxfp4"``; see :mod:`moewire.comm.combine_wire`. ``"grouped"`` (the
+            ``"mxfp4"``; see :mod:`moewire.formats.combine`. ``"grouped"`` (the
             baseline) supports only ``"bf16"``.
         check: when every rank's agreement on the values above (and the row width) is
             checked in full: ``"once"`` (default: at the first dispatch, again if the row

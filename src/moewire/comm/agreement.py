@@ -33,8 +33,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
-from moewire.comm.combine_wire import COMBINE_WIRES
 from moewire.formats import FORMATS
+from moewire.formats.combine import COMBINE_WIRES
 from moewire.formats.spec import WireSpec
 
 #: Backend names in the order of their agreement id (append only: the id is on the wire).

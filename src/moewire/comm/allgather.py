@@ -25,8 +25,8 @@ from torch.distributed import ProcessGroup
 
 from moewire.comm._collectives import all_gather, all_to_all, reduce_scatter
 from moewire.comm.base import Comm, CommHandle, Counts, SendBuffer
-from moewire.comm.combine_wire import combine_codec
 from moewire.comm.counts import normalize_counts
+from moewire.formats.combine import combine_codec
 from moewire.formats.spec import WireSpec
 
 
@@ -65,7 +65,7 @@ class AllGatherComm(Comm):
     1's, ...); ``topk_ids`` is ignored. ``combine`` sums in ``partial``'s dtype (NCCL
     accumulates bf16 in bf16 steps, fp32 in fp32; the order is the library's).
 
-    ``combine_wire`` other than ``"bf16"`` (see :mod:`moewire.comm.combine_wire`): a
+    ``combine_wire`` other than ``"bf16"`` (see :mod:`moewire.formats.combine`): a
     reduce-scatter cannot add quantized bytes, so combine quantizes the partial rows (they
     are already grouped by owner rank), sends each owner its block with one
     ``all_to_all_single`` (no padding), and the owner dequantizes and adds the ``W`` blocks

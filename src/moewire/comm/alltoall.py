@@ -27,9 +27,9 @@ from torch.distributed import ProcessGroup
 
 from moewire.comm._collectives import all_to_all
 from moewire.comm.base import Comm, CommHandle, Counts, SendBuffer
-from moewire.comm.combine_wire import combine_codec
 from moewire.comm.counts import normalize_counts, offsets
 from moewire.comm.expert_ids import check_topk_ids
+from moewire.formats.combine import combine_codec
 from moewire.formats.spec import WireSpec
 
 
@@ -160,7 +160,7 @@ class AllToAllComm(Comm):
     def combine(self, partial: torch.Tensor, handle: AllToAllHandle) -> torch.Tensor:  # type: ignore[override]
         """See :meth:`Comm.combine`. Sums in fp32, by destination rank in rank order, then
         rounds once to ``partial``'s dtype. With a quantized ``combine_wire`` the rows go
-        back as combine rows (:mod:`moewire.comm.combine_wire`) and the owner dequantizes
+        back as combine rows (:mod:`moewire.formats.combine`) and the owner dequantizes
         and adds them in the same order."""
         partial_NH = self._check_partial(partial, handle, AllToAllHandle)
         if self._combine_wire != "bf16":

@@ -37,9 +37,9 @@ import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
 from moewire.comm import agreement as agr
-from moewire.comm.combine_wire import COMBINE_DTYPES, COMBINE_WIRES, check_combine_wire
 from moewire.comm.counts import normalize_counts
 from moewire.comm.errors import CommError, group_timeout, named_failures
+from moewire.formats.combine import COMBINE_DTYPES, COMBINE_WIRES, check_combine_wire
 from moewire.formats.spec import WireSpec
 
 #: What ``counts=`` may be: a sequence of ints or a CPU integer tensor ``[W]``.
@@ -200,7 +200,7 @@ class Comm(ABC):
 
     @property
     def combine_wire(self) -> str:
-        """How partial rows travel back (:data:`moewire.comm.combine_wire.COMBINE_WIRES`)."""
+        """How partial rows travel back (:data:`moewire.formats.combine.COMBINE_WIRES`)."""
         return self._combine_wire
 
     @property

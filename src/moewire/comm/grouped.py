@@ -24,8 +24,8 @@ from torch.distributed import ProcessGroup
 
 from moewire.comm.allgather import AllGatherHandle
 from moewire.comm.base import Comm, Counts, SendBuffer
-from moewire.comm.combine_wire import check_combine_wire
 from moewire.comm.counts import offsets
+from moewire.formats.combine import check_combine_wire
 from moewire.formats.spec import WireSpec
 
 

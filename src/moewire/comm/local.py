@@ -42,7 +42,7 @@ class LocalComm:
     def combine(self, partial_NH: torch.Tensor, handle: Any) -> torch.Tensor:
         if self.combine_wire == "bf16":
             return partial_NH
-        from moewire.comm.combine_wire import combine_codec
+        from moewire.formats.combine import combine_codec
 
         codec = combine_codec(self.combine_wire, partial_NH.shape[1])
         index_T1 = torch.arange(partial_NH.shape[0], device=partial_NH.device)[:, None]

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from moewire.comm.combine_wire import combine_codec
 from moewire.eval.configs import EvalConfig
 from moewire.eval.corpus import builtin_text, sequences, tokenizer_for
-from moewire.formats import WireSpec
+from moewire.formats import WireSpec, format_class
+from moewire.formats.combine import combine_codec
 from moewire.integrations.checkpoint import Checkpoint, load_config, meta_model
 from moewire.integrations.transformers import moe_block_names
 
@@ -61,7 +61,8 @@ def check_configs(configs: list[EvalConfig], hidden: int, experts: int, world: i
         raise ValueError(f"the model's {experts} experts do not split over {world} ranks")
     for cfg in configs:
         try:
-            WireSpec(cfg.dispatch, hidden, global_scale=1.0 if cfg.dispatch == "nvfp4" else None)
+            g = 1.0 if format_class(cfg.dispatch).needs_global_scale else None
+            WireSpec(cfg.dispatch, hidden, global_scale=g)
             if cfg.combine != "bf16":
                 combine_codec(cfg.combine, hidden)
         except ValueError as e:

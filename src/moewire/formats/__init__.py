@@ -1,7 +1,8 @@
 """Wire formats: how a token becomes a row of bytes and back (WIRE_FORMATS.md).
 
 One module per format family (``bf16``, ``fp8``, ``mx``, ``nvfp4``), each with a pure-torch
-reference that runs on any device; ``spec.py`` lays payload, scales and extras into rows.
+reference that runs on any device; ``spec.py`` lays payload, scales and extras into rows;
+``combine.py`` is the combine codec (the partial rows of the return trip).
 """
 
 from moewire.formats import bf16, fp8, mx, nvfp4  # noqa: F401  (registers the formats)

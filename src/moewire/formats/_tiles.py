@@ -10,9 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from moewire.constants import FORMAT_KIND, FP8_BLOCK128, MX_BLOCK, NVFP4_BLOCK, ceil_div
+import torch
 
-_BLOCK = {"fp8_block128": FP8_BLOCK128, "mxfp8": MX_BLOCK, "nvfp4": NVFP4_BLOCK, "mxfp4": MX_BLOCK}
+from moewire.constants import ceil_div
+from moewire.formats.base import WireFormat
 
 
 class _Tile(NamedTuple):
@@ -94,10 +95,10 @@ class _Layout:
 
 
 def _derive_layout(spec) -> _Layout:
-    fmt, h = spec.format, spec.hidden
-    chunk, per_thread, chunk_fast, group, depth, p_major = _TUNED[fmt]
-    if p_major and fmt not in ("fp8", "fp8_block128", "mxfp8"):
-        raise ValueError(f"p_major is for the e4m3 formats, not {fmt}")
+    fmt, h = spec.wire_format, spec.hidden
+    chunk, per_thread, chunk_fast, group, depth, p_major = _TUNED[fmt.name]
+    if p_major and fmt.payload_dtype != torch.float8_e4m3fn:
+        raise ValueError(f"p_major is for the e4m3 formats, not {fmt.name}")
     if depth not in (1, 2):
         raise ValueError(f"depth (chunks loaded ahead) must be 1 or 2, got {depth}")
     nb, nblk, blkp, full, n_chunks, warps = _chunking(fmt, h, chunk, per_thread)
@@ -110,7 +111,7 @@ def _derive_layout(spec) -> _Layout:
     max_span = max((e[3] for e in extras), default=16)
     eblock = min(1024, max(16, _next_pow2(max_span)))
     return _Layout(
-        kind=int(FORMAT_KIND[fmt]),
+        kind=int(fmt.kind),
         nb=nb,
         nblk=nblk,
         blkp=blkp,
@@ -128,26 +129,24 @@ def _derive_layout(spec) -> _Layout:
         eiter=ceil_div(max_span, eblock),
         num_warps=warps,
         chunk_fast=chunk_fast,
-        dq=_chunking(fmt, h, *_DEQ_TUNED[fmt]),
+        dq=_chunking(fmt, h, *_DEQ_TUNED[fmt.name]),
     )
 
 
-def _chunking(fmt: str, h: int, chunk: int, per_thread: int) -> _Cut:
+def _chunking(fmt: WireFormat, h: int, chunk: int, per_thread: int) -> _Cut:
     """One format's row of ``h`` values cut into chunks of ``chunk`` values, with
-    ``per_thread`` values per thread."""
-    if fmt == "bf16":
+    ``per_thread`` values per thread: whole scale blocks (values padded to a power of two;
+    fp8's one block is the whole token), or for a format without scales plain chunks."""
+    nb = fmt.scale_numel(h)
+    if nb == 0:
         blkp = min(chunk, _next_pow2(h))
         nb = n_chunks = ceil_div(h, blkp)
         nblk, full, values = 1, True, blkp
-    elif fmt == "fp8":  # one block: the whole token
-        blkp, nb, nblk, n_chunks = _next_pow2(h), 1, 1, 1
-        full, values = blkp == h, blkp
     else:
-        blkp = _BLOCK[fmt]
-        nb = h // blkp
+        blkp = _next_pow2(h // nb)
         nblk = min(_next_pow2(nb), max(1, chunk // blkp))
         n_chunks = ceil_div(nb, nblk)
-        full, values = True, nblk * blkp
+        full, values = blkp == h // nb, nblk * blkp
     return _Cut(nb, nblk, blkp, full, n_chunks, _warps(values, per_thread))
 
 
@@ -158,12 +157,13 @@ def _chunking(fmt: str, h: int, chunk: int, per_thread: int) -> _Cut:
 _NVFP4_PAIRS_G = (2.0**-100, 2.0**100)
 
 
-def _pair_encoders(fmt: str, g: float) -> bool:
+def _pair_encoders(fmt: WireFormat) -> bool:
     """Whether the fp4 word path can use the GPU's pair encoders (two values per
-    instruction, see ``_kernels/fp4_pairs.py``): always for mxfp4, for nvfp4 within
-    :data:`_NVFP4_PAIRS_G`. Both give the integer encoder's bytes; this only picks speed."""
+    instruction, see ``_kernels/fp4_pairs.py``): for the packed e2m1 formats, with a
+    global scale (nvfp4) within :data:`_NVFP4_PAIRS_G`. Both give the integer encoder's
+    bytes; this only picks speed."""
     lo, hi = _NVFP4_PAIRS_G
-    return fmt == "mxfp4" or (fmt == "nvfp4" and lo <= g <= hi)
+    return fmt.packed and (not fmt.needs_global_scale or lo <= fmt.global_scale <= hi)
 
 
 class _SpecCache:

@@ -93,8 +93,8 @@ def _pack_plan(spec, hw: bool) -> _PackPlan:
     if plan is not None:
         return plan
     fmt = spec.wire_format
-    g = float(getattr(fmt, "global_scale", 1.0))
-    inv_g = float(fmt.inv_global_scale) if spec.format == "nvfp4" else 1.0
+    g = float(fmt.global_scale) if fmt.needs_global_scale else 1.0
+    inv_g = float(fmt.inv_global_scale)
 
     groups = [lay.extras[i : i + MAX_EXTRAS] for i in range(0, len(lay.extras), MAX_EXTRAS)]
     first = groups[0] if groups else ()
@@ -113,7 +113,7 @@ def _pack_plan(spec, hw: bool) -> _PackPlan:
         GROUP=lay.group,
         DEPTH=lay.depth,
         PMAJ=lay.p_major,
-        PAIRS=hw and _pair_encoders(spec.format, g),
+        PAIRS=hw and _pair_encoders(fmt),
         num_warps=lay.num_warps,
         enable_fp_fusion=False,
     )
@@ -265,7 +265,7 @@ def dequantize(
     _check_device(rows, "rows")
     if dtype not in _OUT:
         raise TypeError(f"dtype must be bfloat16, float16 or float32, got {dtype}")
-    if spec.format == "bf16" and dtype == torch.bfloat16:
+    if spec.wire_format.payload_dtype == dtype:
         # nothing to compute: a view of the payload, exactly as the torch reference returns
         return spec.unpack(rows).payload
     n, h = rows.shape[0], spec.hidden
@@ -288,7 +288,7 @@ def _dequant_plan(spec, dtype: torch.dtype, hw: bool) -> tuple[int, tuple, Launc
     lay, plans = _layout.plans(spec)
     plan = plans.get(("dequant", dtype, hw))
     if plan is None:
-        inv_g = float(spec.wire_format.inv_global_scale) if spec.format == "nvfp4" else 1.0
+        inv_g = float(spec.wire_format.inv_global_scale)
         consts = dict(
             KIND=lay.kind,
             NBLK=lay.dq.nblk,
@@ -328,7 +328,7 @@ def decoder(spec, device_type: str) -> Decoder:
     lay, plans = _layout.plans(spec)
     dec = plans.get(("decoder", device_type))
     if dec is None:
-        inv_g = float(spec.wire_format.inv_global_scale) if spec.format == "nvfp4" else 1.0
+        inv_g = float(spec.wire_format.inv_global_scale)
         dq = lay.dq
         dec = plans["decoder", device_type] = Decoder(
             lay.kind, dq.nb, dq.nblk, dq.blkp, dq.full, dq.n_chunks, dq.num_warps,
@@ -353,7 +353,7 @@ def gather_swizzled_scales(spec, rows: torch.Tensor) -> torch.Tensor:
         float8_e4m3fn ``[Mp, Kp]``, contiguous, ``Mp = ceil(N/128)*128``,
         ``Kp = ceil(B/4)*4`` (``B = H/16``), zero-padded.
     """
-    if spec.format != "nvfp4":
+    if not spec.wire_format.swizzles_scales:
         raise ValueError(f"gather_swizzled_scales needs an nvfp4 spec, got format {spec.format!r}")
     spec.check_rows(rows)
     _check_device(rows, "rows")

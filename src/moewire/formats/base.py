@@ -2,7 +2,9 @@
 
 A format turns one token's activations ``x [H]`` into a payload and block scales and back.
 It knows nothing about rows, extras or devices: :class:`moewire.WireSpec` lays the two
-sections into a row of bytes (see ``spec.py``).
+sections into a row of bytes (see ``spec.py``). It carries its static parameters (nvfp4's
+global scale) and the facts callers branch on (``needs_global_scale``, ``kind``, ...), so
+no code outside a format's module tests its name.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+
+from moewire.constants import Kind
 
 
 @dataclass(frozen=True)
@@ -24,6 +28,40 @@ class WireFormat:
     scale_dtype: ClassVar[torch.dtype]
     #: Whether the payload is two e2m1 codes per byte.
     packed: ClassVar[bool] = False
+    #: The Triton kernels' recipe id (``tl.constexpr``).
+    kind: ClassVar[Kind]
+    #: Whether the format takes a static fp32 global scale ``g`` (``WireSpec(global_scale=)``).
+    needs_global_scale: ClassVar[bool] = False
+    #: The kernel id of the combine codec's variant that stores a dynamic global scale in
+    #: each row (``formats/combine.py``); formats with a global scale only.
+    row_scaled_kind: ClassVar[Kind | None] = None
+    #: Whether the GEMMs that consume it want its block scales in the 128x4 swizzled layout
+    #: (:meth:`moewire.WireSpec.swizzled_scales`).
+    swizzles_scales: ClassVar[bool] = False
+    #: Whether rows are the rowwise-scaled fp8 GEMM's A operand as they are (e4m3 values,
+    #: one fp32 scale per token), so the fp8 expert path gathers them without decoding.
+    rowwise_fp8: ClassVar[bool] = False
+
+    @classmethod
+    def make(cls, global_scale: object = None) -> WireFormat:
+        """The format with its static parameters checked (``global_scale``: only for formats
+        with :attr:`needs_global_scale`, required there)."""
+        if global_scale is not None:
+            raise ValueError(
+                f"global_scale is only used by format {quoted_names('needs_global_scale')}, "
+                f"got it for {cls.name!r}"
+            )
+        return cls()
+
+    @property
+    def global_scale(self) -> float | None:
+        """The static fp32 global scale ``g``; None for formats without one."""
+        return None
+
+    @property
+    def inv_global_scale(self) -> float:
+        """fp32 ``1/g``, correctly rounded, as the kernels multiply by it (1.0 without ``g``)."""
+        return 1.0
 
     def payload_numel(self, hidden: int) -> int:
         """Elements of ``payload_dtype`` per token."""
@@ -59,6 +97,19 @@ class WireFormat:
         """(payload, scales) as returned by :meth:`quantize` -> ``[T, H]`` of ``dtype``."""
         raise NotImplementedError
 
+    def quantize_row_scaled(
+        self, x_TH: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Formats with a global scale, for the combine codec: quantize with a dynamic
+        global scale ``g_t`` per row -> ``(payload, scales, g [T, 1] fp32)``."""
+        raise NotImplementedError(f"format {self.name!r} has no global scale")
+
+    def dequantize_row_scaled(
+        self, payload: torch.Tensor, scales: torch.Tensor, g_T1: torch.Tensor
+    ) -> torch.Tensor:
+        """Inverse of :meth:`quantize_row_scaled`: fp32 ``[T, H]``."""
+        raise NotImplementedError(f"format {self.name!r} has no global scale")
+
 
 _REGISTRY: dict[str, type[WireFormat]] = {}
 
@@ -66,6 +117,11 @@ _REGISTRY: dict[str, type[WireFormat]] = {}
 def register(cls: type[WireFormat]) -> type[WireFormat]:
     _REGISTRY[cls.name] = cls
     return cls
+
+
+def quoted_names(flag: str) -> str:
+    """The registered formats with class attribute ``flag`` set, quoted (``'nvfp4'``)."""
+    return " or ".join(repr(n) for n, c in _REGISTRY.items() if getattr(c, flag))
 
 
 def format_class(name: str) -> type[WireFormat]:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from moewire.constants import Kind
 from moewire.formats.base import WireFormat, register
 from moewire.formats.elements import canonical_nan
 
@@ -23,6 +24,7 @@ class BF16Format(WireFormat):
     block = 1
     payload_dtype = torch.bfloat16
     scale_dtype = torch.uint8
+    kind = Kind.BF16
 
     def scale_numel(self, hidden: int) -> int:
         return 0

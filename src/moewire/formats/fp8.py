@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moewire.constants import E4M3_MAX, FP8_AMAX_FLOOR, FP8_BLOCK128
+from moewire.constants import E4M3_MAX, FP8_AMAX_FLOOR, FP8_BLOCK128, Kind
 from moewire.formats.base import WireFormat, register
 from moewire.formats.elements import canonical_nan, decode_e4m3, div_rn, encode_e4m3
 
@@ -47,6 +47,8 @@ class FP8Format(WireFormat):
     block = 1
     payload_dtype = torch.float8_e4m3fn
     scale_dtype = torch.float32
+    kind = Kind.FP8
+    rowwise_fp8 = True
 
     def scale_numel(self, hidden: int) -> int:
         return 1
@@ -67,6 +69,7 @@ class FP8Block128Format(WireFormat):
     block = FP8_BLOCK128
     payload_dtype = torch.float8_e4m3fn
     scale_dtype = torch.float32
+    kind = Kind.FP8
 
     def scale_numel(self, hidden: int) -> int:
         return hidden // FP8_BLOCK128

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moewire.constants import E2M1_MAX, E4M3_MAX, E8M0_BIAS, E8M0_NAN_BYTE, MX_BLOCK
+from moewire.constants import E2M1_MAX, E4M3_MAX, E8M0_BIAS, E8M0_NAN_BYTE, MX_BLOCK, Kind
 from moewire.formats.base import WireFormat, register
 from moewire.formats.elements import (
     decode_e2m1,
@@ -59,6 +59,7 @@ class MXFP8Format(WireFormat):
     block = MX_BLOCK
     payload_dtype = torch.float8_e4m3fn
     scale_dtype = torch.uint8
+    kind = Kind.MXFP8
 
     def scale_numel(self, hidden: int) -> int:
         return hidden // MX_BLOCK
@@ -80,6 +81,7 @@ class MXFP4Format(WireFormat):
     payload_dtype = torch.uint8
     scale_dtype = torch.uint8
     packed = True
+    kind = Kind.MXFP4
 
     def scale_numel(self, hidden: int) -> int:
         return hidden // MX_BLOCK

@@ -11,6 +11,10 @@ Per block of 16, all fp32 with round-to-nearest-even, in this order:
 Dequantized value: ``(e2m1(q_i) * S) * (1/g)``. A block holding a NaN or Inf stores
 ``S = 0x7F`` (NaN) and zero codes, so it dequantizes to NaN.
 
+The combine codec (``combine.py``) uses the same recipe with a dynamic global scale per
+row, ``g_t = 2688 / max(amax_t, 1e-4)``, stored in the row
+(:meth:`NVFP4Format.quantize_row_scaled`).
+
 Known differences from FlashInfer's / vLLM's CUDA quantizer: they use an approximate
 reciprocal (``rcp.approx.ftz``) for ``1/6`` products and for ``out``, so a code can differ at
 an exact rounding tie, and FlashInfer tests ``vmax == 0`` instead of ``S == 0`` for ``out``.
@@ -25,6 +29,7 @@ import numpy as np
 import torch
 
 from moewire.constants import (
+    COMBINE_NVFP4_AMAX_FLOOR,
     E4M3_MAX,
     E4M3_NAN_BYTE,
     NVFP4_BLOCK,
@@ -32,10 +37,12 @@ from moewire.constants import (
     RCP6_BITS,
     SWIZZLE_COLS,
     SWIZZLE_ROWS,
+    Kind,
     ceil_div,
 )
 from moewire.formats.base import WireFormat, register
 from moewire.formats.elements import (
+    canonical_nan,
     decode_e2m1,
     decode_e4m3,
     div_rn,
@@ -101,6 +108,40 @@ def nvfp4_global_scale(amax: float | torch.Tensor) -> float:
     return check_global_scale(g, "the global scale 448*6/amax")
 
 
+def _quantize_blocks(
+    x_TH: torch.Tensor, g: torch.Tensor, inv_g: torch.Tensor, bad_T11: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Steps 1-5 per block of 16 with fp32 ``g`` and ``inv_g = 1/g`` (0-dim, or ``[T, 1, 1]``
+    per row): fp32 ``x [T, H]`` -> (packed codes uint8 ``[T, H/2]``, e4m3 scales
+    ``[T, H/16]``). Non-finite blocks (and rows marked in ``bad_T11``): ``S = 0x7F``, zero codes."""
+    t, h = x_TH.shape
+    x = x_TH.reshape(t, h // NVFP4_BLOCK, NVFP4_BLOCK)
+    vmax = x.abs().amax(dim=-1, keepdim=True)
+    bad = ~torch.isfinite(vmax)
+    if bad_T11 is not None:
+        bad = bad | bad_T11
+    rcp6 = torch.tensor(RCP6, dtype=torch.float32, device=x.device)
+    s = g * (vmax * rcp6)
+    s_byte = encode_e4m3(torch.clamp(s, max=E4M3_MAX))
+    s_val = decode_e4m3(s_byte)
+    out = torch.where(s_val == 0, 0.0, div_rn(1.0, s_val * inv_g, like=s_val))
+    codes = encode_e2m1(x * out)
+    codes = torch.where(bad, 0, codes).reshape(t, h)
+    s_byte = torch.where(bad, E4M3_NAN_BYTE, s_byte).reshape(t, h // NVFP4_BLOCK)
+    return pack_e2m1(codes), s_byte.view(torch.float8_e4m3fn)
+
+
+def _dequantize_blocks(
+    payload: torch.Tensor, scales: torch.Tensor, inv_g: torch.Tensor
+) -> torch.Tensor:
+    """``(e2m1 * S) * inv_g`` per block (``inv_g`` 0-dim, or ``[T, 1, 1]``): fp32 ``[T, H]``."""
+    t = payload.shape[0]
+    nb = scales.shape[1]
+    vals = decode_e2m1(unpack_e2m1(payload)).reshape(t, nb, NVFP4_BLOCK)
+    v = (vals * decode_e4m3(scales).reshape(t, nb, 1)) * inv_g
+    return v.reshape(t, nb * NVFP4_BLOCK)
+
+
 @register
 @dataclass(frozen=True)
 class NVFP4Format(WireFormat):
@@ -109,8 +150,21 @@ class NVFP4Format(WireFormat):
     payload_dtype = torch.uint8
     scale_dtype = torch.float8_e4m3fn
     packed = True
+    kind = Kind.NVFP4
+    needs_global_scale = True
+    row_scaled_kind = Kind.NVFP4_DYN
+    swizzles_scales = True
     #: Static global scale ``g`` (quantize direction), an fp32 value.
     global_scale: float = 1.0
+
+    @classmethod
+    def make(cls, global_scale: object = None) -> NVFP4Format:
+        if global_scale is None:
+            raise ValueError(
+                "format 'nvfp4' needs a static global_scale g = 448*6/amax "
+                "(moewire.nvfp4_global_scale(calibration_amax)); got None"
+            )
+        return cls(global_scale=check_global_scale(global_scale))
 
     def scale_numel(self, hidden: int) -> int:
         return hidden // NVFP4_BLOCK
@@ -121,31 +175,48 @@ class NVFP4Format(WireFormat):
         return float(np.float32(1.0) / np.float32(self.global_scale))
 
     def quantize(self, x_TH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        t, h = x_TH.shape
-        x = x_TH.reshape(t, h // NVFP4_BLOCK, NVFP4_BLOCK)
-        vmax = x.abs().amax(dim=-1, keepdim=True)
-        bad = ~torch.isfinite(vmax)
-        g = torch.tensor(self.global_scale, dtype=torch.float32, device=x.device)
-        inv_g = torch.tensor(self.inv_global_scale, dtype=torch.float32, device=x.device)
-        rcp6 = torch.tensor(RCP6, dtype=torch.float32, device=x.device)
-        s = g * (vmax * rcp6)
-        s_byte = encode_e4m3(torch.clamp(s, max=E4M3_MAX))
-        s_val = decode_e4m3(s_byte)
-        out = torch.where(s_val == 0, 0.0, div_rn(1.0, s_val * inv_g, like=s_val))
-        codes = encode_e2m1(x * out)
-        codes = torch.where(bad, 0, codes).reshape(t, h)
-        s_byte = torch.where(bad, E4M3_NAN_BYTE, s_byte).reshape(t, h // NVFP4_BLOCK)
-        return pack_e2m1(codes), s_byte.view(torch.float8_e4m3fn)
+        g = torch.tensor(self.global_scale, dtype=torch.float32, device=x_TH.device)
+        inv_g = torch.tensor(self.inv_global_scale, dtype=torch.float32, device=x_TH.device)
+        return _quantize_blocks(x_TH, g, inv_g)
 
     def dequantize(
         self, payload: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype
     ) -> torch.Tensor:
-        t = payload.shape[0]
-        nb = scales.shape[1]
-        vals = decode_e2m1(unpack_e2m1(payload)).reshape(t, nb, NVFP4_BLOCK)
         inv_g = torch.tensor(self.inv_global_scale, dtype=torch.float32, device=payload.device)
-        v = (vals * decode_e4m3(scales).reshape(t, nb, 1)) * inv_g
-        return v.reshape(t, nb * NVFP4_BLOCK).to(dtype)
+        return _dequantize_blocks(payload, scales, inv_g).to(dtype)
+
+    def quantize_row_scaled(
+        self, x_TH: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The combine codec's nvfp4: per row ``g_t = 2688 / max(amax_t, 1e-4)`` (correctly
+        rounded), then the recipe above with ``g = g_t`` (the static ``g`` is not used). A
+        row with a NaN or Inf stores ``g_t`` = NaN (``0x7FC00000``), ``S = 0x7F`` and zero
+        codes in every block.
+
+        Args:
+            x_TH: fp32 ``[T, H]``, ``H`` a multiple of 16.
+
+        Returns:
+            ``(payload uint8 [T, H/2], scales float8_e4m3fn [T, H/16], g fp32 [T, 1])``.
+        """
+        amax_T1 = x_TH.abs().amax(dim=1, keepdim=True)
+        bad_T1 = ~torch.isfinite(amax_T1)
+        floor = torch.tensor(COMBINE_NVFP4_AMAX_FLOOR, dtype=torch.float32, device=x_TH.device)
+        a_T1 = torch.maximum(torch.where(bad_T1, 1.0, amax_T1), floor)
+        g_T1 = div_rn(NVFP4_GLOBAL_NUMERATOR, a_T1, like=a_T1)
+        inv_g_T1 = div_rn(1.0, g_T1, like=g_T1)
+        payload, scales = _quantize_blocks(
+            x_TH, g_T1[:, :, None], inv_g_T1[:, :, None], bad_T1[:, :, None]
+        )
+        return payload, scales, canonical_nan(torch.where(bad_T1, torch.nan, g_T1))
+
+    def dequantize_row_scaled(
+        self, payload: torch.Tensor, scales: torch.Tensor, g_T1: torch.Tensor
+    ) -> torch.Tensor:
+        """Inverse of :meth:`quantize_row_scaled`: fp32 ``[T, H]``, ``(e2m1*S) * (1/g_t)``."""
+        g_T1 = g_T1.float()
+        inv_g_T1 = div_rn(1.0, g_T1, like=g_T1)
+        return _dequantize_blocks(payload, scales, inv_g_T1[:, :, None])
 
 
 def _as_scale_bytes(scales: torch.Tensor, name: str) -> torch.Tensor:

@@ -19,9 +19,9 @@ from types import MappingProxyType
 import torch
 
 from moewire.constants import ROW_ALIGN, ceil_div
-from moewire.formats.base import WireFormat, format_class
+from moewire.formats.base import WireFormat, format_class, quoted_names
 from moewire.formats.elements import as_fp32
-from moewire.formats.nvfp4 import check_global_scale
+from moewire.formats.nvfp4 import swizzle_128x4
 
 #: Activation dtypes ``pack`` accepts (always upcast to fp32 first).
 INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -107,20 +107,7 @@ class WireSpec:
         global_scale: float | torch.Tensor | None = None,
         extras: Mapping[str, tuple[torch.dtype, int]] | None = None,
     ) -> None:
-        cls = format_class(format)
-        if cls.name == "nvfp4":
-            if global_scale is None:
-                raise ValueError(
-                    "format 'nvfp4' needs a static global_scale g = 448*6/amax "
-                    "(moewire.nvfp4_global_scale(calibration_amax)); got None"
-                )
-            fmt: WireFormat = cls(global_scale=check_global_scale(global_scale))
-        else:
-            if global_scale is not None:
-                raise ValueError(
-                    f"global_scale is only used by format 'nvfp4', got it for {format!r}"
-                )
-            fmt = cls()
+        fmt = format_class(format).make(global_scale)
         fmt.check_hidden(hidden)
         self._format = fmt
         self._hidden = hidden
@@ -156,7 +143,7 @@ class WireSpec:
 
     @property
     def global_scale(self) -> float | None:
-        return getattr(self._format, "global_scale", None)
+        return self._format.global_scale
 
     @property
     def extras(self) -> Mapping[str, tuple[torch.dtype, int]]:
@@ -240,7 +227,9 @@ class WireSpec:
                 f"got shape {tuple(rows.shape)}"
             )
 
-    def _out_rows(self, out: torch.Tensor | None, t: int, device: torch.device) -> torch.Tensor:
+    def out_rows(self, out: torch.Tensor | None, t: int, device: torch.device) -> torch.Tensor:
+        """The destination of ``t`` rows on ``device``: ``out`` once checked (uint8
+        ``[t, R]``, unit stride along the row), or a new tensor when it is None."""
         if out is None:
             return torch.empty((t, self._row_bytes), dtype=torch.uint8, device=device)
         self.check_rows(out, "out")
@@ -290,7 +279,7 @@ class WireSpec:
         self._check_x(x)
         device, t = x.device, x.shape[0]
         self._check_extras(t, device, extras)
-        rows = self._out_rows(out, t, device)
+        rows = self.out_rows(out, t, device)
         if self._pick_backend(backend, device) == "triton":
             return _triton_module().pack(self, x, rows, extras)
         step = max(1, _CHUNK_VALUES // self._hidden)
@@ -335,7 +324,7 @@ class WireSpec:
                 f"{payload.shape[0]} on {payload.device} and {scales.shape[0]} on {scales.device}"
             )
         self._check_extras(payload.shape[0], payload.device, extras)
-        rows = self._out_rows(out, payload.shape[0], payload.device)
+        rows = self.out_rows(out, payload.shape[0], payload.device)
         self._write(rows, payload, scales, extras)
         return rows
 
@@ -394,13 +383,14 @@ class WireSpec:
             float8_e4m3fn ``[Mp, Kp]``, contiguous, ``Mp = ceil(N/128)*128``,
             ``Kp = ceil(H/16/4)*4``, zero-padded.
         """
-        if self.format != "nvfp4":
-            raise ValueError(f"swizzled_scales needs format 'nvfp4', got {self.format!r}")
+        if not self._format.swizzles_scales:
+            raise ValueError(
+                f"swizzled_scales needs format {quoted_names('swizzles_scales')}, "
+                f"got {self.format!r}"
+            )
         self.check_rows(rows)
         if self._pick_backend(backend, rows.device) == "triton":
             return _triton_module().gather_swizzled_scales(self, rows)
-        from moewire.formats.nvfp4 import swizzle_128x4
-
         return swizzle_128x4(self.unpack(rows).scales)
 
 

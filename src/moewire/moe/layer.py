@@ -38,7 +38,7 @@ from torch import nn
 from moewire.comm import make_comm
 from moewire.comm.expert_ids import check_topk_ids
 from moewire.comm.local import LocalComm
-from moewire.formats import WireSpec, nvfp4_global_scale
+from moewire.formats import WireSpec, format_class, nvfp4_global_scale
 from moewire.moe.config import MoEConfig
 from moewire.moe.experts import FP8_IMPLS, LocalExperts, resolve_impl
 from moewire.moe.layer_checks import (
@@ -136,12 +136,13 @@ class EPMoE(nn.Module):
         self.travel_spec: WireSpec | None = None
         self.comm: Any = None
         wire, g = self.options.wire, self.options.global_scale
-        if wire == "nvfp4":
+        needs_g = format_class(wire).needs_global_scale
+        if needs_g:
             # The fp32 bits of g (0: not calibrated yet), so that state_dict() holds the
             # calibrated scale and model.to(dtype) cannot round it.
             self.register_buffer("global_scale_bits", torch.zeros((), dtype=torch.int32))
             self.register_load_state_dict_post_hook(reload_global_scale)
-        if wire == "nvfp4" and g is None:
+        if needs_g and g is None:
             WireSpec(wire, self.config.hidden, global_scale=1.0, extras=self._extras)  # validate
         else:
             self._build_wire(g)
@@ -160,7 +161,7 @@ class EPMoE(nn.Module):
         """The row layouts and the comm, once the wire format's parameters are known."""
         hidden, extras, wire = self.config.hidden, self._extras, self.options.wire
         self.spec = WireSpec(wire, hidden, global_scale=global_scale, extras=extras)
-        if wire == "nvfp4":
+        if self.spec.wire_format.needs_global_scale:
             g = torch.tensor(self.spec.global_scale, dtype=torch.float32)
             self.global_scale_bits.copy_(g.view(torch.int32))
         self.travel_spec = (

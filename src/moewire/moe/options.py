@@ -25,9 +25,9 @@ import torch
 
 from moewire.comm import COMMS
 from moewire.comm.agreement import check_mode
-from moewire.comm.combine_wire import COMBINE_DTYPES, check_combine_wire
 from moewire.comm.grouped import check_grouped_combine_wire
 from moewire.formats.base import format_class
+from moewire.formats.combine import COMBINE_DTYPES, check_combine_wire
 from moewire.formats.nvfp4 import check_global_scale
 from moewire.moe.experts import EXPERT_IMPLS
 from moewire.moe.routing import ROUTING_MODES

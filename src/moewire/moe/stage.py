@@ -181,7 +181,7 @@ def gather_fp8(
     every other format is decoded to fp32 and quantized with the ``fp8`` recipe in one
     kernel (bitwise ``FP8Format.quantize(spec.dequantize(rows, float32))``)."""
     triton = _use_triton(rows_NR, backend)
-    if spec.format == "fp8":
+    if spec.wire_format.rowwise_fp8:
         return (
             _gather_fp8_rows(spec, rows_NR, plan)
             if triton

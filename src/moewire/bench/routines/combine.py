@@ -19,8 +19,8 @@ from moewire.bench.presets import ModelShape
 from moewire.bench.routines import comm as _dispatch
 from moewire.bench.routines.comm import rank_inputs, token_counts, topk_of
 from moewire.bench.runner import BenchContext
-from moewire.comm.combine_wire import COMBINE_WIRES, combine_codec
 from moewire.formats import WireSpec
+from moewire.formats.combine import COMBINE_WIRES, combine_codec
 
 
 def combine_partials(rank: int, n_rows: int, hidden: int, seed: int) -> torch.Tensor:

@@ -93,7 +93,7 @@ def make_spec(fmt: str, mode: str, shape: ModelShape, g: float) -> WireSpec:
     return WireSpec(
         fmt,
         shape.hidden,
-        global_scale=g if fmt == "nvfp4" else None,
+        global_scale=g if format_class(fmt).needs_global_scale else None,
         extras=routing_extras(mode, shape),
     )
 

@@ -44,6 +44,7 @@ from moewire.bench.presets import ModelShape
 from moewire.bench.routines import layer_refs
 from moewire.bench.routines.comm import rank_batch
 from moewire.bench.runner import BenchContext
+from moewire.formats import format_class
 from moewire.testing.data import sqnr_db
 
 STAGES = ("pack", "dispatch", "experts", "combine")
@@ -259,7 +260,7 @@ def run_layer(ctx: BenchContext, shape: ModelShape) -> list[dict]:
                 ctx.group,
                 comm="allgather",
                 routing="logits",
-                global_scale=g if kw["wire"] == "nvfp4" else None,
+                global_scale=g if format_class(kw["wire"]).needs_global_scale else None,
                 **kw,
             )
             layer.load_experts(w13, w2, router_bias=bias)

@@ -74,6 +74,7 @@ from moewire.bench.routines.model_build import (
     weight_bytes,
 )
 from moewire.bench.runner import BenchContext
+from moewire.formats import format_class
 from moewire.testing.data import sqnr_db
 
 #: Fraction of GPU memory the default layer count fills with weights.
@@ -206,9 +207,10 @@ def _seq_records(ctx: BenchContext, model, blocks, shards, cases, seq: int) -> l
     records, base_time, ref_BV, scales = [], None, None, None
     for label, kw in cases:
         ctx.progress(f"model S={seq} {label}")
-        if kw["wire"] == "nvfp4" and scales is None:
+        needs_g = format_class(kw["wire"]).needs_global_scale
+        if needs_g and scales is None:
             raise RuntimeError("internal: the nvfp4 case needs case 1's calibration")
-        swap_in(model, blocks, shards, ctx.group, scales if kw["wire"] == "nvfp4" else None, **kw)
+        swap_in(model, blocks, shards, ctx.group, scales if needs_g else None, **kw)
         with torch.inference_mode():
             if ref_BV is None:
                 logits_BV, scales = _calibrated_forward(ctx, model, forward)

@@ -199,7 +199,8 @@ def run_quantize_bench(
     results = []
     same_copy: dict[int, float] = {}  # bytes moved -> us of a copy moving them
     for fmt in formats:
-        spec = WireSpec(fmt, hidden, global_scale=g if fmt == "nvfp4" else None)
+        g_fmt = g if format_class(fmt).needs_global_scale else None
+        spec = WireSpec(fmt, hidden, global_scale=g_fmt)
         for t in tokens:
             x = x_all[:t]
             rows = _checked_rows(spec, x, f"{fmt} T={t}")
@@ -321,7 +322,7 @@ def _cpu_records(ctx: BenchContext, shape: ModelShape) -> list[dict]:
     for fmt in formats:
         if h % format_class(fmt).block:
             continue  # listed under the table (bench/verdict.py)
-        spec = WireSpec(fmt, h, global_scale=g if fmt == "nvfp4" else None)
+        spec = WireSpec(fmt, h, global_scale=g if format_class(fmt).needs_global_scale else None)
         for t in args.tokens:
             x = x_all[:t]
             rows = spec.pack(x)

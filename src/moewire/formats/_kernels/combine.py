@@ -1,4 +1,4 @@
-"""Kernels of the combine codec (``moewire.comm.combine_wire``): the dynamic-nvfp4 pack and
+"""Kernels of the combine codec (``moewire.formats.combine``): the dynamic-nvfp4 pack and
 the fused dequantize + sum of received combine rows.
 
 - ``nvfp4_dyn_pack_kernel``, grid ``(T,)``: program ``t`` loads the whole row ``t`` as

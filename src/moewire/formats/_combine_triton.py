@@ -1,6 +1,6 @@
-"""Triton launchers of the combine codec (``combine_wire.py``); imports ``triton`` at the
-top, so only CUDA paths (or ``backend="triton"``) import this module. Kernels:
-``moewire/formats/_kernels/combine.py``.
+"""Triton launchers of the combine codec (``combine.py``); imports ``triton`` at the top,
+so only CUDA paths (or ``backend="triton"``) import this module. Kernels:
+``_kernels/combine.py``; the plans are cached on the codec's spec with the wire formats'.
 
 Shape legend: ``T`` tokens, ``H`` hidden, ``R`` row bytes, ``X`` received rows, ``W`` sources.
 """
@@ -9,40 +9,42 @@ from __future__ import annotations
 
 import torch
 
-from moewire.constants import MX_BLOCK, NVFP4_BLOCK, Kind, ceil_div
+from moewire.constants import ceil_div
 from moewire.formats import _triton as _fmt
 from moewire.formats._kernels.combine import decode_sum_kernel, nvfp4_dyn_pack_kernel
+from moewire.formats._tiles import _layout, _next_pow2
 
-_KIND = {"fp8": Kind.FP8, "mxfp8": Kind.MXFP8, "nvfp4": Kind.NVFP4_DYN, "mxfp4": Kind.MXFP4}
-_BLK = {"fp8": 32, "mxfp8": MX_BLOCK, "nvfp4": NVFP4_BLOCK, "mxfp4": MX_BLOCK}
+#: decode_sum's values per block where one scale covers the whole row (fp8).
+_ROW_SCALE_BLOCK = 32
 #: Values one decode_sum program handles per source.
 _CHUNK_VALUES = 1024
 _OUT = {torch.float32: 0, torch.bfloat16: 1}
 
 
-def _dyn_pack_plan(spec, hw: bool) -> tuple[tuple, dict]:
-    """(scalar arguments, constexprs) of a dynamic-nvfp4 pack launch (cached on the spec)."""
-    _, plans = _fmt._layout.plans(spec)
-    plan = plans.get(("nvfp4_dyn", hw))
+def _pack_plan(spec, hw: bool) -> tuple[tuple, dict]:
+    """(scalar arguments, constexprs) of a row-scaled pack launch (cached on the spec)."""
+    _, plans = _layout.plans(spec)
+    plan = plans.get(("row_scaled", hw))
     if plan is None:
-        nb = spec.hidden // NVFP4_BLOCK
-        nbp = _fmt._next_pow2(nb)
+        nb = spec.sections["scales"].numel
+        nbp = _next_pow2(nb)
         sec = spec.sections
         scalars = (nb, sec["scales"].offset, sec["g"].offset, spec.row_bytes)
-        consts = dict(NBP=nbp, HW=hw, num_warps=max(1, min(16, nbp * 16 // 512)))
-        plan = plans["nvfp4_dyn", hw] = (scalars, consts)
+        warps = max(1, min(16, nbp * spec.wire_format.block // 512))
+        consts = dict(NBP=nbp, HW=hw, num_warps=warps)
+        plan = plans["row_scaled", hw] = (scalars, consts)
     return plan
 
 
-def nvfp4_dynamic_pack(spec, x_TH: torch.Tensor, rows_TR: torch.Tensor) -> torch.Tensor:
-    """Dynamic-nvfp4 rows of ``x_TH`` (bf16/fp32 ``[T, H]``) into ``rows_TR`` (uint8
-    ``[T, R]``, unit stride along the row); returns ``rows_TR``."""
+def pack_row_scaled(spec, x_TH: torch.Tensor, rows_TR: torch.Tensor) -> torch.Tensor:
+    """Row-scaled (dynamic global scale) rows of ``x_TH`` (bf16/fp32 ``[T, H]``) into
+    ``rows_TR`` (uint8 ``[T, R]``, unit stride along the row); returns ``rows_TR``."""
     _fmt._check_device(x_TH, "partial")
     t = x_TH.shape[0]
     if t == 0:
         return rows_TR
     target = rows_TR if _fmt._aligned(rows_TR) else torch.empty_like(rows_TR).contiguous()
-    scalars, consts = _dyn_pack_plan(spec, x_TH.is_cuda and _fmt._HW_E4M3)
+    scalars, consts = _pack_plan(spec, x_TH.is_cuda and _fmt._HW_E4M3)
     nvfp4_dyn_pack_kernel[(t,)](
         x_TH, x_TH.stride(0), x_TH.stride(1), target, target.stride(0), *scalars, **consts
     )
@@ -55,16 +57,18 @@ def _decode_plan(codec, dtype: torch.dtype, w: int, hw: bool) -> tuple[int, tupl
     """(programs per token, scalar arguments, constexprs) of a decode_sum launch (cached on
     the codec's spec)."""
     spec = codec.spec
-    _, plans = _fmt._layout.plans(spec)
+    _, plans = _layout.plans(spec)
     plan = plans.get(("decode_sum", dtype, w, hw))
     if plan is None:
-        h, blk = codec.hidden, _BLK[codec.wire]
+        fmt = spec.wire_format
+        h = codec.hidden
+        blk = fmt.block if fmt.block > 1 else _ROW_SCALE_BLOCK
         nb = ceil_div(h, blk)
-        nblk = min(_fmt._next_pow2(nb), max(1, _CHUNK_VALUES // blk))
-        g_off = spec.sections["g"].offset if codec.wire == "nvfp4" else 0
+        nblk = min(_next_pow2(nb), max(1, _CHUNK_VALUES // blk))
+        g_off = spec.sections["g"].offset if codec.row_scaled else 0
         scalars = (h, nb, spec.sections["scales"].offset, g_off)
         consts = dict(
-            KIND=int(_KIND[codec.wire]),
+            KIND=int(fmt.row_scaled_kind if codec.row_scaled else fmt.kind),
             NBLK=nblk,
             BLK=blk,
             NSRC=w,
@@ -78,7 +82,7 @@ def _decode_plan(codec, dtype: torch.dtype, w: int, hw: bool) -> tuple[int, tupl
 
 
 def decode_sum(codec, rows_XR: torch.Tensor, index_TW: torch.Tensor, dtype) -> torch.Tensor:
-    """See :meth:`moewire.comm.combine_wire.CombineCodec.decode_sum`."""
+    """See :meth:`moewire.formats.combine.CombineCodec.decode_sum`."""
     _fmt._check_device(rows_XR, "rows")
     t, w = index_TW.shape
     out = torch.empty((t, codec.hidden), dtype=dtype, device=rows_XR.device)

@@ -1,5 +1,8 @@
 """The combine codec: quantized partial rows on the return trip (``combine_wire``).
 
+``comm/`` moves the rows; this module and its Triton launcher (``_combine_triton.py``,
+kernels in ``_kernels/combine.py``) write and read them, with the formats' own recipes.
+
 ``make_comm(..., combine_wire=...)`` / ``EPMoE(..., combine_wire=...)`` pick how each rank's
 partial output rows ``[N, H]`` travel back to the tokens' owners:
 
@@ -15,7 +18,8 @@ partial output rows ``[N, H]`` travel back to the tokens' owners:
   are ``(e2m1 * S) * (1/g_t)``. A row with a NaN or Inf stores ``g_t`` = NaN (``0x7FC00000``),
   ``S = 0x7F`` and zero codes in every block: the whole row dequantizes to NaN. It is a
   combine-only codec, not one of :data:`moewire.FORMATS` (the static nvfp4 bytes are
-  unchanged).
+  unchanged); its math is ``NVFP4Format.quantize_row_scaled`` / ``dequantize_row_scaled``,
+  used here for every format that takes a global scale (``needs_global_scale``).
 
 Byte layout of one combine row (sections at 16-byte offsets, zero padding, ``R`` a multiple
 of 16; sizes at ``H = 7168``):
@@ -47,30 +51,12 @@ import functools
 
 import torch
 
-from moewire.constants import (
-    COMBINE_NVFP4_AMAX_FLOOR,
-    E4M3_MAX,
-    E4M3_NAN_BYTE,
-    NVFP4_BLOCK,
-    NVFP4_GLOBAL_NUMERATOR,
-)
-from moewire.formats.elements import (
-    as_fp32,
-    canonical_nan,
-    decode_e2m1,
-    decode_e4m3,
-    div_rn,
-    encode_e2m1,
-    encode_e4m3,
-    pack_e2m1,
-    unpack_e2m1,
-)
-from moewire.formats.nvfp4 import RCP6
+from moewire.formats.base import format_class
+from moewire.formats.elements import as_fp32
 from moewire.formats.spec import WireSpec, pick_backend
 
 #: ``combine_wire`` names, bf16 (no codec) first, then by bytes per row (largest first).
 COMBINE_WIRES: tuple[str, ...] = ("bf16", "fp8", "mxfp8", "nvfp4", "mxfp4")
-#: Partial dtypes a codec encodes, and the dtypes decode_sum returns.
 #: dtypes of the partial rows combine takes (and returns): sums are added in this dtype.
 COMBINE_DTYPES = (torch.bfloat16, torch.float32)
 
@@ -82,54 +68,17 @@ def check_combine_wire(combine_wire: object) -> str:
     return combine_wire
 
 
-def nvfp4_dynamic_quantize(x_TH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Torch reference of the dynamic nvfp4 codec (see the module docstring).
-
-    Args:
-        x_TH: fp32 ``[T, H]``, ``H`` a multiple of 16.
-
-    Returns:
-        ``(payload uint8 [T, H/2], scales float8_e4m3fn [T, H/16], g fp32 [T, 1])``.
-    """
-    t, h = x_TH.shape
-    dev = x_TH.device
-    amax_T1 = x_TH.abs().amax(dim=1, keepdim=True) if h else x_TH.new_zeros(t, 1)
-    row_bad_T1 = ~torch.isfinite(amax_T1)
-    floor = torch.tensor(COMBINE_NVFP4_AMAX_FLOOR, dtype=torch.float32, device=dev)
-    a_T1 = torch.maximum(torch.where(row_bad_T1, 1.0, amax_T1), floor)
-    g_T1 = div_rn(NVFP4_GLOBAL_NUMERATOR, a_T1, like=a_T1)
-    inv_g_T1 = div_rn(1.0, g_T1, like=g_T1)
-    x_TBK = x_TH.reshape(t, h // NVFP4_BLOCK, NVFP4_BLOCK)
-    vmax_TB1 = x_TBK.abs().amax(dim=-1, keepdim=True)
-    bad_TB1 = ~torch.isfinite(vmax_TB1) | row_bad_T1[:, :, None]
-    rcp6 = torch.tensor(RCP6, dtype=torch.float32, device=dev)
-    s = g_T1[:, :, None] * (vmax_TB1 * rcp6)
-    s_byte = encode_e4m3(torch.clamp(s, max=E4M3_MAX))
-    s_val = decode_e4m3(s_byte)
-    out = torch.where(s_val == 0, 0.0, div_rn(1.0, s_val * inv_g_T1[:, :, None], like=s_val))
-    codes = torch.where(bad_TB1, 0, encode_e2m1(x_TBK * out)).reshape(t, h)
-    s_byte = torch.where(bad_TB1, E4M3_NAN_BYTE, s_byte).reshape(t, h // NVFP4_BLOCK)
-    g_T1 = canonical_nan(torch.where(row_bad_T1, torch.nan, g_T1))
-    return pack_e2m1(codes), s_byte.view(torch.float8_e4m3fn), g_T1
-
-
-def nvfp4_dynamic_dequantize(
-    payload_TP: torch.Tensor, scales_TB: torch.Tensor, g_T1: torch.Tensor
-) -> torch.Tensor:
-    """Inverse of :func:`nvfp4_dynamic_quantize`: fp32 ``[T, H]``, ``(e2m1*S) * (1/g_t)``."""
-    t, nb = scales_TB.shape
-    vals = decode_e2m1(unpack_e2m1(payload_TP)).reshape(t, nb, NVFP4_BLOCK)
-    inv_g_T1 = div_rn(1.0, g_T1.float(), like=g_T1.float())
-    v = (vals * decode_e4m3(scales_TB).reshape(t, nb, 1)) * inv_g_T1[:, :, None]
-    return v.reshape(t, nb * NVFP4_BLOCK)
-
-
 class CombineCodec:
     """Quantized partial rows of one ``combine_wire`` (not ``bf16``) and hidden size.
 
     Args:
         wire: ``"fp8"``, ``"mxfp8"``, ``"nvfp4"`` (dynamic per-row g) or ``"mxfp4"``.
         hidden: ``H``, a positive multiple of the format's block (16 or 32; fp8: any).
+
+    Attributes:
+        spec: the :class:`moewire.WireSpec` of the combine rows' layout.
+        row_scaled: whether each row carries its own global scale (the extra ``"g"``): the
+            wire format takes a static one, and partial rows have no calibration.
 
     Get one with :func:`combine_codec` (cached). Every method has a torch reference and a
     Triton path (CUDA tensors, or ``backend="triton"``) that writes the same bytes and
@@ -141,11 +90,10 @@ class CombineCodec:
         if wire == "bf16":
             raise ValueError("combine_wire='bf16' has no codec: partials travel unquantized")
         self.wire = wire
-        if wire == "nvfp4":
+        self.row_scaled = format_class(wire).needs_global_scale
+        if self.row_scaled:
             # the layout only; the static g of this spec is never used
-            self.spec = WireSpec(
-                "nvfp4", hidden, global_scale=1.0, extras={"g": (torch.float32, 1)}
-            )
+            self.spec = WireSpec(wire, hidden, global_scale=1.0, extras={"g": (torch.float32, 1)})
         else:
             self.spec = WireSpec(wire, hidden)
 
@@ -194,26 +142,29 @@ class CombineCodec:
             uint8 ``[N, R]`` (``out`` when given).
         """
         partial_NH = self._check_partial(partial_NH)
-        if self.wire != "nvfp4":
+        if not self.row_scaled:
             return self.spec.pack(partial_NH, out=out, backend=backend)
         n = partial_NH.shape[0]
-        rows = self.spec._out_rows(out, n, partial_NH.device)
+        rows = self.spec.out_rows(out, n, partial_NH.device)
         if n == 0:
             return rows
         if self._use_triton(backend, partial_NH.device):
-            from moewire.comm import _combine_triton
+            from moewire.formats import _combine_triton
 
-            return _combine_triton.nvfp4_dynamic_pack(self.spec, partial_NH, rows)
-        payload, scales, g_T1 = nvfp4_dynamic_quantize(as_fp32(partial_NH))
+            return _combine_triton.pack_row_scaled(self.spec, partial_NH, rows)
+        fmt = self.spec.wire_format
+        payload, scales, g_T1 = fmt.quantize_row_scaled(as_fp32(partial_NH))
         return self.spec.pack_quantized(payload, scales, out=rows, g=g_T1)
 
     def decode(self, rows_XR: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
         """Combine rows ``[X, R]`` -> fp32 ``[X, H]`` (the torch reference on CPU)."""
         self.spec.check_rows(rows_XR)
-        if self.wire != "nvfp4":
+        if not self.row_scaled:
             return self.spec.dequantize(rows_XR, torch.float32, backend=backend)
         view = self.spec.unpack(rows_XR)
-        return nvfp4_dynamic_dequantize(view.payload, view.scales, view.extras["g"])
+        return self.spec.wire_format.dequantize_row_scaled(
+            view.payload, view.scales, view.extras["g"]
+        )
 
     def decode_sum(
         self,
@@ -240,7 +191,7 @@ class CombineCodec:
         if index_TW.dtype != torch.int64 or index_TW.dim() != 2:
             raise TypeError(f"index_TW must be int64 [T, W], got {index_TW.dtype} {index_TW.shape}")
         if self._use_triton(backend, rows_XR.device):
-            from moewire.comm import _combine_triton
+            from moewire.formats import _combine_triton
 
             return _combine_triton.decode_sum(self, rows_XR, index_TW, dtype)
         t, w = index_TW.shape
