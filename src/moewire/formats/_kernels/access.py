@@ -28,6 +28,20 @@ def load_x(x_ptr, t, sxt, sxh, idx, mask, HW: tl.constexpr):
 
 
 @triton.jit
+def block_tile(c, H, NB, NBLK: tl.constexpr, BLKP: tl.constexpr, FULL: tl.constexpr):
+    """Chunk ``c`` of ``NBLK`` blocks of ``BLKP`` values: ``(blk, idx, bm, m)``, the block
+    indices, the values' indices in the row, the blocks' mask and the values' mask (without
+    ``FULL``, fp8's one block of ``H`` values padded to ``BLKP``, also ``idx < H``)."""
+    blk = c * NBLK + tl.arange(0, NBLK)
+    idx = blk[:, None] * BLKP + tl.arange(0, BLKP)[None, :]
+    bm = blk < NB
+    m = bm[:, None]
+    if not FULL:
+        m = m & (idx < H)
+    return blk, idx, bm, m
+
+
+@triton.jit
 def absmax(a, b):
     # |.| max that propagates NaN (as torch's amax): a block with a NaN is non-finite
     return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from moewire.formats._kernels.access import block_tile
 from moewire.formats._kernels.consts import (
     E8M0_BIAS,
     E8M0_NAN_BYTE,
@@ -78,12 +79,7 @@ def decode_chunk(
         b = tl.load(row_ptr.to(tl.pointer_type(tl.uint16)) + idx, mask=m, other=0)
         v = decode_bf16(b.to(tl.int32))
     else:
-        blk = c * NBLK + tl.arange(0, NBLK)
-        idx = blk[:, None] * BLKP + tl.arange(0, BLKP)[None, :]
-        bm = blk < NB
-        m = bm[:, None]
-        if not FULL:  # fp8: one block of H values, padded to BLKP
-            m = m & (idx < H)
+        blk, idx, bm, m = block_tile(c, H, NB, NBLK, BLKP, FULL)
         if KIND == KIND_FP8 or KIND == KIND_MXFP8:  # noqa: SIM109 (constexpr test in @jit)
             vals = decode_e4m3(tl.load(row_ptr + idx, mask=m, other=0), HW)
             if KIND == KIND_FP8:

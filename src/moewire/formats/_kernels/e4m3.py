@@ -12,7 +12,13 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from moewire.formats._kernels.access import load_x, per_block, split_words, words_amax_bits
+from moewire.formats._kernels.access import (
+    block_tile,
+    load_x,
+    per_block,
+    split_words,
+    words_amax_bits,
+)
 from moewire.formats._kernels.consts import (
     E4M3_MAX_EXP,
     E4M3_MAX_MANT,
@@ -60,12 +66,7 @@ def quant_e4m3_blocks(
     FULL: tl.constexpr,
     HW: tl.constexpr,
 ):
-    blk = c * NBLK + tl.arange(0, NBLK)
-    idx = blk[:, None] * BLKP + tl.arange(0, BLKP)[None, :]
-    bm = blk < NB
-    m = bm[:, None]
-    if not FULL:  # fp8: one block of H values, padded to BLKP
-        m = m & (idx < H)
+    blk, idx, bm, m = block_tile(c, H, NB, NBLK, BLKP, FULL)
     x = load_x(x_ptr, t, sxt, sxh, idx, m, HW)
     # amax on the magnitudes' bits: integer order is float order, and NaN (> 0x7F800000)
     # propagates the way torch's amax does.
