@@ -31,9 +31,9 @@ from torch.distributed import ProcessGroup
 
 from moewire.comm.allgather import AllGatherComm, AllGatherHandle
 from moewire.comm.alltoall import AllToAllComm, AllToAllHandle
-from moewire.comm.base import COMBINE_DTYPES, Comm, CommError, CommHandle, SendBuffer
+from moewire.comm.base import Comm, CommError, CommHandle, SendBuffer
 from moewire.comm.grouped import GroupedComm
-from moewire.formats.combine import COMBINE_WIRES, CombineCodec
+from moewire.formats.combine import COMBINE_DTYPES, COMBINE_WIRES, CombineCodec
 from moewire.formats.spec import WireSpec
 
 _BACKENDS: dict[str, type[Comm]] = {

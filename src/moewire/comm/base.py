@@ -39,7 +39,11 @@ from torch.distributed import ProcessGroup
 from moewire.comm import agreement as agr
 from moewire.comm.counts import normalize_counts
 from moewire.comm.errors import CommError, group_timeout, named_failures
-from moewire.formats.combine import COMBINE_DTYPES, COMBINE_WIRES, check_combine_wire
+from moewire.formats.combine import (
+    COMBINE_WIRES,
+    check_combine_wire,
+    check_partial_dtype,
+)
 from moewire.formats.spec import WireSpec
 
 #: What ``counts=`` may be: a sequence of ints or a CPU integer tensor ``[W]``.
@@ -412,10 +416,7 @@ class Comm(ABC):
                 f"handle must be the {handle_type.__name__} from this {self.name} comm's "
                 f"dispatch, got {type(handle).__name__}"
             )
-        if not isinstance(partial, torch.Tensor):
-            raise TypeError(f"partial must be a torch.Tensor, got {type(partial).__name__}")
-        if partial.dtype not in COMBINE_DTYPES:
-            raise TypeError(f"partial must be bfloat16 or float32, got dtype {partial.dtype}")
+        check_partial_dtype(partial)
         if partial.dim() != 2 or partial.shape[0] != handle.num_recv:
             raise ValueError(
                 f"partial must be [N={handle.num_recv}, H] (one row per received row), "

@@ -61,6 +61,14 @@ COMBINE_WIRES: tuple[str, ...] = ("bf16", "fp8", "mxfp8", "nvfp4", "mxfp4")
 COMBINE_DTYPES = (torch.bfloat16, torch.float32)
 
 
+def check_partial_dtype(partial: object) -> None:
+    """Raise TypeError unless ``partial`` is a bfloat16 or float32 tensor."""
+    if not isinstance(partial, torch.Tensor):
+        raise TypeError(f"partial must be a torch.Tensor, got {type(partial).__name__}")
+    if partial.dtype not in COMBINE_DTYPES:
+        raise TypeError(f"partial must be bfloat16 or float32, got dtype {partial.dtype}")
+
+
 def check_combine_wire(combine_wire: object) -> str:
     """Return ``combine_wire`` or raise ``ValueError`` naming the options."""
     if not isinstance(combine_wire, str) or combine_wire not in COMBINE_WIRES:
@@ -110,10 +118,7 @@ class CombineCodec:
         return f"CombineCodec({self.wire!r}, hidden={self.hidden}, row_bytes={self.row_bytes})"
 
     def _check_partial(self, partial: object) -> torch.Tensor:
-        if not isinstance(partial, torch.Tensor):
-            raise TypeError(f"partial must be a torch.Tensor, got {type(partial).__name__}")
-        if partial.dtype not in COMBINE_DTYPES:
-            raise TypeError(f"partial must be bfloat16 or float32, got dtype {partial.dtype}")
+        check_partial_dtype(partial)
         if partial.dim() != 2 or partial.shape[1] != self.hidden:
             raise ValueError(
                 f"partial must be [N, hidden={self.hidden}], got shape {tuple(partial.shape)}"
