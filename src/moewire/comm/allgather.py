@@ -19,15 +19,14 @@ Shape legend: ``T`` tokens on this rank, ``M`` max tokens per rank, ``W`` world 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
-from torch.distributed import ProcessGroup
 
 from moewire.comm._collectives import all_gather, all_to_all, reduce_scatter
 from moewire.comm.base import Comm, CommHandle, Counts, SendBuffer
 from moewire.comm.counts import normalize_counts
 from moewire.formats.combine import combine_codec
-from moewire.formats.spec import WireSpec
 
 
 @dataclass(frozen=True, eq=False)
@@ -74,19 +73,9 @@ class AllGatherComm(Comm):
 
     name = "allgather"
 
-    def __init__(
-        self,
-        group: ProcessGroup | None = None,
-        *,
-        spec: WireSpec | None = None,
-        num_experts: int | None = None,
-        combine_wire: str = "bf16",
-        check: str = "once",
-    ):
-        super().__init__(
-            group, spec=spec, num_experts=num_experts, combine_wire=combine_wire, check=check
-        )
-        self._index_cache: dict[tuple, torch.Tensor | None] = {}
+    @cached_property
+    def _index_cache(self) -> dict[tuple, torch.Tensor | None]:
+        return {}
 
     def _index(self, counts: tuple[int, ...], m: int, device: torch.device) -> torch.Tensor | None:
         key = (counts, device)

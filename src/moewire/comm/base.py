@@ -159,7 +159,7 @@ class Comm(ABC):
         combine_wire: str = "bf16",
         check: str = "once",
     ):
-        check_combine_wire(combine_wire)
+        self._check_options(spec, combine_wire)
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError(
                 f"make_comm({self.name!r}) needs torch.distributed initialized "
@@ -317,6 +317,10 @@ class Comm(ABC):
         """
 
     # ------------------------------------------------------------------- helpers
+    def _check_options(self, spec: WireSpec | None, combine_wire: object) -> None:
+        """What this backend accepts of ``spec`` and ``combine_wire`` (checked first)."""
+        check_combine_wire(combine_wire)
+
     def _check_buffer_args(self, num_tokens: int, row_bytes: int) -> None:
         for name, v, lo in (("num_tokens", num_tokens, 0), ("row_bytes", row_bytes, 1)):
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:

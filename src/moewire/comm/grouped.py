@@ -18,9 +18,10 @@ Shape legend: ``T`` tokens on this rank, ``W`` world size, ``N`` rows received,
 
 from __future__ import annotations
 
+from functools import cached_property
+
 import torch
 import torch.distributed as dist
-from torch.distributed import ProcessGroup
 
 from moewire.comm.allgather import AllGatherHandle
 from moewire.comm.base import Comm, Counts, SendBuffer
@@ -63,25 +64,18 @@ class GroupedComm(Comm):
 
     name = "grouped"
 
-    def __init__(
-        self,
-        group: ProcessGroup | None = None,
-        *,
-        spec: WireSpec | None = None,
-        num_experts: int | None = None,
-        combine_wire: str = "bf16",
-        check: str = "once",
-    ):
+    def _check_options(self, spec: WireSpec | None, combine_wire: object) -> None:
         check_grouped_combine_wire(combine_wire)
         if spec is None:
             raise ValueError(
                 "the 'grouped' backend needs spec= (a moewire.WireSpec) to send each row "
                 "section in its own collective; got None"
             )
-        super().__init__(
-            group, spec=spec, num_experts=num_experts, combine_wire=combine_wire, check=check
-        )
-        self._ranges = byte_ranges(spec)
+
+    @cached_property
+    def _ranges(self) -> tuple[tuple[str, int, int], ...]:
+        assert self._spec is not None
+        return byte_ranges(self._spec)
 
     def _global(self, group_rank: int) -> int:
         return dist.get_global_rank(self.group, group_rank)
