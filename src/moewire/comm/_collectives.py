@@ -36,38 +36,38 @@ def _is_unsupported(err: Exception) -> bool:
     return "support" in msg or "implement" in msg
 
 
+def _native(name: str, collective, out: torch.Tensor, inp: torch.Tensor, group) -> bool:
+    """Run the single-tensor collective; False where this gloo build does not implement it
+    (remembered: the caller falls back to the list form from then on)."""
+    key = (_backend(group), name)
+    if key in _UNSUPPORTED:
+        return False
+    try:
+        collective(out, inp, group=group)
+        return True
+    except (RuntimeError, NotImplementedError) as err:
+        if key[0] != "gloo" or not _is_unsupported(err):
+            raise
+        _UNSUPPORTED.add(key)
+        return False
+
+
 def all_gather(out_WMC: torch.Tensor, in_MC: torch.Tensor, group: ProcessGroup) -> None:
     """Gather equal-size ``in_MC`` of every rank into ``out_WMC`` (``[W*M, C]``, rank order).
 
     ``in_MC`` may be this rank's slot of ``out_WMC`` (in-place all-gather)."""
-    key = (_backend(group), "all_gather")
-    if key not in _UNSUPPORTED:
-        try:
-            _ALL_GATHER(out_WMC, in_MC, group=group)
-            return
-        except (RuntimeError, NotImplementedError) as err:
-            if key[0] != "gloo" or not _is_unsupported(err):
-                raise
-            _UNSUPPORTED.add(key)
-    world = dist.get_world_size(group)
-    dist.all_gather(list(out_WMC.chunk(world)), in_MC.clone(), group=group)
+    if not _native("all_gather", _ALL_GATHER, out_WMC, in_MC, group):
+        world = dist.get_world_size(group)
+        dist.all_gather(list(out_WMC.chunk(world)), in_MC.clone(), group=group)
 
 
 def reduce_scatter(out_MC: torch.Tensor, in_WMC: torch.Tensor, group: ProcessGroup) -> None:
     """Sum ``in_WMC`` over ranks and keep this rank's block of ``M`` rows in ``out_MC``."""
-    key = (_backend(group), "reduce_scatter")
-    if key not in _UNSUPPORTED:
-        try:
-            _REDUCE_SCATTER(out_MC, in_WMC, group=group)
-            return
-        except (RuntimeError, NotImplementedError) as err:
-            if key[0] != "gloo" or not _is_unsupported(err):
-                raise
-            _UNSUPPORTED.add(key)
-    total = in_WMC.clone()
-    dist.all_reduce(total, group=group)
-    m, rank = out_MC.shape[0], dist.get_rank(group)
-    out_MC.copy_(total[rank * m : (rank + 1) * m])
+    if not _native("reduce_scatter", _REDUCE_SCATTER, out_MC, in_WMC, group):
+        total = in_WMC.clone()
+        dist.all_reduce(total, group=group)
+        m, rank = out_MC.shape[0], dist.get_rank(group)
+        out_MC.copy_(total[rank * m : (rank + 1) * m])
 
 
 def all_to_all(
@@ -80,3 +80,23 @@ def all_to_all(
     """Send ``in_counts[r]`` consecutive rows of ``in_SC`` to rank ``r``; receive
     ``out_counts[r]`` rows from rank ``r`` into ``out_NC`` (source-rank order)."""
     dist.all_to_all_single(out_NC, in_SC, out_counts, in_counts, group=group)
+
+
+def all_to_all_encoded(
+    codec,
+    partial_NH: torch.Tensor,
+    recv_rows: int,
+    out_counts: list[int],
+    in_counts: list[int],
+    group: ProcessGroup,
+    exchange: bool = True,
+) -> torch.Tensor:
+    """``partial_NH`` encoded by a combine ``codec`` (``moewire.formats.combine``) and sent
+    as :func:`all_to_all` does; returns the received combine rows ``[recv_rows, R]``.
+    ``exchange=False`` skips the collective: only where every rank skips it (no rank moves
+    a row)."""
+    send_NR = codec.encode(partial_NH)
+    recv_XR = torch.empty((recv_rows, codec.row_bytes), dtype=torch.uint8, device=partial_NH.device)
+    if exchange:
+        all_to_all(recv_XR, send_NR, out_counts, in_counts, group)
+    return recv_XR

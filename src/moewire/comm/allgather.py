@@ -23,7 +23,7 @@ from functools import cached_property
 
 import torch
 
-from moewire.comm._collectives import all_gather, all_to_all, reduce_scatter
+from moewire.comm._collectives import all_gather, all_to_all_encoded, reduce_scatter
 from moewire.comm.base import Comm, CommHandle, Counts, SendBuffer
 from moewire.comm.counts import normalize_counts
 from moewire.formats.combine import combine_codec
@@ -181,12 +181,12 @@ class AllGatherComm(Comm):
     def _combine_quantized(self, partial_NH: torch.Tensor, handle: AllGatherHandle) -> torch.Tensor:
         codec = combine_codec(self._combine_wire, partial_NH.shape[1])
         w, t, device = self.world_size, handle.num_tokens, partial_NH.device
-        send_NR = codec.encode(partial_NH)
-        recv_XR = torch.empty((w * t, codec.row_bytes), dtype=torch.uint8, device=device)
-        if sum(handle.recv_counts):  # the same on every rank
-            self._step = f"all_to_all of {self._combine_wire} combine rows"
-            all_to_all(recv_XR, send_NR, [t] * w, list(handle.recv_counts), self.group)
-            self._step = None
+        self._step = f"all_to_all of {self._combine_wire} combine rows"
+        recv_XR = all_to_all_encoded(
+            codec, partial_NH, w * t, [t] * w, list(handle.recv_counts), self.group,
+            exchange=sum(handle.recv_counts) > 0,  # the same on every rank
+        )  # fmt: skip
+        self._step = None
         src_W, tok_T = torch.arange(w, device=device), torch.arange(t, device=device)
         index_TW = src_W[None, :] * t + tok_T[:, None]
         return codec.decode_sum(recv_XR, index_TW, partial_NH.dtype)

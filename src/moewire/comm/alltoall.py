@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch.distributed import ProcessGroup
 
-from moewire.comm._collectives import all_to_all
+from moewire.comm._collectives import all_to_all, all_to_all_encoded
 from moewire.comm.base import Comm, CommHandle, Counts, SendBuffer
 from moewire.comm.counts import normalize_counts, offsets
 from moewire.comm.expert_ids import check_topk_ids
@@ -181,11 +181,11 @@ class AllToAllComm(Comm):
     def _combine_quantized(self, partial_NH: torch.Tensor, handle: AllToAllHandle) -> torch.Tensor:
         codec = combine_codec(self._combine_wire, partial_NH.shape[1])
         device, w = partial_NH.device, self.world_size
-        send_NR = codec.encode(partial_NH)
         s = sum(handle.send_counts)
-        back_SR = torch.empty((s, codec.row_bytes), dtype=torch.uint8, device=device)
         self._step = f"all_to_all of {self._combine_wire} combine rows"
-        all_to_all(back_SR, send_NR, list(handle.send_counts), list(handle.recv_counts), self.group)
+        back_SR = all_to_all_encoded(
+            codec, partial_NH, s, list(handle.send_counts), list(handle.recv_counts), self.group
+        )
         self._step = None
         counts_W = torch.tensor(handle.send_counts, dtype=torch.int64, device=device)
         dest_S = torch.repeat_interleave(torch.arange(w, device=device), counts_W, output_size=s)
