@@ -9,30 +9,16 @@ Shape legend: ``T`` rows, ``H`` hidden, ``W`` sources.
 
 from __future__ import annotations
 
-import contextlib
-import os
-
 import pytest
 import torch
+
+from triton_env import import_kernels
 
 _CUDA = torch.cuda.is_available()
 # Triton picks interpreter or compiler when the kernel modules are imported: set the
 # variable for those imports only (as tests/test_triton_kernels.py does), so it does not
 # leak into other tests.
-_saved = os.environ.get("TRITON_INTERPRET")
-if not _CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"
-try:
-    pytest.importorskip("triton", reason="triton is not importable")
-    from moewire.formats import _combine_triton  # noqa: F401
-
-    with contextlib.suppress(ImportError):
-        import triton.experimental.gluon  # noqa: F401
-finally:
-    if _saved is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = _saved
+import_kernels("moewire.formats._combine_triton")
 
 from moewire.formats.combine import COMBINE_WIRES, combine_codec  # noqa: E402
 from moewire.testing.data import heavy_tailed  # noqa: E402

@@ -12,9 +12,6 @@ Shape legend: ``N`` received rows, ``K`` top-k, ``P = N*K`` pairs, ``L`` local e
 
 from __future__ import annotations
 
-import contextlib
-import os
-
 import pytest
 import torch
 
@@ -22,25 +19,15 @@ import moewire as mw
 from moewire.moe import stage
 from moewire.moe.experts import LocalExperts
 from moewire.testing.data import sqnr_db
+from triton_env import import_kernels
 
 _CUDA = torch.cuda.is_available()
-_saved = os.environ.get("TRITON_INTERPRET")
-if not _CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"
-try:
-    triton = pytest.importorskip("triton", reason="triton is not importable")
-    import moewire.formats._triton  # the kernels, built for the interpreter on CPU
-    import moewire.moe._kernels.gemm
-    import moewire.moe._kernels.routing
-    import moewire.moe._kernels.stage
-
-    with contextlib.suppress(ImportError):
-        import triton.experimental.gluon  # noqa: F401
-finally:
-    if _saved is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = _saved
+import_kernels(
+    "moewire.formats._triton",
+    "moewire.moe._kernels.gemm",
+    "moewire.moe._kernels.routing",
+    "moewire.moe._kernels.stage",
+)
 
 DEV = torch.device("cuda" if _CUDA else "cpu")
 H, I, E, K = 256, 64, 8, 3

@@ -4,30 +4,15 @@ for both routers: under ``TRITON_INTERPRET=1`` on CPU, on the GPU where there is
 
 from __future__ import annotations
 
-import contextlib
-import os
-
 import pytest
 import torch
 
 from moewire.moe import MoEConfig
 from moewire.moe.routing import _kernel_fits, route
+from triton_env import import_kernels
 
 _CUDA = torch.cuda.is_available()
-_saved = os.environ.get("TRITON_INTERPRET")
-if not _CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"
-try:
-    triton = pytest.importorskip("triton", reason="triton is not importable")
-    import moewire.moe._kernels.routing  # noqa: F401  (built for the interpreter on CPU)
-
-    with contextlib.suppress(ImportError):
-        import triton.experimental.gluon  # noqa: F401
-finally:
-    if _saved is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = _saved
+import_kernels("moewire.moe._kernels.routing")
 
 DEV = torch.device("cuda" if _CUDA else "cpu")
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
