@@ -83,6 +83,16 @@ def _pick(v, live, lane, EP: tl.constexpr):
 
 
 @triton.jit
+def _pick_rows(v, live, sub, S: tl.constexpr):
+    """:func:`_pick` for each row of a ``[R, S]`` tile (``sub``: ``arange(S)``)."""
+    nan = live & (v != v)
+    first_nan = tl.min(tl.where(nan, sub[None, :], S), axis=1)
+    top = tl.max(tl.where(live & ~nan, v, float("-inf")), axis=1)
+    first_top = tl.min(tl.where(live & ~nan & (v == top[:, None]), sub[None, :], S), axis=1)
+    return tl.where(first_nan < S, first_nan, first_top)
+
+
+@triton.jit
 def _at(v, lane, i):
     """``v[i]`` (one lane of a vector)."""
     return tl.sum(tl.where(lane == i, v, 0.0), axis=0)
@@ -95,19 +105,11 @@ def _keep_groups(choice, lane, G: tl.constexpr, S: tl.constexpr, TOPK_GROUP: tl.
     sub = tl.arange(0, S)
     grp = tl.arange(0, G)
     per = tl.reshape(choice, (G, S))
-    nan = per != per
-    # a group's best, then its second (stable: NaN first, ties to the lower lane)
-    first_nan = tl.min(tl.where(nan, sub[None, :], S), axis=1)
-    top = tl.max(tl.where(nan, float("-inf"), per), axis=1)
-    first_top = tl.min(tl.where(~nan & (per == top[:, None]), sub[None, :], S), axis=1)
-    i1 = tl.where(first_nan < S, first_nan, first_top)
+    # a group's best, then its second
+    live = sub[None, :] >= 0
+    i1 = _pick_rows(per, live, sub, S)
+    i2 = _pick_rows(per, live & (sub[None, :] != i1[:, None]), sub, S)
     v1 = tl.sum(tl.where(sub[None, :] == i1[:, None], per, 0.0), axis=1)
-    rest = sub[None, :] != i1[:, None]
-    nan2 = rest & nan
-    first_nan2 = tl.min(tl.where(nan2, sub[None, :], S), axis=1)
-    top2 = tl.max(tl.where(rest & ~nan, per, float("-inf")), axis=1)
-    first_top2 = tl.min(tl.where(rest & ~nan & (per == top2[:, None]), sub[None, :], S), axis=1)
-    i2 = tl.where(first_nan2 < S, first_nan2, first_top2)
     v2 = tl.sum(tl.where(sub[None, :] == i2[:, None], per, 0.0), axis=1)
     score = v1 + v2
     keep = grp < 0
