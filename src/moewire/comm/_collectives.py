@@ -10,11 +10,18 @@
   all-gather -> ``all_gather`` into a list of views of the one output buffer;
   reduce-scatter -> ``all_reduce`` of the whole padded input, then this rank's slice.
   NCCL always takes the real collective. ``all_to_all_single`` has no fallback.
+- The all-gather and the reduce-scatter call the process group's own method (what c10d's
+  wrapper ends in, with the same options: synchronous, ``SUM``), not the wrapper: its
+  Python checks and logging decorator cost about ten microseconds of host time per call,
+  and at decode sizes the layer's dispatch and combine are host-bound. The wrapper is
+  taken where the group is inside c10d's coalescing manager (it records the op instead).
 
 Shape legend: ``W`` world size, ``M`` rows per rank, ``C`` columns.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -22,6 +29,58 @@ from torch.distributed import ProcessGroup
 
 _ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+#: The process group's methods those wrappers call (torch 2.13 names, else torch 2.11's).
+_PG_ALL_GATHER = (
+    "all_gather_single" if hasattr(ProcessGroup, "all_gather_single") else "_allgather_base"
+)
+_PG_REDUCE_SCATTER = (
+    "reduce_scatter_single"
+    if hasattr(ProcessGroup, "reduce_scatter_single")
+    else "_reduce_scatter_base"
+)
+
+
+def _options(kind: str):
+    """Options of a synchronous collective, as c10d's wrapper fills them (``SUM``)."""
+    c10d = dist.distributed_c10d
+    if kind == "all_gather":
+        opts = c10d.AllgatherOptions()
+    else:
+        opts = c10d.ReduceScatterOptions()
+        opts.reduceOp = dist.ReduceOp.SUM
+    if hasattr(opts, "asyncOp"):
+        opts.asyncOp = False
+    return opts
+
+
+def _coalescing(group: ProcessGroup) -> bool:
+    world = getattr(dist.distributed_c10d, "_world", None)
+    return world is None or group in getattr(world, "pg_coalesce_state", {group: None})
+
+
+def _direct(kind: str) -> Callable:
+    """``collective(out, inp, group=group)`` through the group's own method where it has
+    one (see the module docstring), else through c10d's wrapper."""
+    method, wrapper = {
+        "all_gather": (_PG_ALL_GATHER, _ALL_GATHER),
+        "reduce_scatter": (_PG_REDUCE_SCATTER, _REDUCE_SCATTER),
+    }[kind]
+    opts = _options(kind)
+
+    def collective(out: torch.Tensor, inp: torch.Tensor, group: ProcessGroup) -> None:
+        fn = getattr(group, method, None)
+        if fn is None or _coalescing(group):
+            wrapper(out, inp, group=group)
+            return
+        work = fn(out, inp, opts)
+        if work is not None:  # backends that synchronize in C++ return None
+            work.wait()
+
+    return collective
+
+
+_ALL_GATHER_DIRECT = _direct("all_gather")
+_REDUCE_SCATTER_DIRECT = _direct("reduce_scatter")
 
 #: ``(backend, op)`` pairs found unsupported in this process; those take the fallback.
 _UNSUPPORTED: set[tuple[str, str]] = set()
@@ -43,7 +102,7 @@ def _native(name: str, collective, out: torch.Tensor, inp: torch.Tensor, group) 
     if key in _UNSUPPORTED:
         return False
     try:
-        collective(out, inp, group=group)
+        collective(out, inp, group)
         return True
     except (RuntimeError, NotImplementedError) as err:
         if key[0] != "gloo" or not _is_unsupported(err):
@@ -56,14 +115,14 @@ def all_gather(out_WMC: torch.Tensor, in_MC: torch.Tensor, group: ProcessGroup) 
     """Gather equal-size ``in_MC`` of every rank into ``out_WMC`` (``[W*M, C]``, rank order).
 
     ``in_MC`` may be this rank's slot of ``out_WMC`` (in-place all-gather)."""
-    if not _native("all_gather", _ALL_GATHER, out_WMC, in_MC, group):
+    if not _native("all_gather", _ALL_GATHER_DIRECT, out_WMC, in_MC, group):
         world = dist.get_world_size(group)
         dist.all_gather(list(out_WMC.chunk(world)), in_MC.clone(), group=group)
 
 
 def reduce_scatter(out_MC: torch.Tensor, in_WMC: torch.Tensor, group: ProcessGroup) -> None:
     """Sum ``in_WMC`` over ranks and keep this rank's block of ``M`` rows in ``out_MC``."""
-    if not _native("reduce_scatter", _REDUCE_SCATTER, out_MC, in_WMC, group):
+    if not _native("reduce_scatter", _REDUCE_SCATTER_DIRECT, out_MC, in_WMC, group):
         total = in_WMC.clone()
         dist.all_reduce(total, group=group)
         m, rank = out_MC.shape[0], dist.get_rank(group)
