@@ -83,6 +83,7 @@ def test_plan_device_matches_a_python_sort():
         (7, 3, 8, 2, 4),
         (1, 8, 64, 0, 64),
         (300, 8, 64, 16, 16),
+        (520, 8, 32, 0, 32),  # over _PLAN_SMALL_P pairs: 64 pairs per program
         (50, 2, 256, 0, 256),
         (3, 1, 4, 3, 1),
     ],
