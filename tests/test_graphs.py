@@ -68,10 +68,16 @@ def _check_replay(layer, max_tokens: int) -> None:
         x, logits = make_inputs(t, seed=10 + t)
         x, logits = x.cuda(), logits.cuda()
         y = g(x, logits, [t] * layer.world_size).clone()
+        assert torch.equal(g.x_MH[:t].view(torch.int16), x.view(torch.int16))
+        assert torch.equal(g.logits_ME[:t], logits)
         xp, lp = g.x_MH.clone(), g.logits_ME.clone()  # the padded batch the graph ran on
         ref = layer(xp, lp, counts=g.counts, valid_counts=g.valid_W.clone())[:t]
         assert torch.equal(y.view(torch.int16), ref.view(torch.int16)), t
-        if t:
+        if t:  # the engine's path: tokens written into the buffers, nothing copied
+            g.x_MH[:t].copy_(x)
+            g.logits_ME[:t].copy_(logits)
+            y2 = g(g.x_MH[:t], g.logits_ME[:t], [t] * layer.world_size)
+            assert torch.equal(y2.view(torch.int16), y.view(torch.int16)), t
             eager = layer(x, logits)
             assert torch.allclose(y.float(), eager.float(), rtol=2**-6, atol=2**-10), t
 
@@ -104,3 +110,24 @@ def test_graph_replay_bitwise_nccl_one_rank(routing, tmp_path):
         _check_replay(layer, M)
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize(("t", "h", "e"), [(1, 8, 4), (5, 2048, 64), (3, 6, 3)])
+def test_copy_pair_kernel(t, h, e):
+    """The fused input copy writes exactly the sources' bytes into the buffers' first rows
+    and leaves the rest alone (the Triton kernel: interpreter on CPU, the GPU otherwise)."""
+    from triton_env import CUDA, import_kernels
+
+    import_kernels("moewire.moe._kernels.copy")
+    from moewire.graphs import copy_pair
+
+    dev = "cuda" if CUDA else "cpu"
+    g = torch.Generator().manual_seed(t * h)
+    x = torch.randn(t, h, generator=g).to(torch.bfloat16).to(dev)
+    lg = torch.randn(t, e, generator=g).to(dev)
+    bx = torch.full((t + 2, h), 7.0, dtype=torch.bfloat16, device=dev)
+    bl = torch.full((t + 2, e), -3.0, device=dev)
+    copy_pair(x, bx, lg, bl, backend="triton")
+    assert torch.equal(bx[:t].view(torch.int16), x.view(torch.int16))
+    assert torch.equal(bl[:t].view(torch.int32), lg.view(torch.int32))
+    assert bool((bx[t:] == 7.0).all()) and bool((bl[t:] == -3.0).all())

@@ -31,6 +31,8 @@ from collections.abc import Sequence
 import torch
 
 from moewire.comm.counts import normalize_counts
+from moewire.constants import ceil_div
+from moewire.formats.spec import pick_backend
 from moewire.moe.experts import resolve_impl
 from moewire.moe.layer import EPMoE
 
@@ -49,8 +51,10 @@ class GraphedMoE:
         pool: optional CUDA graph memory pool to share with other captures.
 
     Attributes ``x_MH``, ``logits_ME`` and ``valid_W`` (int32 ``[W]``, every rank's real
-    token count) are the graph's input buffers, written by each call: read them, do not
-    write them (a call copies new counts into ``valid_W`` only when they change).
+    token count) are the graph's input buffers, written by each call: do not write
+    ``valid_W`` (a call copies new counts into it only when they change). An engine may
+    write a step's ``T`` tokens into ``x_MH[:T]`` and their fp32 logits into
+    ``logits_ME[:T]`` and pass those views: the call then copies nothing.
     """
 
     def __init__(
@@ -109,6 +113,26 @@ class GraphedMoE:
             y = self._run()
         return y
 
+    def _copy_inputs(self, x_TH: torch.Tensor, logits_TE: torch.Tensor) -> None:
+        """This step's tokens into the static buffers: one launch where ``x`` and the
+        logits are contiguous and the logits fp32, else two copies (the logits converted).
+        Inputs that already are the buffers' first rows (an engine that writes its
+        tokens into ``x_MH`` / ``logits_ME``) are not copied."""
+        same = (
+            x_TH.data_ptr() == self.x_MH.data_ptr()
+            and logits_TE.data_ptr() == self.logits_ME.data_ptr()
+            and x_TH.stride() == self.x_MH.stride()
+            and logits_TE.stride() == self.logits_ME.stride()
+            and logits_TE.dtype == self.logits_ME.dtype
+        )
+        if same:
+            return
+        if logits_TE.dtype == self.logits_ME.dtype:
+            copy_pair(x_TH, self.x_MH, logits_TE, self.logits_ME)
+        else:
+            self.x_MH[: x_TH.shape[0]].copy_(x_TH)
+            self.logits_ME[: logits_TE.shape[0]].copy_(logits_TE)
+
     def __call__(
         self,
         x_TH: torch.Tensor,
@@ -143,8 +167,7 @@ class GraphedMoE:
                 f"[T, {self.logits_ME.shape[1]}], got {x_TH.dtype} {list(x_TH.shape)} and "
                 f"{list(router_logits_TE.shape)}"
             )
-        self.x_MH[:t].copy_(x_TH)
-        self.logits_ME[:t].copy_(router_logits_TE)
+        self._copy_inputs(x_TH, router_logits_TE)
         if counts != self._valid_counts:  # decode steps mostly repeat their counts
             self._copied.synchronize()  # the previous copy has read the pinned buffer
             for i, n in enumerate(counts):
@@ -154,6 +177,44 @@ class GraphedMoE:
             self._valid_counts = counts
         self.graph.replay()
         return self.y_MH[:t]
+
+
+#: Words per program of the fused input copy.
+_COPY_BLOCK = 4096
+
+
+def _words(t: torch.Tensor) -> torch.Tensor | None:
+    """``t`` as int32 words, where it is contiguous, 4-byte aligned and whole words."""
+    nbytes = t.numel() * t.element_size()
+    if not t.is_contiguous() or t.data_ptr() % 4 or nbytes % 4:
+        return None
+    return t.reshape(-1).view(torch.int32)
+
+
+def copy_pair(
+    src_a: torch.Tensor,
+    dst_a: torch.Tensor,
+    src_b: torch.Tensor,
+    dst_b: torch.Tensor,
+    backend: str | None = None,
+) -> None:
+    """``dst_a[:len(src_a)] = src_a`` and the same for ``b``, in one launch where every
+    buffer is contiguous memory of whole, aligned int32 words (``copy_pair_kernel``; on
+    CUDA, or ``backend="triton"`` under ``TRITON_INTERPRET=1``), else with two ``copy_``.
+    Destinations: contiguous, at least as large, same dtypes."""
+    triton = pick_backend(backend, src_a.device) == "triton"
+    words = [_words(s) for s in (src_a, dst_a, src_b, dst_b)] if triton else [None]
+    if any(w is None for w in words):
+        dst_a[: src_a.shape[0]].copy_(src_a)
+        dst_b[: src_b.shape[0]].copy_(src_b)
+        return
+    from moewire.formats._launch import arg_key, launcher
+    from moewire.moe._kernels.copy import copy_pair_kernel
+
+    a, da, b, db = words
+    args = (a, da, a.numel(), b, db, b.numel())
+    grid = (max(1, ceil_div(max(a.numel(), b.numel()), _COPY_BLOCK)), 2)
+    launcher(copy_pair_kernel, BLOCK=_COPY_BLOCK, num_warps=4)(grid, arg_key(*args), *args)
 
 
 def capture(layer: EPMoE, max_tokens: int, **kwargs: object) -> GraphedMoE:

@@ -71,9 +71,11 @@ def _grouped_mm_runs_on_cpu() -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=64)
 def resolve_impl(impl: str, device: torch.device) -> str:
     """``auto`` -> ``grouped`` where ``torch._grouped_mm`` runs (CUDA sm90+, or CPU in recent
-    torch), else ``loop``; other names are checked and returned unchanged."""
+    torch), else ``loop``; other names are checked and returned unchanged. Cached: the
+    layer asks on every forward, and the device capability query costs host time."""
     if impl not in EXPERT_IMPLS:
         raise ValueError(f"experts must be one of {EXPERT_IMPLS}, got {impl!r}")
     if impl != "auto":
