@@ -15,7 +15,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moewire.moe import block_fp8
+import moewire as mw
+from moewire.moe import block_fp8, stage
 from moewire.moe.stage import DevicePlan
 from triton_env import import_kernels
 
@@ -167,3 +168,73 @@ def test_block_gemm_torch_backend_writes_local_rows_only():
     assert torch.isnan(out[7:]).all() and not torch.isnan(out[:7]).any()
     ref, _ = _oracle_and_bound(a, sa, w, sw, [3, 7], False)
     assert torch.equal(out[:7].cpu(), ref[:7].float().bfloat16())
+
+
+WIRES = ("bf16", "fp8", "fp8_block128", "mxfp8", "nvfp4", "mxfp4")
+
+
+def _ids(n: int, k: int, e: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(n)]).to(torch.int32)
+
+
+def _rows(wire: str, n: int, h: int, seed: int) -> tuple[mw.WireSpec, torch.Tensor]:
+    """Wire rows of fresh random tokens (a NaN in row 1, row 2 all zeros)."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(n, h, generator=g) * torch.rand(n, 1, generator=g) * 4).bfloat16()
+    x[:, :128] *= 64  # blocks of one row far apart in magnitude
+    x[1, 5] = float("nan")
+    x[2] = 0.0
+    spec = mw.WireSpec(
+        wire, h, global_scale=mw.nvfp4_global_scale(300.0) if wire == "nvfp4" else None
+    )
+    return spec, spec.pack(x.to(DEV))
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    bits = {1: torch.uint8, 4: torch.int32}[a.element_size()]
+    return a.shape == b.shape and torch.equal(a.view(bits), b.view(bits))
+
+
+@pytest.mark.parametrize("h", [256, 384])
+@pytest.mark.parametrize("wire", WIRES)
+def test_gather_fp8_block_bitwise(wire, h):
+    """The block gather (kernel) against its torch reference, bit for bit: ``fp8_block128``
+    rows as they are, every other format decoded and quantized per 128 values."""
+    n, k, l = 9, 3, 6
+    spec, rows = _rows(wire, n, h, seed=h + len(wire))
+    plan = stage.plan_device(_ids(n, k, 8, seed=h).to(DEV), first_expert=0, num_local=l)
+    count = int(plan.count_1)
+    q_ref, s_ref = stage.gather_fp8(spec, rows, plan, backend="torch", block=True)
+    q, s = stage.gather_fp8(spec, rows, plan, backend="triton", block=True)
+    assert q_ref.shape == q.shape == (n * k, h) and s_ref.shape == s.shape == (n * k, h // 128)
+    assert _same_bits(q[:count], q_ref[:count]) and _same_bits(s[:count], s_ref[:count])
+    x = spec.dequantize(rows, torch.float32, backend="torch")[plan.row_P.long()]
+    if wire == "fp8_block128":  # payload and scales gathered, never requantized
+        view = spec.unpack(rows)
+        idx = plan.row_P.long()
+        assert _same_bits(q_ref, view.payload[idx]) and _same_bits(s_ref, view.scales[idx])
+    else:  # the fp8_block128 recipe of the decoded values
+        q2, s2 = mw.WireSpec("fp8_block128", h).quantize(x)
+        assert _same_bits(q_ref, q2) and _same_bits(s_ref, s2)
+    nan_pairs = (plan.row_P[:count] == 1).cpu()
+    assert torch.isnan(s[:count].cpu()[nan_pairs, 0]).all()
+
+
+@pytest.mark.parametrize("i", [128, 384])
+def test_swiglu_block_quantization_bitwise(i):
+    """SwiGLU + 1x128 quantization in one kernel: the ``fp8_block128`` recipe of the
+    kernel's own bf16 SwiGLU values, bit for bit (silu's exp is the kernel's, within one
+    bf16 ulp of torch's: ``test_expert_stage.test_swiglu_kernel``)."""
+    g = torch.Generator().manual_seed(i)
+    plan = stage.plan_device(_ids(5, 3, 8, seed=i).to(DEV), first_expert=0, num_local=8)
+    h = (torch.randn(plan.num_pairs, 2 * i, generator=g) * 3).bfloat16()
+    h[:, i + 128 : i + 256] *= 100  # up values: blocks of one row far apart in magnitude
+    h[0, 3] = float("nan")
+    h = h.to(DEV)
+    y16, _ = stage.swiglu(h, plan, fp8=False, backend="triton")
+    q, s = stage.swiglu(h, plan, fp8=True, block=True, backend="triton")
+    q_ref, s_ref = mw.WireSpec("fp8_block128", i).quantize(y16.float())
+    assert _same_bits(q, q_ref) and _same_bits(s, s_ref)
+    q_t, s_t = stage.swiglu(h, plan, fp8=True, block=True, backend="torch")
+    assert q_t.shape == q.shape and s_t.shape == s.shape == (plan.num_pairs, i // 128)
