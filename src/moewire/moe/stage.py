@@ -362,16 +362,17 @@ def grouped_gemm(
     scale_LN: torch.Tensor | None = None,
     *,
     small: bool | None = None,
+    backend: str | None = None,
 ) -> torch.Tensor:
     """``out[p] = a[p] @ w[e(p)].T`` over the plan's groups, bf16 ``[P, N]`` (rows past the
     local pairs unwritten). bf16 operands, or e4m3 with fp32 scales per row and per output
-    channel (the rowwise fp8 GEMM). ``small``: the small-M Triton kernel (None: on CUDA
-    when the plan expects at most ``SMALL_M_ROWS`` rows per expert), else
-    ``torch._grouped_mm`` / ``_scaled_grouped_mm``."""
+    channel (the rowwise fp8 GEMM). ``small``: the small-M Triton kernel (None: with the
+    Triton ``backend`` when the plan expects at most ``SMALL_M_ROWS`` rows per expert),
+    else ``torch._grouped_mm`` / ``_scaled_grouped_mm``."""
     p, c = a_PC.shape
     l, n, _ = w_LNC.shape
     if small is None:
-        small = plan.rows_per_expert <= SMALL_M_ROWS and _use_triton(a_PC, None)
+        small = plan.rows_per_expert <= SMALL_M_ROWS and _use_triton(a_PC, backend)
     if not small:
         wt = w_LNC.transpose(-2, -1)
         if scale_P is None:
