@@ -64,8 +64,9 @@ from moewire.moe.stage import swiglu as stage_swiglu
 
 #: Compute paths of the local experts; ``auto`` picks ``grouped`` where torch has it.
 EXPERT_IMPLS = ("auto", "loop", "grouped", "fp8", "fp8_loop")
-#: Paths with e4m3 weights and activations (every wire format: ``fp8`` rows as they are,
-#: the others quantized per row by the gather).
+#: Paths with e4m3 weights and activations (every wire format: ``fp8`` rows, or with
+#: block-scaled weights ``fp8_block128`` rows, as they are; the others quantized by the
+#: gather, per row or per 128 values).
 FP8_IMPLS = ("fp8", "fp8_loop")
 #: Bytes the grouped GEMMs need their row strides (and so ``H``, ``I``) aligned to.
 GEMM_ALIGN_BYTES = 16
