@@ -175,6 +175,8 @@ def test_block_gemm_checks_its_operands():
         block_fp8.block_gemm(a[:, :200], sa, w[:, :, :200], sw, plan)
     with pytest.raises(TypeError, match="float8_e4m3fn"):
         block_fp8.block_gemm(a.float(), sa, w, sw, plan)
+    with pytest.raises(TypeError, match=r"sa must be contiguous torch\.float32"):
+        block_fp8.block_gemm(a, sa.t().contiguous().t(), w, sw, plan)
 
 
 def test_block_gemm_torch_backend_writes_local_rows_only():

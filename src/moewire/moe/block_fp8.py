@@ -85,10 +85,11 @@ def _check(a_PC, sa, w_LNC, sw, rowwise: bool) -> None:
             f"block_gemm: scales must be {list(want_sa)} and {list(want_sw)} (rowwise="
             f"{rowwise}), got {list(sa.shape)} and {list(sw.shape)}"
         )
-    for name, t in (("a", a_PC), ("w", w_LNC)):
-        if t.dtype != torch.float8_e4m3fn or not t.is_contiguous():
-            raise TypeError(f"block_gemm: {name} must be contiguous float8_e4m3fn, got "
-                            f"{t.dtype} with strides {t.stride()}")  # fmt: skip
+    for name, t, dt in (("a", a_PC, torch.float8_e4m3fn), ("w", w_LNC, torch.float8_e4m3fn),
+                        ("sa", sa, torch.float32), ("sw", sw, torch.float32)):  # fmt: skip
+        if t.dtype != dt or not t.is_contiguous():
+            raise TypeError(f"block_gemm: {name} must be contiguous {dt}, got {t.dtype} with "
+                            f"strides {t.stride()}")  # fmt: skip
 
 
 def _block_gemm_torch(a_PC, sa, w_LNC, sw, plan: DevicePlan, out: torch.Tensor) -> None:
