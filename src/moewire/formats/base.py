@@ -41,6 +41,9 @@ class WireFormat:
     #: Whether rows are the rowwise-scaled fp8 GEMM's A operand as they are (e4m3 values,
     #: one fp32 scale per token), so the fp8 expert path gathers them without decoding.
     rowwise_fp8: ClassVar[bool] = False
+    #: Whether rows are the block-scaled fp8 GEMM's A operand as they are (e4m3 values, one
+    #: fp32 scale per 128), so the block-scaled fp8 expert path gathers them without decoding.
+    block128_fp8: ClassVar[bool] = False
 
     @classmethod
     def make(cls, global_scale: object = None) -> WireFormat:

@@ -70,6 +70,7 @@ class FP8Block128Format(WireFormat):
     payload_dtype = torch.float8_e4m3fn
     scale_dtype = torch.float32
     kind = Kind.FP8
+    block128_fp8 = True
 
     def scale_numel(self, hidden: int) -> int:
         return hidden // FP8_BLOCK128

@@ -7,15 +7,28 @@ received rows are gathered and decoded straight into the first GEMM's A operand,
 
 - ``grouped``: two ``torch._grouped_mm`` (bf16; CUTLASS on Hopper, a per-group ``mm`` on
   CPU) around one SwiGLU kernel. Every wire format is decoded to bf16 by the gather kernel.
-- ``fp8``: two ``torch._scaled_grouped_mm`` (e4m3, rowwise scales; CUDA sm90+) around one
-  SwiGLU + per-row fp8 quantization kernel; weights e4m3 with one fp32 scale per output
-  channel. ``fp8`` wire rows are the A operand as they are (payload and per-row scale);
-  ``fp8_block128``, ``mxfp8``, ``nvfp4``, ``mxfp4`` and ``bf16`` rows are decoded and
-  quantized with the ``fp8`` recipe in the gather kernel (one read of the rows, one write
-  of e4m3 ``[P, H]``: never a bf16 copy).
+- ``fp8``, weights with one fp32 scale per output channel (float weights are quantized so
+  at load): two rowwise fp8 GEMMs (``torch._scaled_grouped_mm``, CUDA sm90+; at decode
+  sizes the small-M Triton kernel) around one SwiGLU + per-row fp8 quantization kernel.
+  ``fp8`` wire rows are the A operand as they are (payload and per-row scale); every
+  other format is decoded and quantized with the ``fp8`` recipe in the gather kernel (one
+  read of the rows, one write of e4m3 ``[P, H]``: never a bf16 copy).
+- ``fp8``, e4m3 weights with 128x128 block scales (a DeepSeek-V3 checkpoint's
+  ``weight_scale_inv``, kept as they are: no bf16 copy, no requantization): DeepSeek-V3's
+  own recipe, two block-scaled fp8 grouped GEMMs (``moe/block_fp8.py``, one Triton kernel
+  each, the fp32 partial sum of every 128 input channels scaled by its activation and
+  weight block scales) around one SwiGLU + 1x128 quantization kernel; activations carry
+  one fp32 scale per 128 values (the ``fp8_block128`` recipe). ``fp8_block128`` wire rows
+  are the A operand as they are; every other format is decoded and quantized per 128
+  values in the gather kernel (one read of the rows, one write of e4m3 ``[P, H]``).
+  ``hidden`` and ``intermediate`` must be multiples of 128. One weight block-scaled and
+  the other per channel works too: each GEMM (and the quantization of its A operand)
+  follows its weight's scales.
 - ``loop`` / ``fp8_loop``: the oracles: one matmul pair per expert (host-side counts),
-  bf16, or fp8 computed in fp32 (e4m3 products are exact in fp32, scales applied after
-  the sum, as the kernel does); any device.
+  bf16, or fp8 computed in fp32 (e4m3 products are exact in fp32; rowwise scales applied
+  after the sum, block scales to each 128-channel partial sum, as the kernels do); any
+  device. Without the Triton backend (CPU), ``fp8`` runs its block-scaled GEMMs as this
+  oracle math; its rowwise GEMMs need CUDA (``torch._scaled_grouped_mm``).
 
 The weighted expert outputs are added per row in fp32 in ``k`` order
 (``((0 + c_0) + c_1) + ...`` over the row's local experts, ``c_k = w_k * y_k``), gathered,
@@ -35,12 +48,14 @@ from torch import nn
 
 from moewire.formats import WireSpec
 from moewire.formats.fp8 import FP8Format
+from moewire.moe.block_fp8 import block_gemm, check_block_dims, scaled_mm
 from moewire.moe.stage import (
     DevicePlan,
     gather_bf16,
     gather_fp8,
     grouped_gemm,
     plan_device,
+    quantize_fp8_blocks,
     quantize_fp8_rows,
     swiglu_torch,
     unpermute,
@@ -49,8 +64,9 @@ from moewire.moe.stage import swiglu as stage_swiglu
 
 #: Compute paths of the local experts; ``auto`` picks ``grouped`` where torch has it.
 EXPERT_IMPLS = ("auto", "loop", "grouped", "fp8", "fp8_loop")
-#: Paths with e4m3 weights and activations (every wire format: ``fp8`` rows as they are,
-#: the others quantized per row by the gather).
+#: Paths with e4m3 weights and activations (every wire format: ``fp8`` rows, or with
+#: block-scaled weights ``fp8_block128`` rows, as they are; the others quantized by the
+#: gather, per row or per 128 values).
 FP8_IMPLS = ("fp8", "fp8_loop")
 #: Bytes the grouped GEMMs need their row strides (and so ``H``, ``I``) aligned to.
 GEMM_ALIGN_BYTES = 16
@@ -98,8 +114,9 @@ class LocalExperts(nn.Module):
     """The ``L`` experts this rank hosts: global ids ``[first_expert, first_expert + L)``.
 
     The weights are kept in the precision of the compute path, once: bf16 for ``loop`` /
-    ``grouped``; e4m3 with one fp32 scale per output channel for ``fp8`` / ``fp8_loop``
-    (no bf16 copy beside them).
+    ``grouped``; for ``fp8`` / ``fp8_loop`` e4m3 with their fp32 scales, per output
+    channel or per 128x128 block as given (float weights: per output channel), no bf16
+    copy beside them.
 
     Args:
         w13_L2IH: ``[L, 2I, H]`` gate rows then up rows: float (stored as bf16, or quantized
@@ -109,7 +126,9 @@ class LocalExperts(nn.Module):
         fp8: keep e4m3 weights for the fp8 paths (else bf16).
         w13_scale / w2_scale: fp32 scales of e4m3 weights: per output channel ``[L, O]``
             (dequantized weight ``q * s``) or per 128x128 block ``[L, ceil(O/128),
-            ceil(K/128)]`` (DeepSeek-V3's ``weight_scale_inv``; bf16 paths only).
+            ceil(K/128)]`` (DeepSeek-V3's ``weight_scale_inv``: kept as they are for the
+            fp8 paths, which then need ``H`` and ``I`` multiples of 128; dequantized once
+            to bf16 for the bf16 paths).
         num_experts: ``E`` of the whole layer (default ``L``): the GEMMs expect
             ``N * K / E`` rows per local expert when they pick a kernel.
     """
@@ -130,6 +149,8 @@ class LocalExperts(nn.Module):
         self.num_local = w13_L2IH.shape[0]
         self.num_experts = num_experts or self.num_local
         self.fp8 = fp8
+        if fp8 and any(s is not None and s.dim() == 3 for s in (w13_scale, w2_scale)):
+            check_block_dims(w13_L2IH.shape[2], w13_L2IH.shape[1] // 2)
         for name, w, s in (("w13", w13_L2IH, w13_scale), ("w2", w2_LHI, w2_scale)):
             q, scale = _weight_in_precision(name, w, s, fp8=fp8)
             if fp8:
@@ -157,6 +178,8 @@ class LocalExperts(nn.Module):
         impl: str,
         dtype: torch.dtype = torch.float32,
         valid: tuple[torch.Tensor, int] | None = None,
+        *,
+        backend: str | None = None,
     ) -> torch.Tensor:
         """Apply the local experts to received rows, without a host sync (``grouped`` and
         ``fp8``; the ``loop`` oracles read the per-expert counts on the host).
@@ -172,6 +195,8 @@ class LocalExperts(nn.Module):
             valid: padded batches: ``(valid_W, T)``, rows ``T`` per rank of which the first
                 ``valid_W[rank]`` are real tokens; the others select no expert (their
                 outputs are zeros). See :func:`moewire.moe.stage.plan_device`.
+            backend: of the stage's steps: ``"triton"`` (CUDA, or CPU under
+                ``TRITON_INTERPRET=1``), ``"torch"``, or None (triton on CUDA).
 
         Returns:
             ``[N, H]`` of ``dtype``: for each row, the weighted sum of its local experts'
@@ -188,33 +213,32 @@ class LocalExperts(nn.Module):
         if n == 0:
             return torch.zeros((0, spec.hidden), dtype=dtype, device=rows_NR.device)
         plan = plan_device(
-            topk_ids_NK, self.first_expert, self.num_local, self.num_experts, valid=valid
+            topk_ids_NK, self.first_expert, self.num_local, self.num_experts, backend, valid
         )
         if impl in FP8_IMPLS:
-            a_PH, scale_P = gather_fp8(spec, rows_NR, plan)
-            y_PH = (_ffn_fp8 if impl == "fp8" else _ffn_fp8_loop)(self, a_PH, scale_P, plan)
+            a_PH, scale_P = gather_fp8(spec, rows_NR, plan, backend, block=_blocks(self.w13_scale))
+            if impl == "fp8":
+                y_PH = _ffn_fp8(self, a_PH, scale_P, plan, backend)
+            else:
+                y_PH = _ffn_fp8_loop(self, a_PH, scale_P, plan)
         else:
-            a_PH = gather_bf16(spec, rows_NR, plan)
+            a_PH = gather_bf16(spec, rows_NR, plan, backend)
             y_PH = (_ffn_grouped if impl == "grouped" else _ffn_loop)(self, a_PH, plan)
-        return unpermute(y_PH, plan, topk_weights_NK, dtype)
+        return unpermute(y_PH, plan, topk_weights_NK, dtype, backend)
 
 
 def _weight_in_precision(
     name: str, w: torch.Tensor, scale: torch.Tensor | None, *, fp8: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One weight in the path's precision: bf16, or (e4m3, per-channel fp32 scales)."""
+    """One weight in the path's precision: bf16, or e4m3 with its fp32 scales (per output
+    channel ``[L, O]`` or per 128x128 block ``[L, O/128, C/128]``, kept as given; float
+    weights are quantized per output channel)."""
     if w.dtype == torch.float8_e4m3fn:
         s = scale.float()
-        if s.dim() == 2:  # per output channel
-            if fp8:
-                return w.contiguous(), s.contiguous()
-            return (w.float() * s[:, :, None]).to(torch.bfloat16).contiguous(), None
         if fp8:
-            raise ValueError(
-                f"{name}: 128x128 block-scaled e4m3 weights are not supported by the rowwise "
-                f"fp8 GEMM (experts='fp8'); give per-output-channel scales [L, O], or use "
-                f"the bf16 experts, which dequantize them once at load"
-            )
+            return w.contiguous(), s.contiguous()
+        if s.dim() == 2:  # per output channel
+            return (w.float() * s[:, :, None]).to(torch.bfloat16).contiguous(), None
         return _dequantize_block_weight(w, s).to(torch.bfloat16).contiguous(), None
     if fp8:
         return quantize_fp8_weight(w)
@@ -267,29 +291,42 @@ def _ffn_grouped(ex: LocalExperts, a_PH: torch.Tensor, plan: DevicePlan) -> torc
     return grouped_gemm(a2_PI, ex.w2_LHI, plan)
 
 
+def _blocks(scale: torch.Tensor) -> bool:
+    """Whether an fp8 weight's scales are per 128x128 block (else per output channel)."""
+    return scale.dim() == 3
+
+
+def _fp8_gemm(a, sa, w, sw, plan: DevicePlan, backend: str | None) -> torch.Tensor:
+    if _blocks(sw):
+        return block_gemm(a, sa, w, sw, plan, backend=backend)
+    return grouped_gemm(a, w, plan, sa, sw, backend=backend)
+
+
 def _ffn_fp8(
-    ex: LocalExperts, a_PH: torch.Tensor, scale_P: torch.Tensor, plan: DevicePlan
+    ex: LocalExperts,
+    a_PH: torch.Tensor,
+    scale_P: torch.Tensor,
+    plan: DevicePlan,
+    backend: str | None,
 ) -> torch.Tensor:
     _check_gemm_dims(ex, 1, "fp8")
-    h_P2I = grouped_gemm(a_PH, ex.w13_fp8, plan, scale_P, ex.w13_scale)
-    a2_PI, s2_P = stage_swiglu(h_P2I, plan, fp8=True)
-    return grouped_gemm(a2_PI, ex.w2_fp8, plan, s2_P, ex.w2_scale)
+    h_P2I = _fp8_gemm(a_PH, scale_P, ex.w13_fp8, ex.w13_scale, plan, backend)
+    blocks = _blocks(ex.w2_scale)
+    a2_PI, s2_P = stage_swiglu(h_P2I, plan, fp8=True, block=blocks, backend=backend)
+    return _fp8_gemm(a2_PI, s2_P, ex.w2_fp8, ex.w2_scale, plan, backend)
 
 
 def _ffn_fp8_loop(
     ex: LocalExperts, a_PH: torch.Tensor, scale_P: torch.Tensor, plan: DevicePlan
 ) -> torch.Tensor:
-    def gemm(a, sa, w, sw):
-        acc = torch.mm(a.float(), w.float().t())
-        return (acc * sa[:, None] * sw[None, :]).to(torch.bfloat16)
-
+    quantize = quantize_fp8_blocks if _blocks(ex.w2_scale) else quantize_fp8_rows
     y_PH = torch.zeros(a_PH.shape, dtype=torch.bfloat16, device=a_PH.device)
     start = 0
     for e, c in enumerate(_group_counts(plan)):
         if c:
             sl = slice(start, start + c)
-            h = gemm(a_PH[sl], scale_P[sl], ex.w13_fp8[e], ex.w13_scale[e])
-            a2, s2 = quantize_fp8_rows(swiglu_torch(h))
-            y_PH[sl] = gemm(a2, s2, ex.w2_fp8[e], ex.w2_scale[e])
+            h = scaled_mm(a_PH[sl], scale_P[sl], ex.w13_fp8[e], ex.w13_scale[e])
+            a2, s2 = quantize(swiglu_torch(h.to(torch.bfloat16)))
+            y_PH[sl] = scaled_mm(a2, s2, ex.w2_fp8[e], ex.w2_scale[e]).to(torch.bfloat16)
         start += c
     return y_PH

@@ -216,7 +216,7 @@ class EPMoE(nn.Module):
         w2_scale: torch.Tensor | None = None,
     ) -> None:
         """Keep this rank's contiguous shard of the expert weights, in the precision of the
-        expert path (bf16, or e4m3 + per-channel scales for the fp8 paths), once.
+        expert path (bf16, or e4m3 + their fp32 scales for the fp8 paths), once.
 
         Args:
             w13_E2IH: ``[E, 2I, H]`` (all experts; this rank keeps its slice) or ``[E/W,
@@ -230,7 +230,11 @@ class EPMoE(nn.Module):
             w13_scale / w2_scale: fp32 scales of e4m3 weights: per output channel
                 ``[E or E/W, O]`` (weight ``q * s``) or per 128x128 block ``[E or E/W,
                 ceil(O/128), ceil(K/128)]`` (a DeepSeek-V3 checkpoint's
-                ``weight_scale_inv``; bf16 expert paths only, dequantized once here).
+                ``weight_scale_inv``). fp8 experts keep either as given (no bf16 copy, no
+                requantization): block scales run DeepSeek-V3's block-scaled fp8 GEMMs
+                with 1x128 activation scales and need ``hidden`` and ``intermediate``
+                multiples of 128 (else ``ValueError``); bf16 experts dequantize them once
+                here. Float weights on fp8 experts are quantized per output channel.
 
         The weights stay on their device, which is where the forward runs.
         """

@@ -27,10 +27,11 @@ import torch.nn.functional as F
 from moewire.constants import ceil_div
 from moewire.formats import WireSpec
 from moewire.formats._launch import arg_key, launcher
-from moewire.formats.fp8 import FP8Format
+from moewire.formats.fp8 import FP8Block128Format, FP8Format
 from moewire.formats.spec import pick_backend
 
 _FP8 = FP8Format()
+_FP8_BLOCK = FP8Block128Format()
 #: Values of the unpermute kernel's column tile.
 _UNPERMUTE_BLOCK = 1024
 
@@ -153,6 +154,12 @@ def quantize_fp8_rows(x_MK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, s.reshape(-1)
 
 
+def quantize_fp8_blocks(x_MK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``fp8_block128`` quantization (1x128 blocks, the wire format's math): e4m3
+    ``[M, K]``, fp32 ``[M, K/128]``."""
+    return _FP8_BLOCK.quantize(x_MK.float())
+
+
 def gather_bf16(
     spec: WireSpec, rows_NR: torch.Tensor, plan: DevicePlan, backend: str | None = None
 ) -> torch.Tensor:
@@ -177,60 +184,70 @@ def gather_bf16(
 
 
 def gather_fp8(
-    spec: WireSpec, rows_NR: torch.Tensor, plan: DevicePlan, backend: str | None = None
+    spec: WireSpec,
+    rows_NR: torch.Tensor,
+    plan: DevicePlan,
+    backend: str | None = None,
+    *,
+    block: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The rowwise fp8 GEMM's A operand: e4m3 ``[P, H]`` and fp32 scales ``[P]``.
+    """The fp8 GEMMs' A operand: e4m3 ``[P, H]`` and fp32 scales ``[P]`` (rowwise), or with
+    ``block`` ``[P, H/128]`` (one per 128 values, ``H`` a multiple of 128).
 
-    ``fp8`` rows are consumed as they are (their payload and per-row scale, gathered);
-    every other format is decoded to fp32 and quantized with the ``fp8`` recipe in one
-    kernel (bitwise ``FP8Format.quantize(spec.dequantize(rows, float32))``)."""
+    Rows of the format of that recipe (``fp8``; with ``block``, ``fp8_block128``) are
+    consumed as they are (their payload and scales, gathered); every other format is
+    decoded to fp32 and quantized with the recipe in one kernel (bitwise
+    ``FP8Format.quantize(spec.dequantize(rows, float32))``, or ``FP8Block128Format``'s)."""
     triton = _use_triton(rows_NR, backend)
-    if spec.wire_format.rowwise_fp8:
-        return (
-            _gather_fp8_rows(spec, rows_NR, plan)
-            if triton
-            else _index_fp8_rows(spec, rows_NR, plan)
-        )
+    fmt = spec.wire_format
+    if fmt.block128_fp8 if block else fmt.rowwise_fp8:
+        gather = _gather_fp8_rows if triton else _index_fp8_rows
+        return gather(spec, rows_NR, plan, block)
     if not triton:
         x_PH = spec.dequantize(rows_NR.index_select(0, plan.row_P), torch.float32, backend="torch")
-        return quantize_fp8_rows(x_PH)
+        return quantize_fp8_blocks(x_PH) if block else quantize_fp8_rows(x_PH)
     from moewire.formats._triton import decoder
-    from moewire.moe._kernels.stage import gather_fp8_kernel
+    from moewire.moe._kernels.stage import gather_fp8_block_kernel, gather_fp8_kernel
 
     d = decoder(spec, rows_NR.device.type)
     p, h = plan.num_pairs, spec.hidden
     q = torch.empty((p, h), dtype=torch.float8_e4m3fn, device=rows_NR.device)
-    s = torch.empty((p,), dtype=torch.float32, device=rows_NR.device)
+    s = torch.empty((p, h // 128) if block else (p,), dtype=torch.float32, device=rows_NR.device)
     if p:
         args = (rows_NR, rows_NR.stride(0), plan.row_P, plan.count_1, q.view(torch.uint8), s,
                 h, d.nb, d.scale_off, d.inv_g)  # fmt: skip
-        launcher(
-            gather_fp8_kernel, N_CHUNKS=d.n_chunks, KIND=d.kind, NBLK=d.nblk, BLKP=d.blkp,
-            FULL=d.full, HW=d.hw, num_warps=d.num_warps,
-        )((p,), arg_key(*args), *args)  # fmt: skip
+        consts = dict(KIND=d.kind, NBLK=d.nblk, BLKP=d.blkp, FULL=d.full, HW=d.hw,
+                      num_warps=d.num_warps)  # fmt: skip
+        if block:  # a decode chunk is whole 128-value blocks (``_tiles._chunking``)
+            launcher(gather_fp8_block_kernel, **consts)((p, d.n_chunks), arg_key(*args), *args)
+        else:
+            launcher(gather_fp8_kernel, N_CHUNKS=d.n_chunks, **consts)((p,), arg_key(*args), *args)
     return q, s
 
 
-def _index_fp8_rows(spec: WireSpec, rows_NR: torch.Tensor, plan: DevicePlan) -> tuple:
-    """``fp8`` rows' payload and per-row scale in the plan's order (torch)."""
+def _index_fp8_rows(spec: WireSpec, rows_NR: torch.Tensor, plan: DevicePlan, block: bool) -> tuple:
+    """e4m3 rows' payload and scales (``[P]``, or ``[P, H/128]`` with ``block``) in the
+    plan's order (torch)."""
     view = spec.unpack(rows_NR)
     idx = plan.row_P.long()
-    return view.payload.index_select(0, idx), view.scales.reshape(-1).index_select(0, idx)
+    s = view.scales.index_select(0, idx)
+    return view.payload.index_select(0, idx), s if block else s.reshape(-1)
 
 
-def _gather_fp8_rows(spec: WireSpec, rows_NR: torch.Tensor, plan: DevicePlan) -> tuple:
+def _gather_fp8_rows(spec: WireSpec, rows_NR: torch.Tensor, plan: DevicePlan, block: bool) -> tuple:
     """:func:`_index_fp8_rows` in one kernel (``gather_fp8_rows_kernel``), local pairs only."""
     from moewire.moe._kernels.stage import gather_fp8_rows_kernel
 
     p, h, dev = plan.num_pairs, spec.hidden, rows_NR.device
+    sec = spec.sections
+    ns = sec["scales"].numel
     q = torch.empty((p, h), dtype=torch.float8_e4m3fn, device=dev)
-    s = torch.empty((p,), dtype=torch.float32, device=dev)
+    s = torch.empty((p, ns) if block else (p,), dtype=torch.float32, device=dev)
     if p:
-        sec = spec.sections
         args = (rows_NR, rows_NR.stride(0), plan.row_P, plan.count_1, q, s, h // 4)
         launcher(
             gather_fp8_rows_kernel, PAY_OFF=sec["payload"].offset, SCALE_OFF=sec["scales"].offset,
-            BLOCK=min(1024, 1 << (h // 4 - 1).bit_length()), num_warps=4,
+            NS=ns, BLOCK=min(1024, 1 << (h // 4 - 1).bit_length()), num_warps=4,
         )((p,), arg_key(*args), *args)  # fmt: skip
     return q, s
 
@@ -242,25 +259,35 @@ def swiglu_torch(h_P2I: torch.Tensor) -> torch.Tensor:
 
 
 def swiglu(
-    h_P2I: torch.Tensor, plan: DevicePlan, *, fp8: bool, backend: str | None = None
+    h_P2I: torch.Tensor,
+    plan: DevicePlan,
+    *,
+    fp8: bool,
+    block: bool = False,
+    backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """SwiGLU of the first GEMM's output, rounded to bf16; with ``fp8`` quantized per row
-    (e4m3 ``[P, I]``, fp32 ``[P]``) in the same kernel. Returns ``(a2, scales or None)``."""
+    (e4m3 ``[P, I]``, fp32 ``[P]``), with ``block`` too per 128 values (fp32
+    ``[P, I/128]``, the ``fp8_block128`` recipe; ``I`` a multiple of 128), in the same
+    kernel. Returns ``(a2, scales or None)``."""
     if not _use_triton(h_P2I, backend):
         y = swiglu_torch(h_P2I)
-        return quantize_fp8_rows(y) if fp8 else (y, None)
+        if not fp8:
+            return y, None
+        return quantize_fp8_blocks(y) if block else quantize_fp8_rows(y)
     from moewire.moe._kernels.stage import swiglu_kernel
 
     p, i = h_P2I.shape[0], h_P2I.shape[1] // 2
     dt = torch.float8_e4m3fn if fp8 else torch.bfloat16
     out = torch.empty((p, i), dtype=dt, device=h_P2I.device)
-    s = torch.empty((p,) if fp8 else (1,), dtype=torch.float32, device=h_P2I.device)
+    shape = ((p, i // 128) if block else (p,)) if fp8 else (1,)
+    s = torch.empty(shape, dtype=torch.float32, device=h_P2I.device)
     if p:
-        block = max(16, 1 << (i - 1).bit_length())
+        block_i = max(16, 1 << (i - 1).bit_length())
         args = (h_P2I, plan.count_1, out.view(torch.uint8) if fp8 else out, s, i)
         launcher(
-            swiglu_kernel, BLOCK_I=block, FP8=fp8, HW=h_P2I.is_cuda,
-            num_warps=max(1, min(16, block // 256)),
+            swiglu_kernel, BLOCK_I=block_i, FP8=fp8, BLOCKS=fp8 and block, HW=h_P2I.is_cuda,
+            num_warps=max(1, min(16, block_i // 256)),
         )((p,), arg_key(*args), *args)  # fmt: skip
     return out, (s if fp8 else None)
 
@@ -339,16 +366,17 @@ def grouped_gemm(
     scale_LN: torch.Tensor | None = None,
     *,
     small: bool | None = None,
+    backend: str | None = None,
 ) -> torch.Tensor:
     """``out[p] = a[p] @ w[e(p)].T`` over the plan's groups, bf16 ``[P, N]`` (rows past the
     local pairs unwritten). bf16 operands, or e4m3 with fp32 scales per row and per output
-    channel (the rowwise fp8 GEMM). ``small``: the small-M Triton kernel (None: on CUDA
-    when the plan expects at most ``SMALL_M_ROWS`` rows per expert), else
-    ``torch._grouped_mm`` / ``_scaled_grouped_mm``."""
+    channel (the rowwise fp8 GEMM). ``small``: the small-M Triton kernel (None: with the
+    Triton ``backend`` when the plan expects at most ``SMALL_M_ROWS`` rows per expert),
+    else ``torch._grouped_mm`` / ``_scaled_grouped_mm``."""
     p, c = a_PC.shape
     l, n, _ = w_LNC.shape
     if small is None:
-        small = plan.rows_per_expert <= SMALL_M_ROWS and _use_triton(a_PC, None)
+        small = plan.rows_per_expert <= SMALL_M_ROWS and _use_triton(a_PC, backend)
     if not small:
         wt = w_LNC.transpose(-2, -1)
         if scale_P is None:

@@ -5,8 +5,13 @@
 - :func:`gather_fp8_kernel`: the same rows -> e4m3 with one fp32 scale per row (the
   ``fp8`` wire recipe applied to the decoded fp32 values), the A operand of the rowwise
   fp8 GEMM.
+- :func:`gather_fp8_block_kernel`: the same rows -> e4m3 with one fp32 scale per 128
+  values (the ``fp8_block128`` recipe), the A operand of the block-scaled fp8 GEMM.
+- :func:`gather_fp8_rows_kernel`: ``fp8`` / ``fp8_block128`` rows' payload and scales
+  copied as they are, in expert order (no requantization).
 - :func:`swiglu_kernel`: ``[P, 2I]`` (gate, then up) -> ``silu(gate) * up`` rounded to
-  bf16, optionally quantized per row with the ``fp8`` recipe, reading the GEMM output once.
+  bf16, optionally quantized per row (``fp8`` recipe) or per 128 values (``fp8_block128``),
+  reading the GEMM output once.
 - :func:`unpermute_kernel`: for each received row, ``sum_k w_k * y_k`` over its local
   experts in ``k`` order, gathered (no atomics), written once in the combine dtype.
 - :func:`plan_kernel`: the device plan (the pairs sorted by local expert, the groups' ends,
@@ -96,6 +101,47 @@ def gather_fp8_kernel(
 
 
 @triton.jit
+def gather_fp8_block_kernel(
+    rows_ptr,
+    srt,
+    row_P_ptr,
+    count_ptr,
+    q_ptr,
+    s_ptr,
+    H,
+    NB,
+    scale_off,
+    inv_g,
+    KIND: tl.constexpr,
+    NBLK: tl.constexpr,
+    BLKP: tl.constexpr,
+    FULL: tl.constexpr,
+    HW: tl.constexpr,
+):
+    """Program ``(p, c)``: chunk ``c`` of received row ``row_P[p]`` decoded, then quantized
+    per 128 values with the ``fp8_block128`` recipe (e4m3 ``q[p]``, fp32 ``s[p, H/128]``).
+    A chunk holds whole 128-value blocks (``NBLK * BLKP``, or bf16's ``BLKP``, a multiple
+    of 128 starting at a multiple of 128: ``H`` is a multiple of 128)."""
+    p = tl.program_id(0)
+    c = tl.program_id(1)
+    count = tl.load(count_ptr)
+    r = tl.load(row_P_ptr + p).to(tl.int64)  # every row_P entry is a valid row
+    v, idx, m = decode_chunk(rows_ptr + r * srt, c, H, NB, scale_off, inv_g, KIND, NBLK, BLKP,
+                             FULL, HW)  # fmt: skip
+    G: tl.constexpr = v.numel // 128
+    m = tl.reshape(m & (idx < H), [G, 128])  # ``m`` may be per block: broadcast it
+    v = tl.reshape(v, [G, 128])
+    idx = tl.reshape(idx, [G, 128])
+    bits = tl.where(m, v.to(tl.int32, bitcast=True) & 0x7FFFFFFF, 0)
+    k, s_bits = fp8_scale(tl.max(bits, axis=1))
+    q = encode_e4m3(v * k[:, None], HW)
+    tl.store(q_ptr + p.to(tl.int64) * H + idx, q, mask=m & (idx * 0 + p < count))
+    blk = c * G + tl.arange(0, G)
+    s_row = s_ptr.to(tl.pointer_type(tl.int32)) + p.to(tl.int64) * (H // 128)
+    tl.store(s_row + blk, s_bits, mask=blk < H // 128)  # s has P rows
+
+
+@triton.jit
 def swiglu_kernel(
     h_ptr,
     count_ptr,
@@ -104,10 +150,13 @@ def swiglu_kernel(
     I,
     BLOCK_I: tl.constexpr,
     FP8: tl.constexpr,
+    BLOCKS: tl.constexpr,
     HW: tl.constexpr,
 ):
     """Program ``p``: ``silu(h[p, :I]) * h[p, I:]`` in fp32, rounded to bf16; with ``FP8``
-    the bf16 values are quantized per row (e4m3 ``out[p]``, fp32 ``s[p]``)."""
+    the bf16 values are quantized per row (e4m3 ``out[p]``, fp32 ``s[p]``), with
+    ``BLOCKS`` per 128 values (fp32 ``s[p, I/128]``, ``I`` a multiple of 128), the
+    ``fp8_block128`` recipe."""
     p = tl.program_id(0)
     i = tl.arange(0, BLOCK_I)
     m = (i < I) & (i * 0 + p < tl.load(count_ptr))
@@ -118,10 +167,19 @@ def swiglu_kernel(
     out_row = out_ptr + p.to(tl.int64) * I
     if FP8:
         y16 = (encode_bf16(y) << 16).to(tl.float32, bitcast=True)
-        amax_bits = tl.max(tl.where(m, y16.to(tl.int32, bitcast=True) & 0x7FFFFFFF, 0), axis=0)
-        k, s_bits = fp8_scale(amax_bits)
-        tl.store(out_row + i, encode_e4m3(y16 * k, HW), mask=m)
-        tl.store(s_ptr.to(tl.pointer_type(tl.int32)) + p, s_bits)  # s has P entries
+        bits = tl.where(m, y16.to(tl.int32, bitcast=True) & 0x7FFFFFFF, 0)
+        s_out = s_ptr.to(tl.pointer_type(tl.int32))
+        if BLOCKS:
+            G: tl.constexpr = BLOCK_I // 128
+            k, s_bits = fp8_scale(tl.max(tl.reshape(bits, [G, 128]), axis=1))
+            q = encode_e4m3(tl.reshape(y16, [G, 128]) * k[:, None], HW)
+            tl.store(out_row + tl.reshape(i, [G, 128]), q, mask=tl.reshape(m, [G, 128]))
+            b = tl.arange(0, G)
+            tl.store(s_out + p.to(tl.int64) * (I // 128) + b, s_bits, mask=b < I // 128)
+        else:
+            k, s_bits = fp8_scale(tl.max(bits, axis=0))
+            tl.store(out_row + i, encode_e4m3(y16 * k, HW), mask=m)
+            tl.store(s_out + p, s_bits)  # s has P entries
     else:
         _store_out(out_row, i, y, m, OUT_BF16, HW)
 
@@ -232,10 +290,12 @@ def gather_fp8_rows_kernel(
     W,
     PAY_OFF: tl.constexpr,
     SCALE_OFF: tl.constexpr,
+    NS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """Program ``p`` (``p < count``): ``fp8`` row ``row[p]``'s e4m3 payload (``W`` int32
-    words) and fp32 scale, copied as they are to ``q[p]`` and ``s[p]``."""
+    """Program ``p`` (``p < count``): an e4m3 wire row ``row[p]``'s payload (``W`` int32
+    words) and its ``NS`` fp32 scales (``fp8``: one, ``fp8_block128``: one per 128 values),
+    copied as they are (as bits) to ``q[p]`` and ``s[p]``."""
     p = tl.program_id(0)
     if p < tl.load(count_ptr):
         src = rows_ptr + tl.load(row_ptr + p).to(tl.int64) * stride_r
@@ -244,4 +304,8 @@ def gather_fp8_rows_kernel(
         for c in range(0, W, BLOCK):
             i = c + tl.arange(0, BLOCK)
             tl.store(dst + i, tl.load(words + i, mask=i < W), mask=i < W)
-        tl.store(s_ptr + p, tl.load((src + SCALE_OFF).to(tl.pointer_type(tl.float32))))
+        s_src = (src + SCALE_OFF).to(tl.pointer_type(tl.int32))
+        s_dst = s_ptr.to(tl.pointer_type(tl.int32)) + p.to(tl.int64) * NS
+        for c in tl.static_range(0, NS, BLOCK):
+            j = c + tl.arange(0, BLOCK)
+            tl.store(s_dst + j, tl.load(s_src + j, mask=j < NS), mask=j < NS)
