@@ -25,14 +25,15 @@ from moewire.formats.spec import pick_backend
 from moewire.moe.stage import SMALL_M_ROWS, DevicePlan, small_m_block
 
 #: Tiles of the block GEMM per row tile ``BLOCK_M``: (BLOCK_N, GROUP_M, num_warps,
-#: num_stages, SWAP). BLOCK_K is 128 (one scale per K step). Hopper defaults, not yet
-#: tuned on the GPU: 16-64 rows (few per expert) multiply the transposed tile so that the
-#: weights fill the tensor core's 64-row side; 128 rows is the prefill tile.
+#: num_stages, SWAP). BLOCK_K is 128 (one scale per K step). 16-64 rows (few per expert)
+#: multiply the transposed tile so that the weights fill the tensor core's 64-row side;
+#: 128 rows is the prefill tile, the best of five on one H100 at DeepSeek-R1 dims with 64
+#: experts (BENCHMARKS.md, "block-scaled fp8 GEMM"): 256 columns or 4 warps ran 2-4x slower.
 BLOCK_FP8_TILES = {
     16: (128, 8, 4, 4, True),
     32: (128, 8, 4, 4, True),
     64: (128, 8, 4, 3, True),
-    128: (128, 8, 8, 3, False),
+    128: (128, 8, 8, 4, False),
 }
 #: The prefill row tile (more than ``SMALL_M_ROWS`` expected rows per expert).
 LARGE_BLOCK_M = 128
