@@ -219,7 +219,8 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 @pytest.mark.parametrize("wire", WIRES)
 def test_gather_fp8_block_bitwise(wire, h):
     """The block gather (kernel) against its torch reference, bit for bit: ``fp8_block128``
-    rows as they are, every other format decoded and quantized per 128 values."""
+    rows as they are, ``fp8`` rows as they are with the row's scale for each 128-value
+    block, every other format decoded and quantized per 128 values."""
     n, k, l = 9, 3, 6
     spec, rows = _rows(wire, n, h, seed=h + len(wire))
     plan = stage.plan_device(_ids(n, k, 8, seed=h).to(DEV), first_expert=0, num_local=l)
@@ -229,10 +230,13 @@ def test_gather_fp8_block_bitwise(wire, h):
     assert q_ref.shape == q.shape == (n * k, h) and s_ref.shape == s.shape == (n * k, h // 128)
     assert _same_bits(q[:count], q_ref[:count]) and _same_bits(s[:count], s_ref[:count])
     x = spec.dequantize(rows, torch.float32, backend="torch")[plan.row_P.long()]
-    if wire == "fp8_block128":  # payload and scales gathered, never requantized
+    if wire in ("fp8_block128", "fp8"):  # payload and scales gathered, never requantized
         view = spec.unpack(rows)
         idx = plan.row_P.long()
-        assert _same_bits(q_ref, view.payload[idx]) and _same_bits(s_ref, view.scales[idx])
+        s_rows = view.scales[idx].expand(-1, h // 128)  # fp8: one scale per row, repeated
+        assert _same_bits(q_ref, view.payload[idx]) and _same_bits(s_ref, s_rows.contiguous())
+        deq = q_ref.float() * s_ref.repeat_interleave(128, 1)  # the rows' own values
+        assert torch.equal(deq.nan_to_num(nan=7.0), x.nan_to_num(nan=7.0))
     else:  # the fp8_block128 recipe of the decoded values
         q2, s2 = mw.WireSpec("fp8_block128", h).quantize(x)
         assert _same_bits(q_ref, q2) and _same_bits(s_ref, s2)

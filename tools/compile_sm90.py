@@ -77,10 +77,10 @@ def _stage() -> list[str]:
         out.append(f"{res}  swiglu_kernel FP8 BLOCKS I={i}")
     sig = {"rows_ptr": "*u8", "stride_r": "i32", "row_ptr": "*i32", "count_ptr": "*i32",
            "q_ptr": "*fp8e4nv", "s_ptr": "*fp32", "W": "i32"}  # fmt: skip
-    for ns in (1, 56):
-        consts = dict(PAY_OFF=0, SCALE_OFF=7168, NS=ns, BLOCK=1024)
+    for ns, rep in ((1, 1), (56, 1), (1, 56)):
+        consts = dict(PAY_OFF=0, SCALE_OFF=7168, NS=ns, REP=rep, BLOCK=1024)
         res = _build(sk.gather_fp8_rows_kernel, sig, consts, range(7), num_warps=4)
-        out.append(f"{res}  gather_fp8_rows_kernel NS={ns}")
+        out.append(f"{res}  gather_fp8_rows_kernel NS={ns} REP={rep}")
     return out
 
 

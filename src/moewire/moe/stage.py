@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from moewire.constants import ceil_div
+from moewire.constants import FP8_BLOCK128, ceil_div
 from moewire.formats import WireSpec
 from moewire.formats._launch import arg_key, launcher
 from moewire.formats.fp8 import FP8Block128Format, FP8Format
@@ -195,12 +195,14 @@ def gather_fp8(
     ``block`` ``[P, H/128]`` (one per 128 values, ``H`` a multiple of 128).
 
     Rows of the format of that recipe (``fp8``; with ``block``, ``fp8_block128``) are
-    consumed as they are (their payload and scales, gathered); every other format is
-    decoded to fp32 and quantized with the recipe in one kernel (bitwise
-    ``FP8Format.quantize(spec.dequantize(rows, float32))``, or ``FP8Block128Format``'s)."""
+    consumed as they are (their payload and scales, gathered), and so are ``fp8`` rows with
+    ``block`` (the row's scale repeated for each of its 128-value blocks: the same values,
+    no requantization); every other format is decoded to fp32 and quantized with the recipe
+    in one kernel (bitwise ``FP8Format.quantize(spec.dequantize(rows, float32))``, or
+    ``FP8Block128Format``'s)."""
     triton = _use_triton(rows_NR, backend)
     fmt = spec.wire_format
-    if fmt.block128_fp8 if block else fmt.rowwise_fp8:
+    if fmt.rowwise_fp8 or (block and fmt.block128_fp8):
         gather = _gather_fp8_rows if triton else _index_fp8_rows
         return gather(spec, rows_NR, plan, block)
     if not triton:
@@ -231,6 +233,8 @@ def _index_fp8_rows(spec: WireSpec, rows_NR: torch.Tensor, plan: DevicePlan, blo
     view = spec.unpack(rows_NR)
     idx = plan.row_P.long()
     s = view.scales.index_select(0, idx)
+    if block and s.shape[1] == 1:  # fp8 rows: the row's scale for each 128-value block
+        s = s.expand(-1, spec.hidden // FP8_BLOCK128).contiguous()
     return view.payload.index_select(0, idx), s if block else s.reshape(-1)
 
 
@@ -241,13 +245,14 @@ def _gather_fp8_rows(spec: WireSpec, rows_NR: torch.Tensor, plan: DevicePlan, bl
     p, h, dev = plan.num_pairs, spec.hidden, rows_NR.device
     sec = spec.sections
     ns = sec["scales"].numel
+    rep = h // FP8_BLOCK128 if block and ns == 1 else 1  # fp8 rows into the block GEMM
     q = torch.empty((p, h), dtype=torch.float8_e4m3fn, device=dev)
-    s = torch.empty((p, ns) if block else (p,), dtype=torch.float32, device=dev)
+    s = torch.empty((p, ns * rep) if block else (p,), dtype=torch.float32, device=dev)
     if p:
         args = (rows_NR, rows_NR.stride(0), plan.row_P, plan.count_1, q, s, h // 4)
         launcher(
             gather_fp8_rows_kernel, PAY_OFF=sec["payload"].offset, SCALE_OFF=sec["scales"].offset,
-            NS=ns, BLOCK=min(1024, 1 << (h // 4 - 1).bit_length()), num_warps=4,
+            NS=ns, REP=rep, BLOCK=min(1024, 1 << (h // 4 - 1).bit_length()), num_warps=4,
         )((p,), arg_key(*args), *args)  # fmt: skip
     return q, s
 

@@ -291,11 +291,14 @@ def gather_fp8_rows_kernel(
     PAY_OFF: tl.constexpr,
     SCALE_OFF: tl.constexpr,
     NS: tl.constexpr,
+    REP: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """Program ``p`` (``p < count``): an e4m3 wire row ``row[p]``'s payload (``W`` int32
     words) and its ``NS`` fp32 scales (``fp8``: one, ``fp8_block128``: one per 128 values),
-    copied as they are (as bits) to ``q[p]`` and ``s[p]``."""
+    copied as they are (as bits) to ``q[p]`` and ``s[p]``, each scale written ``REP``
+    times (``fp8`` rows for the block-scaled GEMM: the row's scale for each of its 128-value
+    blocks, the same values)."""
     p = tl.program_id(0)
     if p < tl.load(count_ptr):
         src = rows_ptr + tl.load(row_ptr + p).to(tl.int64) * stride_r
@@ -305,7 +308,8 @@ def gather_fp8_rows_kernel(
             i = c + tl.arange(0, BLOCK)
             tl.store(dst + i, tl.load(words + i, mask=i < W), mask=i < W)
         s_src = (src + SCALE_OFF).to(tl.pointer_type(tl.int32))
-        s_dst = s_ptr.to(tl.pointer_type(tl.int32)) + p.to(tl.int64) * NS
-        for c in tl.static_range(0, NS, BLOCK):
+        s_dst = s_ptr.to(tl.pointer_type(tl.int32)) + p.to(tl.int64) * (NS * REP)
+        for c in tl.static_range(0, NS * REP, BLOCK):
             j = c + tl.arange(0, BLOCK)
-            tl.store(s_dst + j, tl.load(s_src + j, mask=j < NS), mask=j < NS)
+            jm = j < NS * REP
+            tl.store(s_dst + j, tl.load(s_src + j // REP, mask=jm), mask=jm)
