@@ -21,7 +21,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from moewire.formats._kernels.elements import decode_bf16, decode_e4m3, encode_bf16
+from moewire.formats._kernels.dequant import OUT_BF16, _store_out
+from moewire.formats._kernels.elements import decode_bf16, decode_e4m3
 
 
 @triton.jit
@@ -112,9 +113,6 @@ def small_grouped_gemm_kernel(
             sa = tl.load(sa_ptr + rows, mask=rm, other=0.0)
             sw = tl.load(sw_ptr + e * N + cols, mask=cm, other=0.0)
             acc = (acc * sa[:, None]) * sw[None, :]
-        o = out_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :]
-        om = rm[:, None] & cm[None, :]
-        if HW:
-            tl.store(o, acc.to(tl.bfloat16), mask=om)
-        else:  # out is an int16 view: round to nearest even by integer ops
-            tl.store(o, encode_bf16(acc).to(tl.int16), mask=om)
+        o = rows.to(tl.int64)[:, None] * N + cols[None, :]
+        # bf16, or an int16 view rounded to nearest even by integer ops (interpreter)
+        _store_out(out_ptr, o, acc, rm[:, None] & cm[None, :], OUT_BF16, HW)

@@ -31,7 +31,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from moewire.formats._kernels.elements import decode_e4m3, encode_bf16
+from moewire.formats._kernels.dequant import OUT_BF16, _store_out
+from moewire.formats._kernels.elements import decode_e4m3
 
 
 @triton.jit
@@ -150,12 +151,10 @@ def block_grouped_gemm_kernel(
             else:
                 acc = (acc * sa[:, None]) * sw[None, :]
         if SWAP:
-            o = out_ptr + rows.to(tl.int64)[None, :] * N + cols[:, None]
+            o = rows.to(tl.int64)[None, :] * N + cols[:, None]
             om = rm[None, :] & cm[:, None]
         else:
-            o = out_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :]
+            o = rows.to(tl.int64)[:, None] * N + cols[None, :]
             om = rm[:, None] & cm[None, :]
-        if HW:
-            tl.store(o, acc.to(tl.bfloat16), mask=om)
-        else:  # out is an int16 view: round to nearest even by integer ops
-            tl.store(o, encode_bf16(acc).to(tl.int16), mask=om)
+        # bf16, or an int16 view rounded to nearest even by integer ops (interpreter)
+        _store_out(out_ptr, o, acc, om, OUT_BF16, HW)

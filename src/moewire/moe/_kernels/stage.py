@@ -101,6 +101,18 @@ def gather_fp8_kernel(
 
 
 @triton.jit
+def _quantize_128(v, m, HW: tl.constexpr):
+    """fp32 values ``v`` (whole 128-value blocks, any shape) quantized per 128 values with
+    the ``fp8_block128`` recipe, the values where ``m [G, 128]`` is False ignored: e4m3
+    codes ``[G, 128]`` and the blocks' fp32 scale bits ``[G]``."""
+    G: tl.constexpr = v.numel // 128
+    v = tl.reshape(v, [G, 128])
+    bits = tl.where(m, v.to(tl.int32, bitcast=True) & 0x7FFFFFFF, 0)
+    k, s_bits = fp8_scale(tl.max(bits, axis=1))
+    return encode_e4m3(v * k[:, None], HW), s_bits
+
+
+@triton.jit
 def gather_fp8_block_kernel(
     rows_ptr,
     srt,
@@ -130,11 +142,8 @@ def gather_fp8_block_kernel(
                              FULL, HW)  # fmt: skip
     G: tl.constexpr = v.numel // 128
     m = tl.reshape(m & (idx < H), [G, 128])  # ``m`` may be per block: broadcast it
-    v = tl.reshape(v, [G, 128])
     idx = tl.reshape(idx, [G, 128])
-    bits = tl.where(m, v.to(tl.int32, bitcast=True) & 0x7FFFFFFF, 0)
-    k, s_bits = fp8_scale(tl.max(bits, axis=1))
-    q = encode_e4m3(v * k[:, None], HW)
+    q, s_bits = _quantize_128(v, m, HW)
     tl.store(q_ptr + p.to(tl.int64) * H + idx, q, mask=m & (idx * 0 + p < count))
     blk = c * G + tl.arange(0, G)
     s_row = s_ptr.to(tl.pointer_type(tl.int32)) + p.to(tl.int64) * (H // 128)
@@ -167,16 +176,15 @@ def swiglu_kernel(
     out_row = out_ptr + p.to(tl.int64) * I
     if FP8:
         y16 = (encode_bf16(y) << 16).to(tl.float32, bitcast=True)
-        bits = tl.where(m, y16.to(tl.int32, bitcast=True) & 0x7FFFFFFF, 0)
         s_out = s_ptr.to(tl.pointer_type(tl.int32))
         if BLOCKS:
             G: tl.constexpr = BLOCK_I // 128
-            k, s_bits = fp8_scale(tl.max(tl.reshape(bits, [G, 128]), axis=1))
-            q = encode_e4m3(tl.reshape(y16, [G, 128]) * k[:, None], HW)
+            q, s_bits = _quantize_128(y16, tl.reshape(m, [G, 128]), HW)
             tl.store(out_row + tl.reshape(i, [G, 128]), q, mask=tl.reshape(m, [G, 128]))
             b = tl.arange(0, G)
             tl.store(s_out + p.to(tl.int64) * (I // 128) + b, s_bits, mask=b < I // 128)
         else:
+            bits = tl.where(m, y16.to(tl.int32, bitcast=True) & 0x7FFFFFFF, 0)
             k, s_bits = fp8_scale(tl.max(bits, axis=0))
             tl.store(out_row + i, encode_e4m3(y16 * k, HW), mask=m)
             tl.store(s_out + p, s_bits)  # s has P entries
