@@ -1,10 +1,11 @@
-"""Compile the block-scaled fp8 kernels for Hopper (sm_90) without a GPU.
+"""Compile the expert stage's fp8 kernels for Hopper (sm_90) without a GPU.
 
     PYTHONPATH=src python tools/compile_sm90.py
 
 Builds ``block_grouped_gemm_kernel`` for every tile of ``BLOCK_FP8_TILES`` (also with
-BLOCK_N=256, block and rowwise scales) and the stage kernels' block modes at DeepSeek-R1's
-hidden size, through ``triton.compile`` for ``GPUTarget("cuda", 90, 32)``, with the 16-byte
+BLOCK_N=256, block and rowwise scales), ``small_grouped_gemm_kernel`` for every tile of
+``SMALL_M_TILES`` and the stage kernels' block modes at DeepSeek-R1's hidden size, through
+``triton.compile`` for ``GPUTarget("cuda", 90, 32)``, with the 16-byte
 divisibility the launcher's arguments get (without it Triton does not pipeline the loads).
 Prints per build the MMA instruction in the PTX, whether the PTX names e4m3 (for the GEMM:
 e4m3 multiplied natively) and the shared memory; exits 1 if any build fails.
@@ -21,8 +22,10 @@ from triton.compiler import ASTSource
 import moewire as mw
 from moewire.formats._triton import decoder
 from moewire.moe._kernels import stage as sk
+from moewire.moe._kernels.gemm import small_grouped_gemm_kernel
 from moewire.moe._kernels.gemm_block import block_grouped_gemm_kernel
 from moewire.moe.block_fp8 import BLOCK_FP8_TILES
+from moewire.moe.stage import SMALL_M_TILES
 
 TARGET = GPUTarget("cuda", 90, 32)
 WIRES = ("bf16", "fp8", "fp8_block128", "mxfp8", "nvfp4", "mxfp4")
@@ -58,6 +61,19 @@ def _gemm() -> list[str]:
     return out
 
 
+def _small_gemm() -> list[str]:
+    out = []
+    for (kind, bm), (bn, bk, warps, stages, swap) in SMALL_M_TILES.items():
+        op, scale = ("*u8", "*fp32") if kind == "fp8" else ("*bf16", "*bf16")
+        sig = {"a_ptr": op, "sa_ptr": scale, "w_ptr": op, "sw_ptr": scale, "offs_ptr": "*i32",
+               "out_ptr": "*bf16", "N": "i32", "C": "i32"}  # fmt: skip
+        consts = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, FP8=kind == "fp8", HW=True, SWAP=swap)
+        res = _build(small_grouped_gemm_kernel, sig, consts, range(8),
+                     num_warps=warps, num_stages=stages)  # fmt: skip
+        out.append(f"{res}  small_grouped_gemm {kind} BM={bm} BN={bn} BK={bk} swap={swap}")
+    return out
+
+
 def _stage() -> list[str]:
     out = []
     sig = {"rows_ptr": "*u8", "srt": "i32", "row_P_ptr": "*i32", "count_ptr": "*i32",
@@ -85,7 +101,7 @@ def _stage() -> list[str]:
 
 
 def main() -> int:
-    lines = _gemm() + _stage()
+    lines = _gemm() + _small_gemm() + _stage()
     print("\n".join(lines))
     return int(any(line.startswith("ERR") for line in lines))
 
