@@ -84,6 +84,9 @@ def test_bench_spawned_workers_write_every_output(tmp_path):
     assert dispatch[0]["counts"] == "2/5/8"  # skewed split of 3 x 5 tokens
     nv = [x for x in dispatch if x["format"] == "nvfp4" and x["routing"] == "logits"]
     assert nv and all(x["bytes_per_token"] == 128 + 16 + 48 for x in nv)
+    # the comm's share alone (rows packed beforehand), beside pack + dispatch
+    assert all(x["dispatch_only_us"] > 0 for x in recs if x["routine"] == "dispatch")
+    assert "dispatch only us" in r.stdout and "/ all-gather" in r.stdout
     assert all(x["time_us"] > 0 for x in recs if "time_us" in x)
     assert {x["routine"] for x in recs} == {"quantize", "dispatch", "combine", "layer"}
     for path in out.values():

@@ -24,7 +24,9 @@ LEGENDS = {
     "dispatch": "case: format + what travels per token (logits: fp32 router logits; topk: "
     "ids + weights), backend; B/token: bytes per token on the wire; time us: pack + dispatch, "
     "median (min-max) over iterations, slowest rank; bus GB/s: bytes*(W-1)/W/time; % of "
-    "all-gather: vs the group's own all-gather of as many bytes; SQNR dB: accuracy of the "
+    "all-gather: vs the group's own all-gather of as many bytes; dispatch only us: the "
+    "comm's dispatch of rows packed beforehand (median), and / all-gather: that over the "
+    "group's own all-gather; SQNR dB: accuracy of the "
     "format on these tokens (inf: lossless); speedup: baseline median / case median "
     "[95% interval].",
     "combine": "case: what the partial sums travel as, backend; B/token: bytes per token "

@@ -225,6 +225,8 @@ def _dispatch_case(
         )
     t = ctx.time(step, args.iters, args.warmup)
     spread = ctx.spread()
+    rows = spec.pack(x, **extras)  # the collective's share alone: rows packed beforehand
+    t_comm = ctx.time(lambda: comm.dispatch(rows, ids, **kw), args.iters, args.warmup)
     wire_bytes, bandwidth = _wire_figures(ctx, case, spec, counts, recv.shape[0], t, ref_cache)
     q = spec.dequantize(spec.pack(x, **extras), torch.float32)
     rec = {
@@ -241,6 +243,7 @@ def _dispatch_case(
         "wire_bytes": wire_bytes,
         "time_us": t * 1e6,
         **spread,
+        "dispatch_only_us": t_comm * 1e6,
         **bandwidth,
         "sqnr_db": sqnr_db(x.float(), q) if x.shape[0] else None,
     }
@@ -284,14 +287,18 @@ def render(ctx: BenchContext, recs: list[dict]) -> str:
 
     dispatch = recs[0]["routine"] == "dispatch"
     headers = ["case", "T/rank", "B/token", "time us (min-max)", "bus GB/s"]
-    headers += ["% of all-gather", "SQNR dB"] if dispatch else []
+    if dispatch:
+        headers += ["% of all-gather", "dispatch only us", "/ all-gather", "SQNR dB"]
     rows = []
     for r in recs:
         row = [r["case"], r["tokens"], r["bytes_per_token"], fmt_time(r)]
         row += [fmt_num(r["busbw_GBps"], 2)]
         if dispatch:
-            frac = r.get("frac_of_ref")
-            row += [fmt_num(100 * frac, 0) if frac else "-", fmt_num(r["sqnr_db"], 1)]
+            frac, ref = r.get("frac_of_ref"), r.get("ref_allgather_us")
+            only = r.get("dispatch_only_us")
+            vs_ref = f"{only / ref:.2f}x" if only and ref else "-"
+            row += [fmt_num(100 * frac, 0) if frac else "-", fmt_num(only, 1), vs_ref]
+            row += [fmt_num(r["sqnr_db"], 1)]
         rows.append([*row, fmt_speedup(r)])
     return render_table([*headers, "speedup"], rows)
 
