@@ -4,11 +4,14 @@
 #
 #   bash tools/gpu_check.sh tests OUTDIR    # gpu tests, moewire check, multigpu tests, NCCL soak
 #   bash tools/gpu_check.sh bench OUTDIR    # dispatch/combine/layer benchmarks on all GPUs
+#   bash tools/gpu_check.sh one OUTDIR      # one GPU: gpu and kernel tests, the layer at
+#                                           # world size 1 with --graph, dispatch at 64
+#                                           # tokens, the block-scaled fp8 aids (about 5 min)
 #
 # Each step writes OUTDIR/<step>.log and is bounded by a timeout; the summary line of every
 # step (rc, seconds, last lines) goes to stdout.
 set -u
-what=${1:?usage: tools/gpu_check.sh tests|bench OUTDIR}
+what=${1:?usage: tools/gpu_check.sh tests|bench|one OUTDIR}
 out=${2:-gpu-check}
 files=${BENCH_FILES:-$out}  # where --json/--plot go
 mkdir -p "$out" "$files"
@@ -54,6 +57,18 @@ bench)
     --plot "$files/bench_comm.png"
   step bench_layer 200 $py -m moewire bench layer --tokens 1024 8192 \
     --json "$files/bench_layer.json"
+  ;;
+one)
+  step gpu_tests 330 $py -m pytest -q -m gpu tests
+  step kernel_tests 300 $py -m pytest -q tests/test_triton_kernels.py \
+    tests/test_combine_kernels.py tests/test_expert_stage.py tests/test_routing_kernel.py \
+    tests/test_launch.py tests/test_graphs.py tests/test_block_fp8.py
+  step bench_layer 400 $py -m moewire bench layer --world-size 1 --experts 64 \
+    --tokens 1 64 256 1024 8192 --graph --json "$files/bench_layer.json"
+  step bench_dispatch 150 $py -m moewire bench dispatch --world-size 1 --tokens 64 \
+    --formats nvfp4 fp8 --json "$files/bench_dispatch.json"
+  step block_gemm 150 $py tools/block_gemm_bench.py
+  step block_stage 200 $py tools/block_stage_bench.py
   ;;
 *)
   echo "unknown: $what" >&2
