@@ -21,6 +21,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from moewire.cli import main  # noqa: E402
+from moewire.constants import ceil_div  # noqa: E402
 from moewire.integrations.checkpoint import load_expert_parallel  # noqa: E402
 from moewire.integrations.transformers import EPMoEBlock, expert_parallel  # noqa: E402
 from test_transformers import ARCHS, VOCAB, prompts, tiny_model  # noqa: E402
@@ -155,3 +156,103 @@ def test_bin_checkpoints_load_tensors_only(tmp_path):
     torch.save({"x": _NotATensor()}, pt / "pytorch_model.bin")
     with pytest.raises(ValueError, match=r"weights_only=True.*never unpickles"):
         Checkpoint(pt)
+
+
+def _blocks_e4m3(w_OC: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V3's fp8 weight layout: e4m3 values and one fp32 scale per 128x128 block
+    (``amax / 448``, ``weight_scale_inv``), edge blocks partial."""
+    o, c = w_OC.shape
+    ob, cb = ceil_div(o, 128), ceil_div(c, 128)
+    pad = torch.nn.functional.pad(w_OC.float(), (0, cb * 128 - c, 0, ob * 128 - o))
+    blocks = pad.reshape(ob, 128, cb, 128)
+    s = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12) / 448
+    q = (blocks / s[:, None, :, None]).to(torch.float8_e4m3fn).reshape(ob * 128, cb * 128)
+    return q[:o, :c].contiguous(), s
+
+
+def _values(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """The values an fp8 weight stands for: ``q * s`` in fp32, as the loader computes them."""
+    o, c = q.shape
+    return q.float() * s.repeat_interleave(128, 0)[:o].repeat_interleave(128, 1)[:, :c]
+
+
+def _save_fp8(model, path, fused: bool) -> dict:
+    """``model`` saved as DeepSeek-V3 releases its fp8 checkpoints: the decoder layers'
+    linear weights (attention, experts, shared experts) e4m3 with ``..._scale_inv``,
+    per-expert tensors (or fused ``[E, 2I, H]`` ones with block scales ``[E, ...]``);
+    embeddings, norms, router and head bf16. Returns the state of the values the fp8
+    tensors stand for (fp32 where they are fp8)."""
+    from safetensors.torch import save_file
+
+    model.config.save_pretrained(path)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    (path / "config.json").write_text(json.dumps(cfg))
+    fp8, ref = {}, {}
+    for key, w in model.state_dict().items():
+        w = w.contiguous()
+        per_expert = not fused and ".experts." in key
+        linear = ".layers." in key and key.endswith("weight") and w.dim() == 2
+        if ".experts." in key:
+            names = (("gate_proj", "up_proj"), w.shape[1] // 2) if "gate_up" in key else None
+            qs = [_blocks_e4m3(w[e]) for e in range(w.shape[0])]
+            if per_expert:
+                for e, (q, s) in enumerate(qs):
+                    stem = key.rsplit(".", 1)[0]
+                    if names:  # gate rows, then up rows
+                        i = names[1]
+                        for n, sl in ((names[0][0], slice(0, i)), (names[0][1], slice(i, 2 * i))):
+                            q2, s2 = _blocks_e4m3(w[e, sl])
+                            fp8[f"{stem}.{e}.{n}.weight"] = q2
+                            fp8[f"{stem}.{e}.{n}.weight_scale_inv"] = s2
+                            ref[f"{stem}.{e}.{n}.weight"] = _values(q2, s2)
+                    else:
+                        fp8[f"{stem}.{e}.down_proj.weight"] = q
+                        fp8[f"{stem}.{e}.down_proj.weight_scale_inv"] = s
+                        ref[f"{stem}.{e}.down_proj.weight"] = _values(q, s)
+            else:
+                fp8[key] = torch.stack([q for q, _ in qs])
+                fp8[key + "_scale_inv"] = torch.stack([s for _, s in qs])
+                ref[key] = torch.stack([_values(q, s) for q, s in qs])
+        elif linear and not key.endswith("mlp.gate.weight"):
+            q, s = _blocks_e4m3(w)
+            fp8[key], fp8[key + "_scale_inv"], ref[key] = q, s, _values(q, s)
+        else:
+            fp8[key] = ref[key] = w
+    save_file(fp8, str(path / "model.safetensors"))
+    return ref
+
+
+@pytest.mark.parametrize(("inter", "fused"), [(32, False), (128, False), (128, True)])
+def test_fp8_checkpoint_loads_as_its_values(inter, fused, tmp_path):
+    """An fp8 checkpoint in DeepSeek-V3's layout loads to the model of the values its
+    tensors stand for (``q * s``, fp32), bitwise: dense weights dequantized at load into the
+    model's dtype, expert
+    weights handed to the layer with their block scales (``inter`` 128: kept as e4m3 +
+    scales until the bf16 experts dequantize them; 32: gate and up blocks do not stack, so
+    the loader dequantizes them)."""
+    from safetensors.torch import save_file
+
+    model = tiny_model("deepseek_v3", moe_intermediate_size=inter)
+    ref_state = _save_fp8(model, tmp_path / "fp8", fused)
+    (tmp_path / "ref").mkdir()
+    model.config.save_pretrained(tmp_path / "ref")
+    save_file(ref_state, str(tmp_path / "ref" / "model.safetensors"))
+    ids = prompts(0)
+    with torch.no_grad():
+        y = load_expert_parallel(tmp_path / "fp8", None, device="cpu", comm="local")[0](ids)
+        ref = load_expert_parallel(tmp_path / "ref", None, device="cpu", comm="local")[0](ids)
+    assert torch.equal(y.logits, ref.logits)
+
+
+def test_fp8_checkpoint_without_scales_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _save_fp8(tiny_model("deepseek_v3"), tmp_path, fused=False)
+    state = load_file(str(tmp_path / "model.safetensors"))
+    key = "model.layers.0.self_attn.o_proj.weight_scale_inv"
+    del state[key]
+    save_file(state, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"o_proj.weight' is float8_e4m3fn but the checkpoint "
+                       r"has no 'model.layers.0.self_attn.o_proj.weight_scale_inv'"):  # fmt: skip
+        load_expert_parallel(tmp_path, None, device="cpu", comm="local")

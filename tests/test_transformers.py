@@ -34,7 +34,8 @@ G_NVFP4 = 2688.0 / 30.0  # hidden states of these models stay below ~30
 SQNR_FLOOR = {"bf16": 40.0, "fp8": 35.0, "nvfp4": 25.0, "mxfp4": 25.0}
 
 
-def tiny_model(arch: str, seed: int = 0) -> torch.nn.Module:
+def tiny_model(arch: str, seed: int = 0, **config: object) -> torch.nn.Module:
+    """A tiny ``arch`` model in bf16 (``config``: fields that replace the defaults below)."""
     common = {
         "vocab_size": VOCAB,
         "hidden_size": 64,
@@ -45,37 +46,37 @@ def tiny_model(arch: str, seed: int = 0) -> torch.nn.Module:
         "num_experts_per_tok": 2,
     }
     if arch == "qwen3_moe":
-        cfg = transformers.Qwen3MoeConfig(
-            **common,
-            head_dim=16,
-            moe_intermediate_size=32,
-            intermediate_size=64,
-            num_experts=8,
-            norm_topk_prob=True,
-        )
+        qwen = {
+            "head_dim": 16,
+            "moe_intermediate_size": 32,
+            "intermediate_size": 64,
+            "num_experts": 8,
+            "norm_topk_prob": True,
+        }
+        cfg = transformers.Qwen3MoeConfig(**{**common, **qwen, **config})
         cls = transformers.Qwen3MoeForCausalLM
     elif arch == "mixtral":
         cfg = transformers.MixtralConfig(
-            **common, head_dim=16, intermediate_size=32, num_local_experts=8
+            **{"head_dim": 16, "intermediate_size": 32, "num_local_experts": 8, **common, **config}
         )
         cls = transformers.MixtralForCausalLM
     else:
-        cfg = transformers.DeepseekV3Config(
-            **common,
-            moe_intermediate_size=32,
-            intermediate_size=64,
-            n_routed_experts=8,
-            n_group=4,
-            topk_group=2,
-            first_k_dense_replace=0,
-            n_shared_experts=1,
-            routed_scaling_factor=2.5,
-            kv_lora_rank=16,
-            q_lora_rank=32,
-            qk_rope_head_dim=8,
-            qk_nope_head_dim=8,
-            v_head_dim=16,
-        )
+        deepseek = {
+            "moe_intermediate_size": 32,
+            "intermediate_size": 64,
+            "n_routed_experts": 8,
+            "n_group": 4,
+            "topk_group": 2,
+            "first_k_dense_replace": 0,
+            "n_shared_experts": 1,
+            "routed_scaling_factor": 2.5,
+            "kv_lora_rank": 16,
+            "q_lora_rank": 32,
+            "qk_rope_head_dim": 8,
+            "qk_nope_head_dim": 8,
+            "v_head_dim": 16,
+        }
+        cfg = transformers.DeepseekV3Config(**{**common, **deepseek, **config})
         cls = transformers.DeepseekV3ForCausalLM
     torch.manual_seed(seed)
     model = cls(cfg).to(torch.bfloat16).eval()

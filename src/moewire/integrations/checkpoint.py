@@ -10,6 +10,12 @@ attention, norms, routers, shared experts, the head) are read from the checkpoin
 whose experts are read from the checkpoint for this rank's ``E/W`` experts alone. So a model
 larger than one GPU runs expert-parallel, as long as the dense part fits.
 
+fp8 checkpoints in DeepSeek-V3's layout (float8_e4m3fn ``...weight`` tensors, each with an
+fp32 ``...weight_scale_inv`` of one scale per 128x128 block beside it) load too: dense
+weights are dequantized once into the model's dtype; expert weights keep their e4m3 values
+and block scales, which fp8 experts use as they are (``experts="fp8"``) and bf16 experts
+dequantize at load (``EPMoE.load_experts``). An e4m3 tensor without its scales is an error.
+
 Checkpoints are read with ``safetensors`` (slices, so a rank touches only its experts'
 bytes), or ``*.bin`` files with ``torch.load(weights_only=True, mmap=True)``: nothing is ever
 unpickled beyond tensors. Expert tensors may be stored fused (``experts.gate_up_proj``
@@ -29,6 +35,7 @@ import torch.distributed as dist
 from torch import nn
 
 from moewire.integrations.transformers import expert_parallel, moe_block_names
+from moewire.moe.weights import WEIGHT_BLOCK, dequantize_block_weight
 
 #: Per-expert key names: (gate, up, down), in the order tried.
 _PER_EXPERT = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
@@ -97,30 +104,67 @@ class Checkpoint:
             return h.get_tensor(key)
         return h.get_slice(key)[start:stop]
 
+    def scale_inv(self, key: str, start: int | None = None, stop: int | None = None):
+        """The block scales of e4m3 tensor ``key`` (``key + "_scale_inv"``), as stored;
+        ``ValueError`` naming both when the checkpoint has none."""
+        stored = self.find(f"{key}_scale_inv")
+        if stored is None:
+            raise ValueError(
+                f"{self.path}: {key!r} is float8_e4m3fn but the checkpoint has no "
+                f"{key + '_scale_inv'!r} (its fp32 scale per {WEIGHT_BLOCK}x{WEIGHT_BLOCK} block)"
+            )
+        return self.rows(stored, start, stop)
+
+    def tensor(self, key: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """Tensor ``key`` on ``device`` in ``dtype``; an e4m3 one dequantized with its block
+        scales (each value ``q * s`` in fp32, rounded once)."""
+        t = self.rows(key)
+        if t.dtype != torch.float8_e4m3fn:
+            return t.to(device=device, dtype=dtype)
+        return dequantize_block_weight(t.to(device), self.scale_inv(key).to(device), dtype)
+
     def expert_shard(
         self, block: str, first: int, count: int, device: torch.device, dtype: torch.dtype
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Experts ``[first, first+count)`` of MoE block ``block``:
-        ``(w13 [L, 2I, H], w2 [L, H, I])`` on ``device`` in ``dtype``."""
+    ) -> tuple[torch.Tensor, ...]:
+        """Experts ``[first, first+count)`` of MoE block ``block``: ``(w13 [L, 2I, H],
+        w2 [L, H, I])`` on ``device`` in ``dtype``; for e4m3 experts ``(w13, w2,
+        w13_scale, w2_scale)``, the e4m3 values and their block scales as stored (or, where
+        ``I`` is not a multiple of 128 so that gate and up blocks cannot be stacked, the
+        dequantized weights in ``dtype``)."""
         fused = self.find(f"{block}.experts.gate_up_proj")
         if fused is not None:
-            w13 = self.rows(fused, first, first + count)
-            w2 = self.rows(self.find(f"{block}.experts.down_proj"), first, first + count)
-            return w13.to(device, dtype), w2.to(device, dtype)
+            down = self.find(f"{block}.experts.down_proj")
+            ws = [self.rows(k, first, first + count) for k in (fused, down)]
+            if ws[0].dtype != torch.float8_e4m3fn:
+                return tuple(w.to(device, dtype) for w in ws)
+            scales = [self.scale_inv(k, first, first + count).to(device) for k in (fused, down)]
+            return (*(w.to(device) for w in ws), *scales)
         for gate, up, down in _PER_EXPERT:
             names = [self.find(f"{block}.experts.{first}.{n}.weight") for n in (gate, up, down)]
             if all(names):
                 break
         else:
             raise ValueError(f"{self.path}: no expert weights for MoE block {block!r}")
-        w13, w2 = [], []
-        for e in range(first, first + count):
-            g, u, d = (self.find(f"{block}.experts.{e}.{n}.weight") for n in (gate, up, down))
-            if not (g and u and d):
-                raise ValueError(f"{self.path}: expert {e} of MoE block {block!r} is missing")
-            w13.append(torch.cat([self.rows(g), self.rows(u)]).to(device, dtype))
-            w2.append(self.rows(d).to(device, dtype))
-        return torch.stack(w13), torch.stack(w2)
+        experts = [self._expert(block, e, (gate, up, down), device, dtype)
+                   for e in range(first, first + count)]  # fmt: skip
+        return tuple(torch.stack(parts) for parts in zip(*experts, strict=True))
+
+    def _expert(
+        self, block: str, e: int, kinds: tuple[str, str, str], device, dtype
+    ) -> tuple[torch.Tensor, ...]:
+        """One expert's ``(w13, w2)``, or ``(w13, w2, s13, s2)`` (see :meth:`expert_shard`)."""
+        keys = [self.find(f"{block}.experts.{e}.{n}.weight") for n in kinds]
+        if not all(keys):
+            raise ValueError(f"{self.path}: expert {e} of MoE block {block!r} is missing")
+        g, u, d = (self.rows(k) for k in keys)
+        if g.dtype != torch.float8_e4m3fn:
+            return torch.cat([g, u]).to(device, dtype), d.to(device, dtype)
+        sg, su, sd = (self.scale_inv(k) for k in keys)
+        if g.shape[0] % WEIGHT_BLOCK:  # gate and up blocks do not stack: dequantize
+            deq = [dequantize_block_weight(w, s, dtype) for w, s in ((g, sg), (u, su), (d, sd))]
+            return torch.cat(deq[:2]).to(device), deq[2].to(device)
+        return (torch.cat([g, u]).to(device), d.to(device), torch.cat([sg, su]).to(device),
+                sd.to(device))  # fmt: skip
 
 
 def load_config(path: str | Path, trust_remote_code: bool = False):
@@ -169,12 +213,12 @@ def _load_dense(model: nn.Module, ckpt: Checkpoint, skip: tuple[str, ...], devic
             if tied and key.endswith("lm_head.weight"):
                 continue
             raise ValueError(f"{ckpt.path}: the checkpoint has no tensor {key!r}")
-        t = ckpt.rows(stored)
+        t = ckpt.tensor(stored, device, meta.dtype)
         if tuple(t.shape) != tuple(meta.shape):
             raise ValueError(
                 f"{ckpt.path}: {key!r} is {list(t.shape)}, the model wants {list(meta.shape)}"
             )
-        state[key] = t.to(device=device, dtype=meta.dtype)
+        state[key] = t
     model.load_state_dict(state, strict=False, assign=True)
     if tied:
         model.tie_weights()

@@ -42,8 +42,9 @@ from torch import nn
 from moewire.moe import EPMoE, LayerOptions, MoEConfig
 from moewire.moe.options import layer_options
 
-#: ``(block name, first expert, count) -> (w13_L2IH, w2_LHI)``: a rank's experts, read alone.
-ExpertShardReader = Callable[[str, int, int], tuple[torch.Tensor, torch.Tensor]]
+#: ``(block name, first expert, count) -> (w13_L2IH, w2_LHI)``, or for e4m3 weights
+#: ``(w13, w2, w13_scale, w2_scale)``: a rank's experts, read alone.
+ExpertShardReader = Callable[[str, int, int], tuple[torch.Tensor, ...]]
 
 #: transformers versions this module was tested with (inclusive).
 TESTED_TRANSFORMERS = ("5.24.0", "5.24.0")
@@ -226,7 +227,9 @@ def expert_parallel(
             from the block's qualified name (as in ``model.named_modules()``) to its scale
             (or in ``options``, one for every layer; not both).
         expert_weights: the shard-only path: ``(block name, first expert, count) ->
-            (w13 [L, 2I, H], w2 [L, H, I])`` returns this rank's experts, and the block's
+            (w13 [L, 2I, H], w2 [L, H, I])`` (e4m3 weights: ``(w13, w2, w13_scale,
+            w2_scale)``, as :meth:`~moewire.EPMoE.load_experts` takes them) returns this
+            rank's experts, and the block's
             own expert tensors are never read (they may be on the ``meta`` device, for a
             model built without its experts: see
             :func:`moewire.integrations.checkpoint.load_expert_parallel`). None: each rank
@@ -277,5 +280,6 @@ def _load_block_experts(
     if expert_weights is None:
         moe.load_experts(block.experts.gate_up_proj, block.experts.down_proj, bias)
     else:
-        w13, w2 = expert_weights(name, moe.first_expert, moe.num_local)
-        moe.load_local_experts(w13, w2, bias)
+        w13, w2, *scales = expert_weights(name, moe.first_expert, moe.num_local)
+        kw = dict(zip(("w13_scale", "w2_scale"), scales, strict=True)) if scales else {}
+        moe.load_local_experts(w13, w2, bias, **kw)

@@ -61,6 +61,7 @@ from moewire.moe.stage import (
     unpermute,
 )
 from moewire.moe.stage import swiglu as stage_swiglu
+from moewire.moe.weights import dequantize_block_weight
 
 #: Compute paths of the local experts; ``auto`` picks ``grouped`` where torch has it.
 EXPERT_IMPLS = ("auto", "loop", "grouped", "fp8", "fp8_loop")
@@ -239,21 +240,10 @@ def _weight_in_precision(
             return w.contiguous(), s.contiguous()
         if s.dim() == 2:  # per output channel
             return (w.float() * s[:, :, None]).to(torch.bfloat16).contiguous(), None
-        return _dequantize_block_weight(w, s).to(torch.bfloat16).contiguous(), None
+        return dequantize_block_weight(w, s).contiguous(), None
     if fp8:
         return quantize_fp8_weight(w)
     return w.to(torch.bfloat16).contiguous(), None
-
-
-def _dequantize_block_weight(w_LOK: torch.Tensor, s_LBC: torch.Tensor) -> torch.Tensor:
-    """e4m3 ``[L, O, K]`` with 128x128 block scales ``[L, ceil(O/128), ceil(K/128)]`` ->
-    fp32 (one expert at a time, so the transient is one expert's fp32 copy)."""
-    l, o, k = w_LOK.shape
-    out = torch.empty((l, o, k), dtype=torch.bfloat16, device=w_LOK.device)
-    for e in range(l):
-        s = s_LBC[e].repeat_interleave(128, 0)[:o].repeat_interleave(128, 1)[:, :k]
-        out[e] = (w_LOK[e].float() * s).to(torch.bfloat16)
-    return out
 
 
 def _group_counts(plan: DevicePlan) -> list[int]:

@@ -15,6 +15,23 @@ from moewire.moe.config import MoEConfig
 WEIGHT_BLOCK = 128
 
 
+def dequantize_block_weight(
+    w_OC: torch.Tensor, s_BD: torch.Tensor, dtype: torch.dtype = torch.bfloat16
+) -> torch.Tensor:
+    """e4m3 ``[..., O, C]`` with one fp32 scale per 128x128 block ``[..., ceil(O/128),
+    ceil(C/128)]`` (a DeepSeek-V3 checkpoint's ``weight_scale_inv``) -> ``dtype``: each
+    value ``q * s`` in fp32, rounded once. One leading index at a time, so the transient is
+    one ``[O, C]`` fp32 copy."""
+    if w_OC.dim() > 2:
+        out = torch.empty(w_OC.shape, dtype=dtype, device=w_OC.device)
+        for i in range(w_OC.shape[0]):
+            out[i] = dequantize_block_weight(w_OC[i], s_BD[i], dtype)
+        return out
+    o, c = w_OC.shape
+    s = s_BD.float().repeat_interleave(WEIGHT_BLOCK, 0)[:o].repeat_interleave(WEIGHT_BLOCK, 1)
+    return (w_OC.float() * s[:, :c]).to(dtype)
+
+
 def check_finite(name: str, t: torch.Tensor | None) -> None:
     """``ValueError`` counting the NaN/Inf values of ``t`` (None passes)."""
     if t is not None and not bool(torch.isfinite(t).all()):
