@@ -214,7 +214,8 @@ def gather_fp8(
     d = decoder(spec, rows_NR.device.type)
     p, h = plan.num_pairs, spec.hidden
     q = torch.empty((p, h), dtype=torch.float8_e4m3fn, device=rows_NR.device)
-    s = torch.empty((p, h // 128) if block else (p,), dtype=torch.float32, device=rows_NR.device)
+    s_shape = (p, h // FP8_BLOCK128) if block else (p,)
+    s = torch.empty(s_shape, dtype=torch.float32, device=rows_NR.device)
     if p:
         args = (rows_NR, rows_NR.stride(0), plan.row_P, plan.count_1, q.view(torch.uint8), s,
                 h, d.nb, d.scale_off, d.inv_g)  # fmt: skip
@@ -285,7 +286,7 @@ def swiglu(
     p, i = h_P2I.shape[0], h_P2I.shape[1] // 2
     dt = torch.float8_e4m3fn if fp8 else torch.bfloat16
     out = torch.empty((p, i), dtype=dt, device=h_P2I.device)
-    shape = ((p, i // 128) if block else (p,)) if fp8 else (1,)
+    shape = ((p, i // FP8_BLOCK128) if block else (p,)) if fp8 else (1,)
     s = torch.empty(shape, dtype=torch.float32, device=h_P2I.device)
     if p:
         block_i = max(16, 1 << (i - 1).bit_length())

@@ -48,6 +48,7 @@ FP8_AMAX_FLOOR: tl.constexpr = tl.constexpr(c.FP8_AMAX_FLOOR)
 COMBINE_NVFP4_AMAX_FLOOR: tl.constexpr = tl.constexpr(c.COMBINE_NVFP4_AMAX_FLOOR)
 NVFP4_GLOBAL_NUMERATOR: tl.constexpr = tl.constexpr(c.NVFP4_GLOBAL_NUMERATOR)
 NVFP4_BLOCK: tl.constexpr = tl.constexpr(c.NVFP4_BLOCK)
+FP8_BLOCK128: tl.constexpr = tl.constexpr(c.FP8_BLOCK128)
 ROW_ALIGN: tl.constexpr = tl.constexpr(c.ROW_ALIGN)
 
 #: fp32 bit patterns: +Inf (magnitude bits above it are NaN), the canonical quiet NaN, and

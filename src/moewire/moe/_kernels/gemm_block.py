@@ -31,6 +31,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from moewire.formats._kernels.consts import FP8_BLOCK128
 from moewire.formats._kernels.dequant import OUT_BF16, _store_out
 from moewire.formats._kernels.elements import decode_e4m3
 
@@ -107,7 +108,7 @@ def block_grouped_gemm_kernel(
         a_rows = a_ptr + rows.to(tl.int64) * C
         w_cols = w_ptr + (e.to(tl.int64) * N + cols.to(tl.int64)) * C
         KB = C // BLOCK_K
-        NBW = tl.cdiv(N, 128)
+        NBW = tl.cdiv(N, FP8_BLOCK128)
         if SWAP:
             acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
         else:
@@ -126,20 +127,21 @@ def block_grouped_gemm_kernel(
                     acc = tl.dot(a, tl.trans(w), acc, max_num_imprecise_acc=BLOCK_K)
             else:
                 sa = tl.load(sa_ptr + rows.to(tl.int64) * KB + kb, mask=rm, other=0.0)
-                sw_row = sw_ptr + (e * NBW + nt * (BLOCK_N // 128)) * KB + kb
-                if BLOCK_N == 128:  # one weight scale per tile and K step
+                sw_row = sw_ptr + (e * NBW + nt * (BLOCK_N // FP8_BLOCK128)) * KB + kb
+                if BLOCK_N == FP8_BLOCK128:  # one weight scale per tile and K step
                     sw = tl.load(sw_row)
                 else:
-                    sw = tl.load(sw_row + (tl.arange(0, BLOCK_N) // 128) * KB, mask=cm, other=0.0)
+                    nb = tl.arange(0, BLOCK_N) // FP8_BLOCK128  # each column's scale block
+                    sw = tl.load(sw_row + nb * KB, mask=cm, other=0.0)
                 if SWAP:
                     part = tl.dot(w, tl.trans(a))
-                    if BLOCK_N == 128:
+                    if BLOCK_N == FP8_BLOCK128:
                         acc += (part * sa[None, :]) * sw
                     else:
                         acc += (part * sa[None, :]) * sw[:, None]
                 else:
                     part = tl.dot(a, tl.trans(w))
-                    if BLOCK_N == 128:
+                    if BLOCK_N == FP8_BLOCK128:
                         acc += (part * sa[:, None]) * sw
                     else:
                         acc += (part * sa[:, None]) * sw[None, :]

@@ -28,6 +28,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from moewire.formats._kernels.consts import FP8_BLOCK128
 from moewire.formats._kernels.dequant import _store_out, decode_chunk
 from moewire.formats._kernels.elements import encode_bf16, encode_e4m3
 from moewire.formats._kernels.recipes import fp8_scale
@@ -105,8 +106,8 @@ def _quantize_128(v, m, HW: tl.constexpr):
     """fp32 values ``v`` (whole 128-value blocks, any shape) quantized per 128 values with
     the ``fp8_block128`` recipe, the values where ``m [G, 128]`` is False ignored: e4m3
     codes ``[G, 128]`` and the blocks' fp32 scale bits ``[G]``."""
-    G: tl.constexpr = v.numel // 128
-    v = tl.reshape(v, [G, 128])
+    G: tl.constexpr = v.numel // FP8_BLOCK128
+    v = tl.reshape(v, [G, FP8_BLOCK128])
     bits = tl.where(m, v.to(tl.int32, bitcast=True) & 0x7FFFFFFF, 0)
     k, s_bits = fp8_scale(tl.max(bits, axis=1))
     return encode_e4m3(v * k[:, None], HW), s_bits
@@ -140,14 +141,15 @@ def gather_fp8_block_kernel(
     r = tl.load(row_P_ptr + p).to(tl.int64)  # every row_P entry is a valid row
     v, idx, m = decode_chunk(rows_ptr + r * srt, c, H, NB, scale_off, inv_g, KIND, NBLK, BLKP,
                              FULL, HW)  # fmt: skip
-    G: tl.constexpr = v.numel // 128
-    m = tl.reshape(m & (idx < H), [G, 128])  # ``m`` may be per block: broadcast it
-    idx = tl.reshape(idx, [G, 128])
+    G: tl.constexpr = v.numel // FP8_BLOCK128
+    m = tl.reshape(m & (idx < H), [G, FP8_BLOCK128])  # ``m`` may be per block: broadcast it
+    idx = tl.reshape(idx, [G, FP8_BLOCK128])
     q, s_bits = _quantize_128(v, m, HW)
     tl.store(q_ptr + p.to(tl.int64) * H + idx, q, mask=m & (idx * 0 + p < count))
     blk = c * G + tl.arange(0, G)
-    s_row = s_ptr.to(tl.pointer_type(tl.int32)) + p.to(tl.int64) * (H // 128)
-    tl.store(s_row + blk, s_bits, mask=blk < H // 128)  # s has P rows
+    nb = H // FP8_BLOCK128
+    s_row = s_ptr.to(tl.pointer_type(tl.int32)) + p.to(tl.int64) * nb
+    tl.store(s_row + blk, s_bits, mask=blk < nb)  # s has P rows
 
 
 @triton.jit
@@ -178,11 +180,13 @@ def swiglu_kernel(
         y16 = (encode_bf16(y) << 16).to(tl.float32, bitcast=True)
         s_out = s_ptr.to(tl.pointer_type(tl.int32))
         if BLOCKS:
-            G: tl.constexpr = BLOCK_I // 128
-            q, s_bits = _quantize_128(y16, tl.reshape(m, [G, 128]), HW)
-            tl.store(out_row + tl.reshape(i, [G, 128]), q, mask=tl.reshape(m, [G, 128]))
+            G: tl.constexpr = BLOCK_I // FP8_BLOCK128
+            mb = tl.reshape(m, [G, FP8_BLOCK128])
+            q, s_bits = _quantize_128(y16, mb, HW)
+            tl.store(out_row + tl.reshape(i, [G, FP8_BLOCK128]), q, mask=mb)
             b = tl.arange(0, G)
-            tl.store(s_out + p.to(tl.int64) * (I // 128) + b, s_bits, mask=b < I // 128)
+            nb = I // FP8_BLOCK128
+            tl.store(s_out + p.to(tl.int64) * nb + b, s_bits, mask=b < nb)
         else:
             bits = tl.where(m, y16.to(tl.int32, bitcast=True) & 0x7FFFFFFF, 0)
             k, s_bits = fp8_scale(tl.max(bits, axis=0))
