@@ -118,20 +118,14 @@ class GraphedMoE:
         logits are contiguous and the logits fp32, else two copies (the logits converted).
         Inputs that already are the buffers' first rows (an engine that writes its
         tokens into ``x_MH`` / ``logits_ME``) are not copied."""
-        same = (
-            x_TH.data_ptr() == self.x_MH.data_ptr()
-            and logits_TE.data_ptr() == self.logits_ME.data_ptr()
-            and x_TH.stride() == self.x_MH.stride()
-            and logits_TE.stride() == self.logits_ME.stride()
-            and logits_TE.dtype == self.logits_ME.dtype
-        )
-        if same:
-            return
-        if logits_TE.dtype == self.logits_ME.dtype:
-            copy_pair(x_TH, self.x_MH, logits_TE, self.logits_ME)
-        else:
+        if logits_TE.dtype != self.logits_ME.dtype:  # converted on the way in
             self.x_MH[: x_TH.shape[0]].copy_(x_TH)
             self.logits_ME[: logits_TE.shape[0]].copy_(logits_TE)
+        elif not all(
+            t.data_ptr() == buf.data_ptr() and t.stride() == buf.stride()
+            for t, buf in ((x_TH, self.x_MH), (logits_TE, self.logits_ME))
+        ):
+            copy_pair(x_TH, self.x_MH, logits_TE, self.logits_ME)
 
     def __call__(
         self,

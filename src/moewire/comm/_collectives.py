@@ -54,8 +54,10 @@ def _options(kind: str):
 
 
 def _coalescing(group: ProcessGroup) -> bool:
-    world = getattr(dist.distributed_c10d, "_world", None)
-    return world is None or group in getattr(world, "pg_coalesce_state", {group: None})
+    """Whether ``group`` is inside c10d's coalescing manager (also where this torch keeps
+    that state elsewhere: the wrapper is then the safe path)."""
+    state = getattr(getattr(dist.distributed_c10d, "_world", None), "pg_coalesce_state", None)
+    return state is None or group in state
 
 
 def _direct(kind: str) -> Callable:
