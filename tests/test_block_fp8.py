@@ -20,6 +20,7 @@ import moewire as mw
 from moewire.moe import block_fp8, stage
 from moewire.moe.experts import LocalExperts, quantize_fp8_weight
 from moewire.moe.stage import DevicePlan
+from moewire.moe.weights import quantize_block_weight
 from moewire.testing.data import sqnr_db
 from moewire.testing.spawn import run_distributed
 from triton_env import import_kernels
@@ -263,18 +264,6 @@ def test_swiglu_block_quantization_bitwise(i):
     assert q_t.shape == q.shape and s_t.shape == s.shape == (plan.num_pairs, i // 128)
 
 
-def _block_weights(w_LOC: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Float ``[L, O, C]`` -> e4m3 and fp32 ``[L, ceil(O/128), ceil(C/128)]`` scales, one
-    per 128x128 block (``amax / 448``), as a DeepSeek-V3 checkpoint stores them."""
-    l, o, c = w_LOC.shape
-    ob, cb = -(-o // 128), -(-c // 128)
-    pad = torch.nn.functional.pad(w_LOC.float(), (0, cb * 128 - c, 0, ob * 128 - o))
-    blocks = pad.reshape(l, ob, 128, cb, 128)
-    s = blocks.abs().amax(dim=(2, 4)).clamp(min=1e-4) / 448
-    q = (blocks / s[:, :, None, :, None]).clamp(-448, 448).to(torch.float8_e4m3fn)
-    return q.reshape(l, ob * 128, cb * 128)[:, :o, :c].contiguous(), s
-
-
 def _expert_weights(l: int, h: int, i: int, seed: int) -> tuple:
     g = torch.Generator().manual_seed(seed)
     w13 = torch.randn(l, 2 * i, h, generator=g) * h**-0.5
@@ -301,7 +290,7 @@ H, I, NE = 256, 128, 8
 
 def _block_experts(seed: int, first: int = 2, local: int = 6) -> LocalExperts:
     w13, w2 = _expert_weights(local, H, I, seed)
-    (q13, s13), (q2, s2) = _block_weights(w13), _block_weights(w2)
+    (q13, s13), (q2, s2) = quantize_block_weight(w13), quantize_block_weight(w2)
     ex = LocalExperts(q13.to(DEV), q2.to(DEV), first, fp8=True, w13_scale=s13.to(DEV),
                       w2_scale=s2.to(DEV), num_experts=NE)  # fmt: skip
     # kept as given: no bf16 copy, no requantization
@@ -338,8 +327,8 @@ def test_mixed_scale_kinds(blocked):
     """One weight block-scaled, the other per output channel: each GEMM (and the
     quantization of its A operand) follows its weight's scales."""
     w13, w2 = _expert_weights(4, H, I, seed=3)
-    q13, s13 = _block_weights(w13) if blocked == "w13" else quantize_fp8_weight(w13)
-    q2, s2 = _block_weights(w2) if blocked == "w2" else quantize_fp8_weight(w2)
+    q13, s13 = quantize_block_weight(w13) if blocked == "w13" else quantize_fp8_weight(w13)
+    q2, s2 = quantize_block_weight(w2) if blocked == "w2" else quantize_fp8_weight(w2)
     ex = LocalExperts(*(t.to(DEV) for t in (q13, q2)), 0, fp8=True, w13_scale=s13.to(DEV),
                       w2_scale=s2.to(DEV), num_experts=NE)  # fmt: skip
     spec, rows = _rows("fp8_block128", 10, H, seed=4)
@@ -351,7 +340,7 @@ def test_mixed_scale_kinds(blocked):
 
 def test_block_experts_need_multiples_of_128():
     w13, w2 = _expert_weights(2, 192, 128, seed=0)
-    (q13, s13), (q2, s2) = _block_weights(w13), _block_weights(w2)
+    (q13, s13), (q2, s2) = quantize_block_weight(w13), quantize_block_weight(w2)
     with pytest.raises(ValueError, match=r"multiples of 128, got hidden=192, intermediate=128"):
         LocalExperts(q13, q2, 0, fp8=True, w13_scale=s13, w2_scale=s2)
     # the bf16 experts dequantize them at load, any hidden
@@ -369,7 +358,7 @@ def test_load_experts_block_weights_on_fp8_experts():
     the same weights at load (so the scales are applied to the right blocks)."""
     cfg = mw.MoEConfig(hidden=H, intermediate=I, num_experts=NE, top_k=2)
     w13, w2 = _expert_weights(NE, H, I, seed=8)
-    (q13, s13), (q2, s2) = _block_weights(w13), _block_weights(w2)
+    (q13, s13), (q2, s2) = quantize_block_weight(w13), quantize_block_weight(w2)
     fp8 = _layer(cfg, experts="fp8_loop")
     fp8.load_experts(q13, q2, w13_scale=s13, w2_scale=s2)
     ex = fp8.local_experts
@@ -381,7 +370,7 @@ def test_load_experts_block_weights_on_fp8_experts():
     assert sqnr_db(bf16(x, logits), fp8(x, logits)) >= 25
     bad = mw.MoEConfig(hidden=384, intermediate=64, num_experts=NE, top_k=2)
     w13, w2 = _expert_weights(NE, 384, 64, seed=1)
-    (q13, s13), (q2, s2) = _block_weights(w13), _block_weights(w2)
+    (q13, s13), (q2, s2) = quantize_block_weight(w13), quantize_block_weight(w2)
     with pytest.raises(ValueError, match="intermediate=64"):
         _layer(bad, experts="fp8_loop").load_experts(q13, q2, w13_scale=s13, w2_scale=s2)
 
@@ -391,7 +380,7 @@ def _sharded_worker() -> dict:
     rank = dist.get_rank()
     cfg = mw.MoEConfig(hidden=H, intermediate=I, num_experts=NE, top_k=1)
     w13, w2 = _expert_weights(NE, H, I, seed=8)
-    (q13, s13), (q2, s2) = _block_weights(w13), _block_weights(w2)
+    (q13, s13), (q2, s2) = quantize_block_weight(w13), quantize_block_weight(w2)
     g = torch.Generator().manual_seed(10 + rank)
     x, logits = torch.randn(5 + rank, H, generator=g), torch.randn(5 + rank, NE, generator=g)
     out = {}
@@ -419,7 +408,7 @@ def test_load_experts_block_weights_sharded():
     results = run_distributed(_sharded_worker, 2, timeout=120)
     cfg = mw.MoEConfig(hidden=H, intermediate=I, num_experts=NE, top_k=1)
     w13, w2 = _expert_weights(NE, H, I, seed=8)
-    (q13, s13), (q2, s2) = _block_weights(w13), _block_weights(w2)
+    (q13, s13), (q2, s2) = quantize_block_weight(w13), quantize_block_weight(w2)
     ref = _layer(cfg, experts="fp8_loop")
     ref.load_experts(q13, q2, w13_scale=s13, w2_scale=s2)
     for rank, res in enumerate(results):

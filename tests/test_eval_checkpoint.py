@@ -21,9 +21,9 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from moewire.cli import main  # noqa: E402
-from moewire.constants import ceil_div  # noqa: E402
 from moewire.integrations.checkpoint import load_expert_parallel  # noqa: E402
 from moewire.integrations.transformers import EPMoEBlock, expert_parallel  # noqa: E402
+from moewire.moe.weights import quantize_block_weight  # noqa: E402
 from test_transformers import ARCHS, VOCAB, prompts, tiny_model  # noqa: E402
 
 
@@ -158,18 +158,6 @@ def test_bin_checkpoints_load_tensors_only(tmp_path):
         Checkpoint(pt)
 
 
-def _blocks_e4m3(w_OC: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """DeepSeek-V3's fp8 weight layout: e4m3 values and one fp32 scale per 128x128 block
-    (``amax / 448``, ``weight_scale_inv``), edge blocks partial."""
-    o, c = w_OC.shape
-    ob, cb = ceil_div(o, 128), ceil_div(c, 128)
-    pad = torch.nn.functional.pad(w_OC.float(), (0, cb * 128 - c, 0, ob * 128 - o))
-    blocks = pad.reshape(ob, 128, cb, 128)
-    s = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12) / 448
-    q = (blocks / s[:, None, :, None]).to(torch.float8_e4m3fn).reshape(ob * 128, cb * 128)
-    return q[:o, :c].contiguous(), s
-
-
 def _values(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """The values an fp8 weight stands for: ``q * s`` in fp32, as the loader computes them."""
     o, c = q.shape
@@ -195,14 +183,14 @@ def _save_fp8(model, path, fused: bool) -> dict:
         linear = ".layers." in key and key.endswith("weight") and w.dim() == 2
         if ".experts." in key:
             names = (("gate_proj", "up_proj"), w.shape[1] // 2) if "gate_up" in key else None
-            qs = [_blocks_e4m3(w[e]) for e in range(w.shape[0])]
+            qs = [quantize_block_weight(w[e]) for e in range(w.shape[0])]
             if per_expert:
                 for e, (q, s) in enumerate(qs):
                     stem = key.rsplit(".", 1)[0]
                     if names:  # gate rows, then up rows
                         i = names[1]
                         for n, sl in ((names[0][0], slice(0, i)), (names[0][1], slice(i, 2 * i))):
-                            q2, s2 = _blocks_e4m3(w[e, sl])
+                            q2, s2 = quantize_block_weight(w[e, sl])
                             fp8[f"{stem}.{e}.{n}.weight"] = q2
                             fp8[f"{stem}.{e}.{n}.weight_scale_inv"] = s2
                             ref[f"{stem}.{e}.{n}.weight"] = _values(q2, s2)
@@ -215,7 +203,7 @@ def _save_fp8(model, path, fused: bool) -> dict:
                 fp8[key + "_scale_inv"] = torch.stack([s for _, s in qs])
                 ref[key] = torch.stack([_values(q, s) for q, s in qs])
         elif linear and not key.endswith("mlp.gate.weight"):
-            q, s = _blocks_e4m3(w)
+            q, s = quantize_block_weight(w)
             fp8[key], fp8[key + "_scale_inv"], ref[key] = q, s, _values(q, s)
         else:
             fp8[key] = ref[key] = w

@@ -15,6 +15,7 @@ from block_gemm_bench import event_us
 
 import moewire as mw
 from moewire.moe.experts import LocalExperts
+from moewire.moe.weights import quantize_block_weight
 
 H, I, E, K = 7168, 2048, 64, 8
 #: (wire format, weights) per case: "block" 128x128 scales, "channel" per output channel.
@@ -22,20 +23,11 @@ CASES = [("fp8_block128", "block"), ("fp8", "block"), ("nvfp4", "block"), ("mxfp
          ("bf16", "block"), ("fp8", "channel"), ("nvfp4", "channel")]  # fmt: skip
 
 
-def block_weights(w_LOC: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """e4m3 weights and one fp32 scale per 128x128 block (``amax / 448``)."""
-    l, o, c = w_LOC.shape
-    blk = w_LOC.float().reshape(l, o // 128, 128, c // 128, 128)
-    s = blk.abs().amax(dim=(2, 4)).clamp(min=1e-12) / 448.0
-    q = (blk / s[:, :, None, :, None]).to(torch.float8_e4m3fn).reshape(l, o, c)
-    return q, s
-
-
 def main() -> None:
     g = torch.Generator(device="cuda").manual_seed(0)
     w13 = torch.randn(E, 2 * I, H, device="cuda", generator=g, dtype=torch.bfloat16) * H**-0.5
     w2 = torch.randn(E, H, I, device="cuda", generator=g, dtype=torch.bfloat16) * I**-0.5
-    (q13, s13), (q2, s2) = block_weights(w13), block_weights(w2)
+    (q13, s13), (q2, s2) = quantize_block_weight(w13), quantize_block_weight(w2)
     experts = {
         "block": LocalExperts(q13, q2, 0, fp8=True, w13_scale=s13, w2_scale=s2, num_experts=E),
         "channel": LocalExperts(w13, w2, 0, fp8=True, num_experts=E),

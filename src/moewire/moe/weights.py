@@ -8,11 +8,28 @@ from __future__ import annotations
 
 import torch
 
-from moewire.constants import ceil_div
+from moewire.constants import E4M3_MAX, FP8_AMAX_FLOOR, ceil_div
 from moewire.moe.config import MoEConfig
 
 #: Side of the square weight blocks of DeepSeek-V3's fp8 checkpoints.
 WEIGHT_BLOCK = 128
+
+
+def quantize_block_weight(w_OC: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float ``[..., O, C]`` -> e4m3 ``[..., O, C]`` and fp32 ``[..., ceil(O/128),
+    ceil(C/128)]``: one scale per 128x128 block, ``max(amax, 1e-4) / 448`` (edge blocks
+    partial), the layout of a DeepSeek-V3 fp8 checkpoint's weights and ``weight_scale_inv``
+    (:func:`dequantize_block_weight` reads it back)."""
+    *lead, o, c = w_OC.shape
+    ob, cb = ceil_div(o, WEIGHT_BLOCK), ceil_div(c, WEIGHT_BLOCK)
+    pad = torch.nn.functional.pad(
+        w_OC.float(), (0, cb * WEIGHT_BLOCK - c, 0, ob * WEIGHT_BLOCK - o)
+    )
+    blocks = pad.reshape(*lead, ob, WEIGHT_BLOCK, cb, WEIGHT_BLOCK)
+    s = blocks.abs().amax(dim=(-3, -1)).clamp(min=FP8_AMAX_FLOOR) / E4M3_MAX
+    q = (blocks / s[..., :, None, :, None]).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    q = q.reshape(*lead, ob * WEIGHT_BLOCK, cb * WEIGHT_BLOCK)[..., :o, :c]
+    return q.contiguous(), s
 
 
 def dequantize_block_weight(
