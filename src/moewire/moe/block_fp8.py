@@ -95,10 +95,8 @@ def _check(a_PC, sa, w_LNC, sw, rowwise: bool) -> None:
 
 def _block_gemm_torch(a_PC, sa, w_LNC, sw, plan: DevicePlan, out: torch.Tensor) -> None:
     """The oracle math per expert (reads the group ends on the host)."""
-    ends = plan.offsets_L.tolist()
-    for e, (lo, hi) in enumerate(zip([0, *ends[:-1]], ends, strict=True)):
-        if hi > lo:
-            out[lo:hi] = scaled_mm(a_PC[lo:hi], sa[lo:hi], w_LNC[e], sw[e]).to(out.dtype)
+    for e, sl in plan.host_groups():
+        out[sl] = scaled_mm(a_PC[sl], sa[sl], w_LNC[e], sw[e]).to(out.dtype)
 
 
 def block_gemm(

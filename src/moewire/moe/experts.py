@@ -246,21 +246,11 @@ def _weight_in_precision(
     return w.to(torch.bfloat16).contiguous(), None
 
 
-def _group_counts(plan: DevicePlan) -> list[int]:
-    """Pairs per local expert, on the host (the loop oracles only: one host sync)."""
-    ends = plan.offsets_L.tolist()
-    return [b - a for a, b in zip([0, *ends[:-1]], ends, strict=True)]
-
-
 def _ffn_loop(ex: LocalExperts, a_PH: torch.Tensor, plan: DevicePlan) -> torch.Tensor:
     y_PH = torch.zeros_like(a_PH)
-    start = 0
-    for e, c in enumerate(_group_counts(plan)):
-        if c:
-            a = a_PH[start : start + c]
-            h = torch.mm(a, ex.w13_L2IH[e].t())
-            y_PH[start : start + c] = torch.mm(swiglu_torch(h), ex.w2_LHI[e].t())
-        start += c
+    for e, sl in plan.host_groups():
+        h = torch.mm(a_PH[sl], ex.w13_L2IH[e].t())
+        y_PH[sl] = torch.mm(swiglu_torch(h), ex.w2_LHI[e].t())
     return y_PH
 
 
@@ -311,12 +301,8 @@ def _ffn_fp8_loop(
 ) -> torch.Tensor:
     quantize = quantize_fp8_blocks if _blocks(ex.w2_scale) else quantize_fp8_rows
     y_PH = torch.zeros(a_PH.shape, dtype=torch.bfloat16, device=a_PH.device)
-    start = 0
-    for e, c in enumerate(_group_counts(plan)):
-        if c:
-            sl = slice(start, start + c)
-            h = scaled_mm(a_PH[sl], scale_P[sl], ex.w13_fp8[e], ex.w13_scale[e])
-            a2, s2 = quantize(swiglu_torch(h.to(torch.bfloat16)))
-            y_PH[sl] = scaled_mm(a2, s2, ex.w2_fp8[e], ex.w2_scale[e]).to(torch.bfloat16)
-        start += c
+    for e, sl in plan.host_groups():
+        h = scaled_mm(a_PH[sl], scale_P[sl], ex.w13_fp8[e], ex.w13_scale[e])
+        a2, s2 = quantize(swiglu_torch(h.to(torch.bfloat16)))
+        y_PH[sl] = scaled_mm(a2, s2, ex.w2_fp8[e], ex.w2_scale[e]).to(torch.bfloat16)
     return y_PH

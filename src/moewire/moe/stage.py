@@ -62,6 +62,13 @@ class DevicePlan:
         """``P``, the upper bound of the local pairs."""
         return self.row_P.numel()
 
+    def host_groups(self) -> list[tuple[int, slice]]:
+        """``(local expert, its sorted pairs)`` of every expert with pairs, read on the host
+        (one host sync: the per-expert oracles only)."""
+        ends = self.offsets_L.tolist()
+        bounds = zip([0, *ends[:-1]], ends, strict=True)
+        return [(e, slice(lo, hi)) for e, (lo, hi) in enumerate(bounds) if hi > lo]
+
 
 def plan_device(
     topk_ids_NK: torch.Tensor,
