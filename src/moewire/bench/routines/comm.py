@@ -228,7 +228,7 @@ def _dispatch_case(
     rows = spec.pack(x, **extras)  # the collective's share alone: rows packed beforehand
     t_comm = ctx.time(lambda: comm.dispatch(rows, ids, **kw), args.iters, args.warmup)
     wire_bytes, bandwidth = _wire_figures(ctx, case, spec, counts, recv.shape[0], t, ref_cache)
-    q = spec.dequantize(spec.pack(x, **extras), torch.float32)
+    q = spec.dequantize(rows, torch.float32)
     rec = {
         "routine": "dispatch",
         "case": case.label,
