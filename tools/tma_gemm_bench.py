@@ -12,6 +12,7 @@ not a test.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 
 import torch
@@ -29,6 +30,9 @@ TILES = [
     (128, 256, 64, 8, 8, 4),
     (64, 256, 128, 8, 4, 4),
     (128, 256, 128, 16, 8, 3),
+    (128, 256, 128, 8, 8, 3, True),
+    (128, 128, 128, 8, 8, 4, True),
+    (128, 256, 64, 8, 8, 4, True),
 ]
 
 
@@ -47,8 +51,9 @@ def event_us(fn, n: int = 20) -> float:
     return statistics.median(a.elapsed_time(b) for a, b in zip(start, end, strict=True)) * 1e3
 
 
-def one_shape(t: int, n: int, c: int, tiles: list, g: torch.Generator) -> str:
-    """Every timing of one token count and one projection (``n`` outputs, ``c`` inputs)."""
+def one_shape(t: int, n: int, c: int, tiles: list, g: torch.Generator) -> None:
+    """Print every timing of one token count and one projection (``n`` outputs, ``c``
+    inputs), a line each as it is measured."""
     ids = torch.rand(t, E, device="cuda", generator=g).argsort(dim=1)[:, :K]
     plan = plan_device(ids, 0, E, E)
     p = t * K
@@ -68,8 +73,9 @@ def one_shape(t: int, n: int, c: int, tiles: list, g: torch.Generator) -> str:
     t_bf16 = event_us(lambda: torch._grouped_mm(a16, w16.transpose(-2, -1), offs=plan.offsets_L))
     ref = torch_fp8()
     live = int(plan.offsets_L[-1])
-    lines = [f"T={t} N={n} C={c}: torch fp8 {t_fp8:.1f} us ({flop / t_fp8 / 1e6:.0f} TF), "
-             f"torch bf16 {t_bf16:.1f} us ({flop / t_bf16 / 1e6:.0f} TF)"]  # fmt: skip
+    say = functools.partial(print, flush=True)
+    say(f"T={t} N={n} C={c}: torch fp8 {t_fp8:.1f} us ({flop / t_fp8 / 1e6:.0f} TF), "
+        f"torch bf16 {t_bf16:.1f} us ({flop / t_bf16 / 1e6:.0f} TF)")  # fmt: skip
     for tile in tiles:
         if not tma_fp8.tma_fits(c, n, tile):
             continue
@@ -79,11 +85,10 @@ def one_shape(t: int, n: int, c: int, tiles: list, g: torch.Generator) -> str:
             err = (out[:live].float() - ref[:live].float()).abs().max() / ref.float().abs().max()
             us = event_us(lambda tile=tile: tma_fp8.tma_gemm(a, sa, w, sw, plan, tile=tile))
             ratio = t_fp8 / us
-            lines.append(f"{tile}: {us:.1f} us ({flop / us / 1e6:.0f} TF) = {ratio:.2f}x "
-                         f"torch fp8, exact {exact}, relerr {err:.1e}")  # fmt: skip
+            say(f"  {tile}: {us:.1f} us ({flop / us / 1e6:.0f} TF) = {ratio:.2f}x "
+                f"torch fp8, exact {exact}, relerr {err:.1e}")  # fmt: skip
         except Exception as err:  # a tile that does not build on this card
-            lines.append(f"{tile}: failed: {type(err).__name__}: {str(err)[:200]}")
-    return "\n  ".join(lines)
+            say(f"  {tile}: failed: {type(err).__name__}: {str(err)[:200]}")
 
 
 def main() -> None:
@@ -96,7 +101,7 @@ def main() -> None:
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
     for t in args.tokens:
         for n, c in ((2 * I, H), (H, I)):
-            print(one_shape(t, n, c, tiles, g), flush=True)
+            one_shape(t, n, c, tiles, g)
 
 
 if __name__ == "__main__":

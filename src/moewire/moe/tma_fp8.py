@@ -19,7 +19,7 @@ import torch
 from moewire.constants import ceil_div
 from moewire.moe.stage import DevicePlan
 
-#: (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages) of the kernel.
+#: (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages[, WS]) of the kernel.
 TMA_TILE = (128, 256, 128, 8, 8, 3)
 
 
@@ -52,7 +52,7 @@ def tma_gemm(
 
     from moewire.moe._kernels.gemm_tma import tma_grouped_gemm_kernel
 
-    bm, bn, bk, group_m, warps, stages = tile or TMA_TILE
+    bm, bn, bk, group_m, warps, stages, *ws = tile or TMA_TILE
     p, c = a_PC.shape
     l, n, _ = w_LNC.shape
     if not tma_fits(c, n, (bm, bn, bk)):
@@ -69,6 +69,7 @@ def tma_gemm(
     tma_grouped_gemm_kernel[(progs,)](
         a_desc, sa_P, w_desc, sw_LN, plan.offsets_L, out if hw else out.view(torch.int16),
         n, c, l, progs, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m,
-        LP=max(16, 1 << (l - 1).bit_length()), HW=hw, num_warps=warps, num_stages=stages,
+        LP=max(16, 1 << (l - 1).bit_length()), HW=hw, WS=bool(ws and ws[0]), num_warps=warps,
+        num_stages=stages,
     )  # fmt: skip
     return out

@@ -58,17 +58,19 @@ def tma_grouped_gemm_kernel(
     GROUP_M: tl.constexpr,
     LP: tl.constexpr,
     HW: tl.constexpr,
+    WS: tl.constexpr = False,
 ):
     """The tiles ``pid, pid + NUM_PROGS, ...`` (see the module docstring): ``a_desc`` over
     ``a [P, C]``, ``w_desc`` over ``w`` viewed ``[L * N, C]`` (blocks ``[BLOCK_M, BLOCK_K]``
     and ``[BLOCK_N, BLOCK_K]``), ``out [P, N]`` bf16 (an int16 view without ``HW``); ``N``
-    a multiple of ``BLOCK_N``, ``C`` of ``BLOCK_K``."""
+    a multiple of ``BLOCK_N``, ``C`` of ``BLOCK_K``. ``WS``: Triton's warp specialization
+    of the tile loop (producer and consumer warps)."""
     starts, ends, last, tiles = _tile_counts(offs_ptr, L, BLOCK_M, LP)
     le = tl.arange(0, LP)
     MT = tl.sum(tiles, axis=0)
     NT = N // BLOCK_N
     KB = C // BLOCK_K
-    for t in tl.range(tl.program_id(0), MT * NT, NUM_PROGS, flatten=True):
+    for t in tl.range(tl.program_id(0), MT * NT, NUM_PROGS, flatten=not WS, warp_specialize=WS):
         tile, nt = _tile_of(t, MT, NT, GROUP_M)
         e = tl.sum((last <= tile).to(tl.int32), axis=0)
         here = le == e
