@@ -1,15 +1,16 @@
-"""Where a replayed layer's time goes between its kernels: the GPU timeline of
-``GraphedMoE`` calls timed as ``moewire bench layer --graph`` times them.
+"""Where a replayed layer's time goes: GPU time, host latency, and the gaps between kernels
+of ``GraphedMoE`` calls.
 
     PYTHONPATH=src python tools/replay_timeline.py [--tokens 1 256] [--cases fp8:fp8]
 
 A 1-rank NCCL group (loopback), DeepSeek-R1 dims with 64 experts (one rank of EP=4), as
-``tools/layer_profile.py``. Each call runs as the bench's timing loop runs it (GPU idle,
-start event, the call, end event, synchronize) under ``torch.profiler``; for the median
-call the tool prints each GPU activity (kernel or copy) with its start relative to the
-call's host entry, its duration and the idle gap before it, then the totals: host entry to
-first activity, the sum of activity durations, the sum of gaps between activities. A
-measuring aid for BENCHMARKS.md, not a test.
+``tools/layer_profile.py``. For each case: event-timed medians of the call (input copy and
+replay) and of the bare ``graph.replay()``, once with the GPU idle before the start event
+(as ``moewire bench layer --graph`` times it: the host's launch latency included) and once
+queued behind a sleep kernel (GPU time only); the host times of the call, the replay and
+the input copy; and, from ``torch.profiler``, each GPU activity of one call queued behind a
+sleep kernel, with its duration and the idle gap before it. A measuring aid for
+BENCHMARKS.md, not a test.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import json
 import os
 import statistics
 import tempfile
+import time
 
 import torch
 import torch.distributed as dist
@@ -40,48 +42,84 @@ def _events(trace_path: str) -> tuple[list[dict], list[dict]]:
     return gpu, calls
 
 
+def _event_us(fn, busy: bool, n: int = 30) -> float:
+    """Median event-timed us of ``fn``: with ``busy`` queued behind a 2 ms sleep kernel (the
+    host's launch latency hidden: GPU time only), else with the GPU idle before the start
+    event (the bench's loop)."""
+    out = []
+    for _ in range(n):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        if busy:
+            torch.cuda._sleep(2_000_000)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        out.append(a.elapsed_time(b) * 1e3)
+    return statistics.median(out)
+
+
+def _host_us(fn, n: int = 30) -> float:
+    """Median wall-clock us of ``fn``'s host call with the GPU idle before it."""
+    out = []
+    for _ in range(n):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - t0) * 1e6)
+    torch.cuda.synchronize()
+    return statistics.median(out)
+
+
 def timeline(wire: str, experts: str, t: int, calls: int = 7) -> None:
     layer = _layer(wire, experts)
     x = torch.randn(t, H, device="cuda", dtype=torch.bfloat16)
     logits = torch.randn(t, E, device="cuda")
     g = GraphedMoE(layer, max(t, 1), x_dtype=x.dtype)
+    call = lambda: g(x, logits, [t])  # noqa: E731
     for _ in range(5):
-        g(x, logits, [t])
+        call()
     torch.cuda.synchronize()
-    event_us = []
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    figures = {
+        "call, GPU idle (the bench)": _event_us(call, busy=False),
+        "call, GPU busy": _event_us(call, busy=True),
+        "graph.replay(), GPU idle": _event_us(g.graph.replay, busy=False),
+        "graph.replay(), GPU busy": _event_us(g.graph.replay, busy=True),
+        "host: call": _host_us(call),
+        "host: graph.replay()": _host_us(g.graph.replay),
+        "host: input copy": _host_us(lambda: g._copy_inputs(x, logits)),
+    }
+    print(f"\n=== {wire} rows, {experts} experts, T={t} ===")
+    print("  " + "; ".join(f"{k} {v:.1f} us" for k, v in figures.items()), flush=True)
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
         for i in range(calls):
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
             torch.cuda.synchronize()
+            torch.cuda._sleep(2_000_000)
             with record_function(f"replay_call_{i}"):
-                start.record()
-                g(x, logits, [t])
-                end.record()
-            end.synchronize()
-            event_us.append(start.elapsed_time(end) * 1e3)
+                call()
+        torch.cuda.synchronize()
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "trace.json")
         prof.export_chrome_trace(path)
         gpu, spans = _events(path)
-    med = sorted(range(calls), key=lambda i: event_us[i])[calls // 2]
-    lo = spans[med]["ts"]
-    hi = spans[med + 1]["ts"] if med + 1 < len(spans) else float("inf")
+    gpu = [e for e in gpu if "spin" not in e["name"] and "sleep" not in e["name"]]
+    lo = spans[calls // 2]["ts"]
+    hi = spans[calls // 2 + 1]["ts"] if calls // 2 + 1 < len(spans) else float("inf")
     acts = [e for e in gpu if lo <= e["ts"] < hi]
-    print(f"\n=== {wire} rows, {experts} experts, T={t}: event-timed calls (us) "
-          f"{', '.join(f'{v:.1f}' for v in event_us)}; median call {med} ===")  # fmt: skip
     prev_end, busy, gaps = None, 0.0, 0.0
     for e in acts:
         gap = 0.0 if prev_end is None else e["ts"] - prev_end
         gaps += max(gap, 0.0)
         busy += e["dur"]
-        print(f"  +{e['ts'] - lo:8.1f} us  {e['dur']:7.1f} us  gap {gap:6.1f}  {e['name'][:70]}")
+        print(f"  {e['dur']:8.1f} us  gap before {gap:6.1f} us  {e['name'][:70]}")
         prev_end = e["ts"] + e["dur"]
     if acts:
-        print(f"  host entry -> first activity {acts[0]['ts'] - lo:.1f} us; activities "
-              f"{busy:.1f} us; gaps between them {gaps:.1f} us; host entry -> last end "
-              f"{prev_end - lo:.1f} us; event-timed median {statistics.median(event_us):.1f} us",
-              flush=True)  # fmt: skip
+        print(
+            f"  (GPU busy, one call) activities {busy:.1f} us; gaps between them {gaps:.1f} "
+            f"us; first start to last end {prev_end - acts[0]['ts']:.1f} us",
+            flush=True,
+        )
 
 
 def main() -> None:
