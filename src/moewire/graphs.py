@@ -97,6 +97,9 @@ class GraphedMoE:
         self.graph = torch.cuda.CUDAGraph()
         self.y_MH = self._capture(pool)
         self._valid_counts = (max_tokens,) * w  # what valid_W holds (capture filled it)
+        self._x_ptr, self._x_stride = self.x_MH.data_ptr(), self.x_MH.stride()
+        self._logits_ptr, self._logits_stride = self.logits_ME.data_ptr(), self.logits_ME.stride()
+        self._outputs: dict[int, torch.Tensor] = {}  # T -> y_MH[:T], built once per T
 
     def _run(self) -> torch.Tensor:
         return self.layer(self.x_MH, self.logits_ME, counts=self.counts, valid_counts=self.valid_W)
@@ -121,9 +124,11 @@ class GraphedMoE:
         if logits_TE.dtype != self.logits_ME.dtype:  # converted on the way in
             self.x_MH[: x_TH.shape[0]].copy_(x_TH)
             self.logits_ME[: logits_TE.shape[0]].copy_(logits_TE)
-        elif not all(
-            t.data_ptr() == buf.data_ptr() and t.stride() == buf.stride()
-            for t, buf in ((x_TH, self.x_MH), (logits_TE, self.logits_ME))
+        elif (
+            x_TH.data_ptr() != self._x_ptr
+            or logits_TE.data_ptr() != self._logits_ptr
+            or x_TH.stride() != self._x_stride
+            or logits_TE.stride() != self._logits_stride
         ):
             copy_pair(x_TH, self.x_MH, logits_TE, self.logits_ME)
 
@@ -170,19 +175,23 @@ class GraphedMoE:
             self._copied.record()
             self._valid_counts = counts
         self.graph.replay()
-        return self.y_MH[:t]
+        y = self._outputs.get(t)
+        if y is None:
+            y = self._outputs[t] = self.y_MH[:t]
+        return y
 
 
 #: Words per program of the fused input copy.
 _COPY_BLOCK = 4096
 
 
-def _words(t: torch.Tensor) -> torch.Tensor | None:
-    """``t`` as int32 words, where it is contiguous, 4-byte aligned and whole words."""
+def _word_count(t: torch.Tensor) -> int | None:
+    """The int32 words of ``t``'s memory, where it is contiguous, 4-byte aligned and whole
+    words (else None). Reads only metadata: no view is built."""
     nbytes = t.numel() * t.element_size()
-    if not t.is_contiguous() or t.data_ptr() % 4 or nbytes % 4:
+    if nbytes % 4 or t.data_ptr() % 4 or not t.is_contiguous():
         return None
-    return t.reshape(-1).view(torch.int32)
+    return nbytes // 4
 
 
 def copy_pair(
@@ -196,19 +205,18 @@ def copy_pair(
     buffer is contiguous memory of whole, aligned int32 words (``copy_pair_kernel``; on
     CUDA, or ``backend="triton"`` under ``TRITON_INTERPRET=1``), else with two ``copy_``.
     Destinations: contiguous, at least as large, same dtypes."""
-    triton = pick_backend(backend, src_a.device) == "triton"
-    words = [_words(s) for s in (src_a, dst_a, src_b, dst_b)] if triton else [None]
-    if any(w is None for w in words):
-        dst_a[: src_a.shape[0]].copy_(src_a)
-        dst_b[: src_b.shape[0]].copy_(src_b)
-        return
-    from moewire.formats._launch import arg_key, launcher
-    from moewire.moe._kernels.copy import copy_pair_kernel
+    if pick_backend(backend, src_a.device) == "triton":
+        na, nb = _word_count(src_a), _word_count(src_b)
+        if None not in (na, nb, _word_count(dst_a), _word_count(dst_b)):
+            from moewire.formats._launch import arg_key, launcher
+            from moewire.moe._kernels.copy import copy_pair_kernel
 
-    a, da, b, db = words
-    args = (a, da, a.numel(), b, db, b.numel())
-    grid = (max(1, ceil_div(max(a.numel(), b.numel()), _COPY_BLOCK)), 2)
-    launcher(copy_pair_kernel, BLOCK=_COPY_BLOCK, num_warps=4)(grid, arg_key(*args), *args)
+            args = (src_a, dst_a, na, src_b, dst_b, nb)
+            grid = (max(1, ceil_div(max(na, nb), _COPY_BLOCK)), 2)
+            launcher(copy_pair_kernel, BLOCK=_COPY_BLOCK, num_warps=4)(grid, arg_key(*args), *args)
+            return
+    dst_a[: src_a.shape[0]].copy_(src_a)
+    dst_b[: src_b.shape[0]].copy_(src_b)
 
 
 def capture(layer: EPMoE, max_tokens: int, **kwargs: object) -> GraphedMoE:

@@ -5,7 +5,8 @@ activations and the router logits). Two ``copy_`` calls cost two launches of hos
 before the replay; this kernel moves both in one (launcher: ``moewire.graphs``).
 
 Program ``(b, j)`` copies words ``[b*BLOCK, (b+1)*BLOCK)`` of pair ``j`` (0: ``a``, 1:
-``b``); buffers are passed as int32 words.
+``b``). The buffers come with their own dtypes (no int32 views to build on the host: each
+costs host time on every step) and are read and written as int32 words.
 """
 
 from __future__ import annotations
@@ -16,11 +17,14 @@ import triton.language as tl
 
 @triton.jit
 def copy_pair_kernel(a_src, a_dst, na, b_src, b_dst, nb, BLOCK: tl.constexpr):
-    """``a_dst[:na] = a_src[:na]`` and ``b_dst[:nb] = b_src[:nb]`` (int32 words)."""
+    """The first ``na`` int32 words of ``a_src`` into ``a_dst``, and ``nb`` of ``b_src``
+    into ``b_dst`` (pointers of any dtype, 4-byte aligned)."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     if tl.program_id(1) == 0:
         m = offs < na
-        tl.store(a_dst + offs, tl.load(a_src + offs, mask=m), mask=m)
+        v = tl.load(a_src.to(tl.pointer_type(tl.int32)) + offs, mask=m)
+        tl.store(a_dst.to(tl.pointer_type(tl.int32)) + offs, v, mask=m)
     else:
         m = offs < nb
-        tl.store(b_dst + offs, tl.load(b_src + offs, mask=m), mask=m)
+        v = tl.load(b_src.to(tl.pointer_type(tl.int32)) + offs, mask=m)
+        tl.store(b_dst.to(tl.pointer_type(tl.int32)) + offs, v, mask=m)
