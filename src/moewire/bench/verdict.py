@@ -34,7 +34,9 @@ LEGENDS = {
     "speedup: vs the bf16 reduce-scatter [95% interval].",
     "layer": "stage columns: median us of pack, dispatch, experts (routing included) and "
     "combine; total us: median (min-max) of the whole eager forward, slowest rank; replay us: "
-    "the layer captured in a CUDA graph (--graph, GPU); speedup: vs the first case [95% "
+    "one call of the layer captured in a CUDA graph, the GPU idle before it (--graph, GPU); "
+    "replay b2b us: per call of 20 captured calls back to back (the GPU time of a serving "
+    "loop whose host runs ahead); speedup: vs the first case [95% "
     "interval]; experts / bare: the experts stage over the bare grouped GEMMs of its "
     "precision on the same pairs (ref rows, GPU); layer / read: the eager forward over the "
     "time to read the hit experts' weights at the copy bandwidth measured in the run (ref "
