@@ -205,3 +205,28 @@ def test_quantize_table_shows_both_flushes():
     cells = dict(zip(header.split("|"), rows[0].split("|"), strict=True))
     assert cells[" % of copy "].strip() == "93.8" and cells[" % dirty "].strip() == "80.0"
     assert cells[" host us "].strip() == "12.3"
+
+
+def test_layer_fp8_expert_wires_add_cases(monkeypatch):
+    """``--fp8-expert-wires`` adds one fp8-experts case per wire format (the fp8 rows case
+    once), quantized before the dispatch; without it the cases are the default ones."""
+    import argparse
+
+    from moewire.bench.main import add_arguments
+    from moewire.bench.routines import layer
+
+    monkeypatch.setattr(layer, "fp8_skip_reason", lambda ctx: None)
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+
+    def cases(*argv):
+        ctx = argparse.Namespace(args=p.parse_args(["layer", *argv]))
+        return dict(layer.layer_cases(ctx))
+
+    base = cases()
+    more = cases("--fp8-expert-wires", "nvfp4", "fp8", "bf16")
+    assert set(more) - set(base) == {"nvfp4 rows, fp8 experts", "bf16 rows, fp8 experts"}
+    assert more["nvfp4 rows, fp8 experts"] == {"wire": "nvfp4", "experts": "fp8",
+                                               "quantize": "before"}  # fmt: skip
+    with pytest.raises(SystemExit):
+        p.parse_args(["layer", "--fp8-expert-wires", "nosuch"])

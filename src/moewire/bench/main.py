@@ -193,6 +193,15 @@ def _case_arguments(p: argparse.ArgumentParser) -> None:
         help="tokens per rank: the same on every rank, or split 1:2:..:W (default even)",
     )
     p.add_argument(
+        "--fp8-expert-wires",
+        nargs="+",
+        choices=FORMATS,
+        default=[],
+        metavar="FORMAT",
+        help="routine layer: also run fp8 experts fed by rows of these wire formats, "
+        "quantized before the dispatch (default: none; fp8 rows always run)",
+    )
+    p.add_argument(
         "--graph",
         action="store_true",
         help="routine layer: also time the layer captured in a CUDA graph (GPU only)",

@@ -131,6 +131,10 @@ def layer_cases(ctx: BenchContext) -> list[tuple[str, dict]]:
                 {"wire": "fp8", "experts": "fp8", "quantize": "before", "combine_wire": "fp8"},
             ),
         ]
+        for fmt in getattr(ctx.args, "fp8_expert_wires", None) or []:
+            kw = {"wire": fmt, "experts": "fp8", "quantize": "before"}
+            if fmt != "fp8":  # the fp8 rows case above
+                cases.append((f"{fmt} rows, fp8 experts", kw))
     return cases
 
 
