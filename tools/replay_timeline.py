@@ -16,8 +16,10 @@ BENCHMARKS.md, not a test.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
 import os
+import pstats
 import statistics
 import tempfile
 import time
@@ -72,7 +74,7 @@ def _host_us(fn, n: int = 30) -> float:
     return statistics.median(out)
 
 
-def timeline(wire: str, experts: str, t: int, calls: int = 7) -> None:
+def timeline(wire: str, experts: str, t: int, calls: int = 7, profile_call: bool = False) -> None:
     layer = _layer(wire, experts)
     x = torch.randn(t, H, device="cuda", dtype=torch.bfloat16)
     logits = torch.randn(t, E, device="cuda")
@@ -92,6 +94,12 @@ def timeline(wire: str, experts: str, t: int, calls: int = 7) -> None:
     }
     print(f"\n=== {wire} rows, {experts} experts, T={t} ===")
     print("  " + "; ".join(f"{k} {v:.1f} us" for k, v in figures.items()), flush=True)
+    if profile_call:
+        prof = cProfile.Profile()
+        for _ in range(300):
+            torch.cuda.synchronize()
+            prof.runcall(call)
+        pstats.Stats(prof).sort_stats("tottime").print_stats(18)
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
         for i in range(calls):
             torch.cuda.synchronize()
@@ -126,6 +134,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 256])
     ap.add_argument("--cases", nargs="+", default=["fp8:fp8", "bf16:auto"])
+    ap.add_argument("--profile-call", action="store_true", help="cProfile of the call's host side")
     args = ap.parse_args()
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29534")
@@ -134,7 +143,7 @@ def main() -> None:
     for case in args.cases:
         wire, experts = case.split(":")
         for t in args.tokens:
-            timeline(wire, experts, t)
+            timeline(wire, experts, t, profile_call=args.profile_call)
     dist.destroy_process_group()
 
 
