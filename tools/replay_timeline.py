@@ -87,6 +87,8 @@ def timeline(wire: str, experts: str, t: int, calls: int = 7, profile_call: bool
         "call, GPU idle (the bench)": _event_us(call, busy=False),
         "call, GPU busy": _event_us(call, busy=True),
         "graph.replay(), GPU idle": _event_us(g.graph.replay, busy=False),
+        "zero-copy call, GPU idle": _event_us(lambda: g(g.x_MH[:t], g.logits_ME[:t], [t]), False),
+        "copy alone, GPU idle": _event_us(lambda: g._copy_inputs(x, logits), busy=False),
         "graph.replay(), GPU busy": _event_us(g.graph.replay, busy=True),
         "host: call": _host_us(call),
         "host: graph.replay()": _host_us(g.graph.replay),
