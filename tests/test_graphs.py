@@ -91,6 +91,46 @@ def test_graph_replay_bitwise_local(experts):
 
 
 @pytest.mark.gpu
+def test_graph_steps_back_to_back_with_fresh_inputs():
+    """Steps whose inputs live at new addresses every time, called without a sync between
+    them: the graph's copy node reads each step's own sources (the table is rewritten only
+    after the replay that read it), through the fallbacks too (strided x, bf16 logits,
+    the buffers themselves). Every step is bitwise the eager layer on its zero-padded
+    batch (padding rows reach no expert, so their content does not matter)."""
+    from moewire.graphs import GraphedMoE
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the grouped GEMMs need sm90+")
+    layer = _layer("cuda", wire="fp8", experts="fp8")
+    g = GraphedMoE(layer, M)
+    steps, outs = [], []
+    for i, t in enumerate((M, 3, 7, 1, 7, 0, 5, 5)):
+        x, logits = make_inputs(t, seed=40 + i)
+        x, logits = x.cuda(), logits.cuda()
+        if i == 4:  # strided activations: copied before the replay instead
+            x = torch.cat([x, x], dim=1)[:, : x.shape[1]]
+        if i == 6:  # bf16 logits: converted on the way in
+            logits = logits.bfloat16()
+        if i == 7:  # the buffers themselves
+            g.x_MH[:t].copy_(x)
+            g.logits_ME[:t].copy_(logits)
+            x, logits = g.x_MH[:t], g.logits_ME[:t]
+        steps.append((x.clone(), logits.float().clone()))
+        outs.append(g(x, logits, [t]).clone())
+        if i == 1:
+            assert g._table_now == (x.data_ptr(), logits.data_ptr(), x.numel() // 2, logits.numel())
+    torch.cuda.synchronize()
+    for (x, logits), y in zip(steps, outs, strict=True):
+        t = x.shape[0]
+        xp = torch.zeros_like(g.x_MH)
+        lp = torch.zeros_like(g.logits_ME)
+        xp[:t], lp[:t] = x, logits
+        valid = torch.tensor([t], dtype=torch.int32, device="cuda")
+        ref = layer(xp, lp, counts=[M], valid_counts=valid)[:t]
+        assert torch.equal(y.view(torch.int16), ref.view(torch.int16)), t
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("routing", ["logits", "topk"])
 def test_graph_replay_bitwise_nccl_one_rank(routing, tmp_path):
     import torch.distributed as dist
@@ -110,6 +150,30 @@ def test_graph_replay_bitwise_nccl_one_rank(routing, tmp_path):
         _check_replay(layer, M)
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize(("t", "h", "e"), [(1, 8, 4), (5, 2048, 64), (3, 6, 3)])
+def test_copy_table_kernel(t, h, e):
+    """The graph's copy node copies the words its table names (sources read at run time),
+    striding over them with few programs, and leaves the rest of the buffers alone."""
+    from triton_env import CUDA, import_kernels
+
+    import_kernels("moewire.moe._kernels.copy")
+    from moewire.moe._kernels.copy import copy_table_kernel
+
+    dev = "cuda" if CUDA else "cpu"
+    g = torch.Generator().manual_seed(t * h + 1)
+    x = torch.randn(t, h, generator=g).to(torch.bfloat16).to(dev)
+    lg = torch.randn(t, e, generator=g).to(dev)
+    bx = torch.full((t + 2, h), 7.0, dtype=torch.bfloat16, device=dev)
+    bl = torch.full((t + 2, e), -3.0, device=dev)
+    table = torch.tensor([x.data_ptr(), lg.data_ptr(), t * h // 2, t * e], dtype=torch.int64)
+    if CUDA:
+        table = table.pin_memory()  # as the graph's: read by the GPU in place
+    copy_table_kernel[(2, 2)](table, bx, bl, BLOCK=16)
+    assert torch.equal(bx[:t].view(torch.int16), x.view(torch.int16))
+    assert torch.equal(bl[:t].view(torch.int32), lg.view(torch.int32))
+    assert bool((bx[t:] == 7.0).all()) and bool((bl[t:] == -3.0).all())
 
 
 @pytest.mark.parametrize(("t", "h", "e"), [(1, 8, 4), (5, 2048, 64), (3, 6, 3)])

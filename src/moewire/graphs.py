@@ -10,9 +10,13 @@ the layer runs), so the dispatch needs no count exchange and every shape is stat
 every rank, the layer run once eagerly (compiles the kernels, calibrates an nvfp4 global
 scale if none was given, and runs the comm's one-time cross-rank agreement check), then
 captured with ``counts = [max_tokens] * W`` and a device tensor of each rank's real token
-count. A call copies this step's tokens in, the real counts of every rank into that
-tensor, and replays: padding rows are routed to no expert and their outputs are dropped.
-Replay is bitwise equal to the eager layer on the same padded batch.
+count. A call writes where this step's tokens are into a small pinned table, the real counts
+of every rank into that tensor (when they change), and replays: the graph's first node
+copies the tokens the table names into the static buffers (no launch of its own before
+the replay: on a decode step the host's time is the latency), padding rows are routed to
+no expert and their outputs are dropped. Replay is bitwise equal to the eager layer on the
+same padded batch. The table is rewritten only once the replay that read it has run (an
+event per call), so calls may follow each other without a sync.
 
 Rules, as in any CUDA-graph serving loop: every rank replays its graph once per step, in
 step (idle ranks with zero real tokens too); the output is a view of the graph's static
@@ -52,9 +56,11 @@ class GraphedMoE:
 
     Attributes ``x_MH``, ``logits_ME`` and ``valid_W`` (int32 ``[W]``, every rank's real
     token count) are the graph's input buffers, written by each call: do not write
-    ``valid_W`` (a call copies new counts into it only when they change). An engine may
+    ``valid_W`` (a call copies new counts into it only when they change). The inputs of
+    a call are read when its replay runs (stream-ordered, as any CUDA op's). An engine may
     write a step's ``T`` tokens into ``x_MH[:T]`` and their fp32 logits into
-    ``logits_ME[:T]`` and pass those views: the call then copies nothing.
+    ``logits_ME[:T]`` and pass those views: the call then copies nothing. Inputs the
+    graph's copy node cannot read (strided, logits not fp32) are copied before the replay.
     """
 
     def __init__(
@@ -94,14 +100,31 @@ class GraphedMoE:
         self.valid_W = torch.zeros(w, dtype=torch.int32, device=dev)
         self._valid_host = torch.zeros(w, dtype=torch.int32).pin_memory()
         self._copied = torch.cuda.Event()  # the last copy out of _valid_host
+        self._x_ptr, self._x_stride = self.x_MH.data_ptr(), self.x_MH.stride()
+        self._logits_ptr, self._logits_stride = self.logits_ME.data_ptr(), self.logits_ME.stride()
+        self._dev_index = self.x_MH.get_device()
+        # The input copy is the graph's first node: it copies what this pinned table names
+        # (sources' addresses, int32 words), written by the host before each replay.
+        self._copy_in_graph = pick_backend(None, dev) == "triton"
+        self._idle_entry = (self._x_ptr, self._logits_ptr, 0, 0)  # copies nothing
+        self._table_host = torch.zeros(4, dtype=torch.int64).pin_memory()
+        self._table = self._table_host.numpy()
+        self._table[:] = self._table_now = self._idle_entry
+        self._replayed = torch.cuda.Event()  # the last replay (it read the table)
         self.graph = torch.cuda.CUDAGraph()
         self.y_MH = self._capture(pool)
         self._valid_counts = (max_tokens,) * w  # what valid_W holds (capture filled it)
-        self._x_ptr, self._x_stride = self.x_MH.data_ptr(), self.x_MH.stride()
-        self._logits_ptr, self._logits_stride = self.logits_ME.data_ptr(), self.logits_ME.stride()
         self._outputs: dict[int, torch.Tensor] = {}  # T -> y_MH[:T], built once per T
 
     def _run(self) -> torch.Tensor:
+        if self._copy_in_graph:
+            from moewire.moe._kernels.copy import copy_table_kernel
+
+            words = max(self.x_MH.numel() * self.x_MH.element_size(), self.logits_ME.numel() * 4)
+            progs = min(_COPY_PROGS, ceil_div(words // 4, _COPY_BLOCK))
+            copy_table_kernel[(progs, 2)](
+                self._table_host, self.x_MH, self.logits_ME, BLOCK=_COPY_BLOCK, num_warps=4
+            )
         return self.layer(self.x_MH, self.logits_ME, counts=self.counts, valid_counts=self.valid_W)
 
     def _capture(self, pool: object | None) -> torch.Tensor:
@@ -117,10 +140,10 @@ class GraphedMoE:
         return y
 
     def _copy_inputs(self, x_TH: torch.Tensor, logits_TE: torch.Tensor) -> None:
-        """This step's tokens into the static buffers: one launch where ``x`` and the
-        logits are contiguous and the logits fp32, else two copies (the logits converted).
-        Inputs that already are the buffers' first rows (an engine that writes its
-        tokens into ``x_MH`` / ``logits_ME``) are not copied."""
+        """This step's tokens into the static buffers, now (a launch of their own): one
+        launch where ``x`` and the logits are contiguous and the logits fp32, else two
+        copies (the logits converted). Inputs that already are the buffers' first rows are
+        not copied."""
         if logits_TE.dtype != self.logits_ME.dtype:  # converted on the way in
             self.x_MH[: x_TH.shape[0]].copy_(x_TH)
             self.logits_ME[: logits_TE.shape[0]].copy_(logits_TE)
@@ -131,6 +154,25 @@ class GraphedMoE:
             or logits_TE.stride() != self._logits_stride
         ):
             copy_pair(x_TH, self.x_MH, logits_TE, self.logits_ME)
+
+    def _table_entry(self, x_TH: torch.Tensor, logits_TE: torch.Tensor) -> tuple:
+        """What the graph's copy node copies this step: ``(x address, logits address, x
+        words, logits words)``, zero words for an input that already is its buffer's first
+        rows. Inputs the node cannot read (another device, not contiguous whole aligned
+        words, logits not fp32) are copied now by :meth:`_copy_inputs` instead, and the
+        node copies nothing."""
+        if self._copy_in_graph and logits_TE.dtype == torch.float32:
+            na, nb = _word_count(x_TH), _word_count(logits_TE)
+            if (
+                na is not None
+                and nb is not None
+                and x_TH.get_device() == self._dev_index
+                and logits_TE.get_device() == self._dev_index
+            ):
+                xp, lp = x_TH.data_ptr(), logits_TE.data_ptr()
+                return (xp, lp, 0 if xp == self._x_ptr else na, 0 if lp == self._logits_ptr else nb)
+        self._copy_inputs(x_TH, logits_TE)
+        return self._idle_entry
 
     def __call__(
         self,
@@ -166,7 +208,10 @@ class GraphedMoE:
                 f"[T, {self.logits_ME.shape[1]}], got {x_TH.dtype} {list(x_TH.shape)} and "
                 f"{list(router_logits_TE.shape)}"
             )
-        self._copy_inputs(x_TH, router_logits_TE)
+        entry = self._table_entry(x_TH, router_logits_TE)
+        if entry != self._table_now:  # steady-state steps mostly repeat their inputs
+            self._replayed.synchronize()  # the last replay has read the table
+            self._table[:] = self._table_now = entry
         if counts != self._valid_counts:  # decode steps mostly repeat their counts
             self._copied.synchronize()  # the previous copy has read the pinned buffer
             for i, n in enumerate(counts):
@@ -175,14 +220,17 @@ class GraphedMoE:
             self._copied.record()
             self._valid_counts = counts
         self.graph.replay()
+        self._replayed.record()
         y = self._outputs.get(t)
         if y is None:
             y = self._outputs[t] = self.y_MH[:t]
         return y
 
 
-#: Words per program of the fused input copy.
+#: Words per program (and per step of a program of the in-graph copy) of the input copy.
 _COPY_BLOCK = 4096
+#: Programs per buffer of the in-graph input copy (each strides over the words).
+_COPY_PROGS = 128
 
 
 def _word_count(t: torch.Tensor) -> int | None:
