@@ -152,10 +152,13 @@ def test_graph_replay_bitwise_nccl_one_rank(routing, tmp_path):
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize(("t", "h", "e"), [(1, 8, 4), (5, 2048, 64), (3, 6, 3)])
-def test_copy_table_kernel(t, h, e):
+@pytest.mark.parametrize(("t", "h", "e", "off"), [(1, 8, 4, 0), (5, 2048, 64, 0), (3, 6, 3, 0),
+                                                  (5, 2048, 64, 2)])  # fmt: skip
+def test_copy_table_kernel(t, h, e, off):
     """The graph's copy node copies the words its table names (sources read at run time),
-    striding over them with few programs, and leaves the rest of the buffers alone."""
+    striding over them with few programs, and leaves the rest of the buffers alone: 16-byte
+    sources 16 bytes at a time, others (``off``: 4-byte aligned only; odd word counts) a
+    word at a time."""
     from triton_env import CUDA, import_kernels
 
     import_kernels("moewire.moe._kernels.copy")
@@ -163,11 +166,13 @@ def test_copy_table_kernel(t, h, e):
 
     dev = "cuda" if CUDA else "cpu"
     g = torch.Generator().manual_seed(t * h + 1)
-    x = torch.randn(t, h, generator=g).to(torch.bfloat16).to(dev)
+    big = torch.randn(t * h + off, generator=g).to(torch.bfloat16).to(dev)
+    x = big[off:].view(t, h)
     lg = torch.randn(t, e, generator=g).to(dev)
     bx = torch.full((t + 2, h), 7.0, dtype=torch.bfloat16, device=dev)
     bl = torch.full((t + 2, e), -3.0, device=dev)
-    table = torch.tensor([x.data_ptr(), lg.data_ptr(), t * h // 2, t * e], dtype=torch.int64)
+    ptrs = [x.data_ptr(), lg.data_ptr(), t * h // 2, t * e, bx.data_ptr(), bl.data_ptr()]
+    table = torch.tensor(ptrs, dtype=torch.int64)
     if CUDA:
         table = table.pin_memory()  # as the graph's: read by the GPU in place
     copy_table_kernel[(2, 2)](table, bx, bl, BLOCK=16)

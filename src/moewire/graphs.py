@@ -104,12 +104,14 @@ class GraphedMoE:
         self._logits_ptr, self._logits_stride = self.logits_ME.data_ptr(), self.logits_ME.stride()
         self._dev_index = self.x_MH.get_device()
         # The input copy is the graph's first node: it copies what this pinned table names
-        # (sources' addresses, int32 words), written by the host before each replay.
+        # (sources' addresses, int32 words; then the buffers' addresses), written by the
+        # host before each replay.
         self._copy_in_graph = pick_backend(None, dev) == "triton"
         self._idle_entry = (self._x_ptr, self._logits_ptr, 0, 0)  # copies nothing
-        self._table_host = torch.zeros(4, dtype=torch.int64).pin_memory()
+        self._table_host = torch.zeros(6, dtype=torch.int64).pin_memory()
         self._table = self._table_host.numpy()
-        self._table[:] = self._table_now = self._idle_entry
+        self._table[:4] = self._table_now = self._idle_entry
+        self._table[4:] = self._x_ptr, self._logits_ptr  # where the node writes
         self._replayed = torch.cuda.Event()  # the last replay (it read the table)
         self.graph = torch.cuda.CUDAGraph()
         self.y_MH = self._capture(pool)
@@ -211,7 +213,7 @@ class GraphedMoE:
         entry = self._table_entry(x_TH, router_logits_TE)
         if entry != self._table_now:  # steady-state steps mostly repeat their inputs
             self._replayed.synchronize()  # the last replay has read the table
-            self._table[:] = self._table_now = entry
+            self._table[:4] = self._table_now = entry
         if counts != self._valid_counts:  # decode steps mostly repeat their counts
             self._copied.synchronize()  # the previous copy has read the pinned buffer
             for i, n in enumerate(counts):
@@ -229,8 +231,9 @@ class GraphedMoE:
 
 #: Words per program (and per step of a program of the in-graph copy) of the input copy.
 _COPY_BLOCK = 4096
-#: Programs per buffer of the in-graph input copy (each strides over the words).
-_COPY_PROGS = 128
+#: At most this many programs per buffer in the in-graph input copy (each strides over
+#: the words; at full capacity, one block each below this).
+_COPY_PROGS = 1024
 
 
 def _word_count(t: torch.Tensor) -> int | None:
