@@ -102,10 +102,34 @@ def timeline(wire: str, experts: str, t: int, calls: int = 7, profile_call: bool
             torch.cuda.synchronize()
             prof.runcall(call)
         pstats.Stats(prof).sort_stats("tottime").print_stats(18)
+    busy_acts = _profiled_call(call, calls, busy=True)
+    idle_acts = _profiled_call(call, calls, busy=False)
+    print("  GPU busy before the call | GPU idle before the call")
+    prev_end, total, gaps = None, 0.0, 0.0
+    for i, e in enumerate(busy_acts):
+        gap = 0.0 if prev_end is None else e["ts"] - prev_end
+        gaps += max(gap, 0.0)
+        total += e["dur"]
+        idle = f"{idle_acts[i]['dur']:8.1f} us" if i < len(idle_acts) else "-"
+        print(f"  {e['dur']:8.1f} us  gap before {gap:6.1f} us | {idle}  {e['name'][:60]}")
+        prev_end = e["ts"] + e["dur"]
+    if busy_acts:
+        print(
+            f"  (GPU busy, one call) activities {total:.1f} us; gaps between them {gaps:.1f} "
+            f"us; first start to last end {prev_end - busy_acts[0]['ts']:.1f} us; (GPU idle) "
+            f"activities {sum(e['dur'] for e in idle_acts):.1f} us",
+            flush=True,
+        )
+
+
+def _profiled_call(call, calls: int, busy: bool) -> list[dict]:
+    """The GPU activities of the median one of ``calls`` calls under ``torch.profiler``,
+    each queued behind a sleep kernel (``busy``) or made with the GPU idle."""
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
         for i in range(calls):
             torch.cuda.synchronize()
-            torch.cuda._sleep(2_000_000)
+            if busy:
+                torch.cuda._sleep(2_000_000)
             with record_function(f"replay_call_{i}"):
                 call()
         torch.cuda.synchronize()
@@ -116,20 +140,7 @@ def timeline(wire: str, experts: str, t: int, calls: int = 7, profile_call: bool
     gpu = [e for e in gpu if "spin" not in e["name"] and "sleep" not in e["name"]]
     lo = spans[calls // 2]["ts"]
     hi = spans[calls // 2 + 1]["ts"] if calls // 2 + 1 < len(spans) else float("inf")
-    acts = [e for e in gpu if lo <= e["ts"] < hi]
-    prev_end, busy, gaps = None, 0.0, 0.0
-    for e in acts:
-        gap = 0.0 if prev_end is None else e["ts"] - prev_end
-        gaps += max(gap, 0.0)
-        busy += e["dur"]
-        print(f"  {e['dur']:8.1f} us  gap before {gap:6.1f} us  {e['name'][:70]}")
-        prev_end = e["ts"] + e["dur"]
-    if acts:
-        print(
-            f"  (GPU busy, one call) activities {busy:.1f} us; gaps between them {gaps:.1f} "
-            f"us; first start to last end {prev_end - acts[0]['ts']:.1f} us",
-            flush=True,
-        )
+    return [e for e in gpu if lo <= e["ts"] < hi]
 
 
 def main() -> None:
