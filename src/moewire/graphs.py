@@ -231,9 +231,11 @@ class GraphedMoE:
 
 #: Words per program (and per step of a program of the in-graph copy) of the input copy.
 _COPY_BLOCK = 4096
-#: At most this many programs per buffer in the in-graph input copy (each strides over
-#: the words; at full capacity, one block each below this).
-_COPY_PROGS = 1024
+#: At most this many programs per buffer in the in-graph input copy, each striding over
+#: the words. Every program first reads the table from pinned host memory (over the bus):
+#: on one H100, 224 programs took 23.6 us at 256 tokens x 7168 bf16, where the launched
+#: copy of the same words took 3.5 us.
+_COPY_PROGS = 32
 
 
 def _word_count(t: torch.Tensor) -> int | None:
