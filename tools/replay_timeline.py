@@ -93,6 +93,7 @@ def timeline(wire: str, experts: str, t: int, calls: int = 7, profile_call: bool
         "host: call": _host_us(call),
         "host: graph.replay()": _host_us(g.graph.replay),
         "host: input copy": _host_us(lambda: g._copy_inputs(x, logits)),
+        "call, GPU idle, measured again last": _event_us(call, busy=False),
     }
     print(f"\n=== {wire} rows, {experts} experts, T={t} ===")
     print("  " + "; ".join(f"{k} {v:.1f} us" for k, v in figures.items()), flush=True)
