@@ -105,14 +105,20 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 64])
     ap.add_argument("--cases", nargs="+", default=["bf16:auto", "fp8:fp8"])
     args = ap.parse_args()
+    for_each_case(args.cases, args.tokens, profile_case, port="29533")
+
+
+def for_each_case(cases: list[str], tokens: list[int], fn, port: str) -> None:
+    """``fn(wire, experts, t)`` for every ``wire:experts`` case and token count, in a
+    1-rank NCCL group on GPU 0 (loopback)."""
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29533")
+    os.environ.setdefault("MASTER_PORT", port)
     dist.init_process_group("nccl", rank=0, world_size=1)
     torch.cuda.set_device(0)
-    for case in args.cases:
+    for case in cases:
         wire, experts = case.split(":")
-        for t in args.tokens:
-            profile_case(wire, experts, t)
+        for t in tokens:
+            fn(wire, experts, t)
     dist.destroy_process_group()
 
 

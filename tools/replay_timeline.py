@@ -17,16 +17,15 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import functools
 import json
 import os
 import pstats
 import statistics
 import tempfile
-import time
 
 import torch
-import torch.distributed as dist
-from layer_profile import E, H, _layer  # tools/, the script directory
+from layer_profile import E, H, _host_us, _layer, for_each_case  # tools/, the script directory
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from moewire.graphs import GraphedMoE
@@ -59,18 +58,6 @@ def _event_us(fn, busy: bool, n: int = 30) -> float:
         b.record()
         b.synchronize()
         out.append(a.elapsed_time(b) * 1e3)
-    return statistics.median(out)
-
-
-def _host_us(fn, n: int = 30) -> float:
-    """Median wall-clock us of ``fn``'s host call with the GPU idle before it."""
-    out = []
-    for _ in range(n):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        out.append((time.perf_counter() - t0) * 1e6)
-    torch.cuda.synchronize()
     return statistics.median(out)
 
 
@@ -150,15 +137,8 @@ def main() -> None:
     ap.add_argument("--cases", nargs="+", default=["fp8:fp8", "bf16:auto"])
     ap.add_argument("--profile-call", action="store_true", help="cProfile of the call's host side")
     args = ap.parse_args()
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29534")
-    dist.init_process_group("nccl", rank=0, world_size=1)
-    torch.cuda.set_device(0)
-    for case in args.cases:
-        wire, experts = case.split(":")
-        for t in args.tokens:
-            timeline(wire, experts, t, profile_call=args.profile_call)
-    dist.destroy_process_group()
+    fn = functools.partial(timeline, profile_call=args.profile_call)
+    for_each_case(args.cases, args.tokens, fn, port="29534")
 
 
 if __name__ == "__main__":

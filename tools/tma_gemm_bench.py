@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import argparse
 import functools
-import statistics
 
 import torch
 import triton
 import triton.language as tl
+from block_gemm_bench import event_us  # tools/, the script directory
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from moewire.constants import ceil_div
@@ -162,21 +162,6 @@ TILES = [
     (128, 128, 128, 8, 8, 4, True),
     (128, 256, 64, 8, 8, 4, True),
 ]
-
-
-def event_us(fn, n: int = 20) -> float:
-    """Median event-timed microseconds of ``fn`` after 3 warm-up calls."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    start = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
-    end = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
-    for a, b in zip(start, end, strict=True):
-        a.record()
-        fn()
-        b.record()
-    torch.cuda.synchronize()
-    return statistics.median(a.elapsed_time(b) for a, b in zip(start, end, strict=True)) * 1e3
 
 
 def one_shape(t: int, n: int, c: int, tiles: list, g: torch.Generator) -> None:
