@@ -115,6 +115,7 @@ class GraphedMoE:
         self._replayed = torch.cuda.Event()  # the last replay (it read the table)
         self.graph = torch.cuda.CUDAGraph()
         self.y_MH = self._capture(pool)
+        self._replayed.record()  # after the warm-up runs, which read the table too
         self._valid_counts = (max_tokens,) * w  # what valid_W holds (capture filled it)
         self._outputs: dict[int, torch.Tensor] = {}  # T -> y_MH[:T], built once per T
 
