@@ -179,24 +179,3 @@ def test_copy_table_kernel(t, h, e, off):
     assert torch.equal(bx[:t].view(torch.int16), x.view(torch.int16))
     assert torch.equal(bl[:t].view(torch.int32), lg.view(torch.int32))
     assert bool((bx[t:] == 7.0).all()) and bool((bl[t:] == -3.0).all())
-
-
-@pytest.mark.parametrize(("t", "h", "e"), [(1, 8, 4), (5, 2048, 64), (3, 6, 3)])
-def test_copy_pair_kernel(t, h, e):
-    """The fused input copy writes exactly the sources' bytes into the buffers' first rows
-    and leaves the rest alone (the Triton kernel: interpreter on CPU, the GPU otherwise)."""
-    from triton_env import CUDA, import_kernels
-
-    import_kernels("moewire.moe._kernels.copy")
-    from moewire.graphs import copy_pair
-
-    dev = "cuda" if CUDA else "cpu"
-    g = torch.Generator().manual_seed(t * h)
-    x = torch.randn(t, h, generator=g).to(torch.bfloat16).to(dev)
-    lg = torch.randn(t, e, generator=g).to(dev)
-    bx = torch.full((t + 2, h), 7.0, dtype=torch.bfloat16, device=dev)
-    bl = torch.full((t + 2, e), -3.0, device=dev)
-    copy_pair(x, bx, lg, bl, backend="triton")
-    assert torch.equal(bx[:t].view(torch.int16), x.view(torch.int16))
-    assert torch.equal(bl[:t].view(torch.int32), lg.view(torch.int32))
-    assert bool((bx[t:] == 7.0).all()) and bool((bl[t:] == -3.0).all())

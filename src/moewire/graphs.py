@@ -100,8 +100,7 @@ class GraphedMoE:
         self.valid_W = torch.zeros(w, dtype=torch.int32, device=dev)
         self._valid_host = torch.zeros(w, dtype=torch.int32).pin_memory()
         self._copied = torch.cuda.Event()  # the last copy out of _valid_host
-        self._x_ptr, self._x_stride = self.x_MH.data_ptr(), self.x_MH.stride()
-        self._logits_ptr, self._logits_stride = self.logits_ME.data_ptr(), self.logits_ME.stride()
+        self._x_ptr, self._logits_ptr = self.x_MH.data_ptr(), self.logits_ME.data_ptr()
         self._dev_index = self.x_MH.get_device()
         # The input copy is the graph's first node: it copies what this pinned table names
         # (sources' addresses, int32 words; then the buffers' addresses), written by the
@@ -143,20 +142,12 @@ class GraphedMoE:
         return y
 
     def _copy_inputs(self, x_TH: torch.Tensor, logits_TE: torch.Tensor) -> None:
-        """This step's tokens into the static buffers, now (a launch of their own): one
-        launch where ``x`` and the logits are contiguous and the logits fp32, else two
-        copies (the logits converted). Inputs that already are the buffers' first rows are
-        not copied."""
-        if logits_TE.dtype != self.logits_ME.dtype:  # converted on the way in
-            self.x_MH[: x_TH.shape[0]].copy_(x_TH)
-            self.logits_ME[: logits_TE.shape[0]].copy_(logits_TE)
-        elif (
-            x_TH.data_ptr() != self._x_ptr
-            or logits_TE.data_ptr() != self._logits_ptr
-            or x_TH.stride() != self._x_stride
-            or logits_TE.stride() != self._logits_stride
-        ):
-            copy_pair(x_TH, self.x_MH, logits_TE, self.logits_ME)
+        """This step's tokens into the static buffers now, with ``copy_`` (any strides,
+        device or float dtype; the logits converted): the inputs the graph's copy node
+        cannot read. An input that already is its buffer's first rows is not copied."""
+        for src, buf in ((x_TH, self.x_MH), (logits_TE, self.logits_ME)):
+            if src.data_ptr() != buf.data_ptr() or src.stride() != buf.stride():
+                buf[: src.shape[0]].copy_(src)
 
     def _table_entry(self, x_TH: torch.Tensor, logits_TE: torch.Tensor) -> tuple:
         """What the graph's copy node copies this step: ``(x address, logits address, x
@@ -230,7 +221,7 @@ class GraphedMoE:
         return y
 
 
-#: Words per program (and per step of a program of the in-graph copy) of the input copy.
+#: Words per step of a program of the in-graph input copy.
 _COPY_BLOCK = 4096
 #: At most this many programs per buffer in the in-graph input copy, each striding over
 #: the words. Every program first reads the table from pinned host memory (over the bus):
@@ -246,31 +237,6 @@ def _word_count(t: torch.Tensor) -> int | None:
     if nbytes % 4 or t.data_ptr() % 4 or not t.is_contiguous():
         return None
     return nbytes // 4
-
-
-def copy_pair(
-    src_a: torch.Tensor,
-    dst_a: torch.Tensor,
-    src_b: torch.Tensor,
-    dst_b: torch.Tensor,
-    backend: str | None = None,
-) -> None:
-    """``dst_a[:len(src_a)] = src_a`` and the same for ``b``, in one launch where every
-    buffer is contiguous memory of whole, aligned int32 words (``copy_pair_kernel``; on
-    CUDA, or ``backend="triton"`` under ``TRITON_INTERPRET=1``), else with two ``copy_``.
-    Destinations: contiguous, at least as large, same dtypes."""
-    if pick_backend(backend, src_a.device) == "triton":
-        na, nb = _word_count(src_a), _word_count(src_b)
-        if None not in (na, nb, _word_count(dst_a), _word_count(dst_b)):
-            from moewire.formats._launch import arg_key, launcher
-            from moewire.moe._kernels.copy import copy_pair_kernel
-
-            args = (src_a, dst_a, na, src_b, dst_b, nb)
-            grid = (max(1, ceil_div(max(na, nb), _COPY_BLOCK)), 2)
-            launcher(copy_pair_kernel, BLOCK=_COPY_BLOCK, num_warps=4)(grid, arg_key(*args), *args)
-            return
-    dst_a[: src_a.shape[0]].copy_(src_a)
-    dst_b[: src_b.shape[0]].copy_(src_b)
 
 
 def capture(layer: EPMoE, max_tokens: int, **kwargs: object) -> GraphedMoE:

@@ -1,33 +1,17 @@
-"""One launch that copies two contiguous buffers: the inputs of a CUDA-graph step.
+"""The input copy of a CUDA-graph step, as the graph's first node.
 
-A replayed decode step starts with its inputs copied into the graph's static buffers (the
-activations and the router logits). Two ``copy_`` calls cost two launches of host time
-before the replay; this kernel moves both in one (launcher: ``moewire.graphs``).
-
-Program ``(b, j)`` copies words ``[b*BLOCK, (b+1)*BLOCK)`` of pair ``j`` (0: ``a``, 1:
-``b``). The buffers come with their own dtypes (no int32 views to build on the host: each
-costs host time on every step) and are read and written as int32 words.
+A replayed decode step starts with its inputs (the activations and the router logits)
+copied into the graph's static buffers. A launch of its own before the replay would cost
+host time on every step, where the host's time is the step's latency; this kernel is
+captured in the graph instead and reads where its sources are from a small pinned table
+the host writes before each replay (``moewire.graphs``). Program ``(b, j)`` copies pair
+``j`` (0: ``a``, 1: ``b``) as int32 words, striding over them.
 """
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
-
-
-@triton.jit
-def copy_pair_kernel(a_src, a_dst, na, b_src, b_dst, nb, BLOCK: tl.constexpr):
-    """The first ``na`` int32 words of ``a_src`` into ``a_dst``, and ``nb`` of ``b_src``
-    into ``b_dst`` (pointers of any dtype, 4-byte aligned)."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    if tl.program_id(1) == 0:
-        m = offs < na
-        v = tl.load(a_src.to(tl.pointer_type(tl.int32)) + offs, mask=m)
-        tl.store(a_dst.to(tl.pointer_type(tl.int32)) + offs, v, mask=m)
-    else:
-        m = offs < nb
-        v = tl.load(b_src.to(tl.pointer_type(tl.int32)) + offs, mask=m)
-        tl.store(b_dst.to(tl.pointer_type(tl.int32)) + offs, v, mask=m)
 
 
 @triton.jit
@@ -43,13 +27,13 @@ def _copy_words(src, dst, n, BLOCK: tl.constexpr):
 
 @triton.jit
 def copy_table_kernel(table_ptr, a_dst, b_dst, BLOCK: tl.constexpr):
-    """The copy of :func:`copy_pair_kernel` with its sources read from a table at run time:
-    ``table`` (int64) holds ``a_src, b_src`` (4-byte aligned addresses), ``na, nb`` (int32
-    words) and the addresses of ``a_dst, b_dst``, so a CUDA graph that captured this launch
-    copies whatever the table names when it replays. Programs stride over the words
-    (``grid[0]`` programs per pair). A source is addressed from its (16-byte aligned)
-    destination, so that one whose address and word count are multiples of 16 bytes is
-    read 16 bytes at a time."""
+    """``a_dst[:na] = a_src[:na]`` and ``b_dst[:nb] = b_src[:nb]`` (int32 words), the
+    sources read from a table at run time: ``table`` (int64) holds ``a_src, b_src`` (4-byte
+    aligned addresses), ``na, nb`` (int32 words) and the addresses of ``a_dst, b_dst``, so a
+    CUDA graph that captured this launch copies whatever the table names when it replays.
+    Programs stride over the words (``grid[0]`` programs per pair). A source is addressed
+    from its (16-byte aligned) destination, so that one whose address and word count are
+    multiples of 16 bytes is read 16 bytes at a time."""
     j = tl.program_id(1)
     addr = tl.load(table_ptr + j)
     n = tl.load(table_ptr + 2 + j)
