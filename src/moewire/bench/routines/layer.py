@@ -339,7 +339,7 @@ def format_table(recs: list[dict], is_cuda: bool) -> str:
             continue
         rows.append([
             r["case"], r["tokens"], *(fmt_num(r[f"{s}_us"]) for s in STAGES), fmt_time(r),
-            fmt_num(r["replay_us"]), fmt_num(r.get("replay_b2b_us")), fmt_speedup(r),
+            fmt_num(r["replay_us"]), fmt_num(r["replay_b2b_us"]), fmt_speedup(r),
             fmt_num(r["experts_tflops"], 1),
             fmt_num(r["experts_vs_bare"], 2), fmt_num(r["layer_vs_read"], 2),
             fmt_num(r["peak_mem_GB"], 2), fmt_num(r["sqnr_vs_bf16_db"], 1),
