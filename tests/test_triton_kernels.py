@@ -429,6 +429,7 @@ def test_one_spec_across_argument_specializations(fmt):
         (base[:1, 3 : h + 3], ebase[:1, :5]),  # one token, misaligned
         (base[:t, :h].bfloat16(), ebase[:t, :5]),  # another dtype
         (base[:t, :h].t().contiguous().t(), ebase[:t, :5]),  # column-major x
+        (base[:t, :h], torch.randn(t, 10).to(DEVICE)[:, ::2]),  # strided extra columns
     ]
     for _ in range(2):  # the second round runs on kept kernels (GPU)
         for x, logits in inputs:

@@ -78,6 +78,8 @@ class AllGatherComm(Comm):
         return {}
 
     def _index(self, counts: tuple[int, ...], m: int, device: torch.device) -> torch.Tensor | None:
+        if counts.count(m) == len(counts):
+            return None  # no padding (every rank padded to one T, as under CUDA graphs)
         key = (counts, device)
         if key in self._index_cache:
             return self._index_cache[key]
@@ -139,7 +141,7 @@ class AllGatherComm(Comm):
         else:
             counts_W = self._counts(r, t, counts, device)
             m = max(counts_W)
-            out_WMR = torch.empty((self.world_size * m, r), dtype=torch.uint8, device=device)
+            out_WMR = rows_TR.new_empty((self._world_size * m, r))
         padded_index = self._index(counts_W, m, device)
         self._step = "all_gather of rows"
         if m and buf is None and padded_index is None:
@@ -150,7 +152,7 @@ class AllGatherComm(Comm):
                 slot_MR[:t] = rows_TR
             all_gather(out_WMR, slot_MR, self.group)
         recv_NR = out_WMR if padded_index is None else out_WMR.index_select(0, padded_index)
-        handle = AllGatherHandle(
+        handle = AllGatherHandle._trusted(
             num_tokens=t,
             send_counts=(t,) * self.world_size,
             recv_counts=counts_W,

@@ -18,6 +18,11 @@ Triton key). The first call for a key goes through ``JITFunction.run`` (which co
 finds the kernel) and keeps the compiled kernel; so does every call under
 ``TRITON_INTERPRET=1`` and every call while a Triton launch hook is installed (profilers
 such as proton rely on them).
+
+A caller on a hot path may split the call: :meth:`Launch.kept` finds the compiled kernel
+for its key and :meth:`Launch.run` launches it with data pointers given as ints (what
+Triton's launcher does with a tensor, minus a driver query per pointer); only when
+:meth:`Launch.kept` finds none does it build the tensor arguments for :meth:`Launch.__call__`.
 """
 
 from __future__ import annotations
@@ -107,26 +112,37 @@ class Launch:
             return None
         return tuple(self.consts.get(p.name, p.default) for p in rest)
 
+    def kept(self, key):
+        """The compiled kernel kept for ``key`` on the current device, or None: not yet
+        compiled here, the interpreter, or a Triton launch hook installed (then the call
+        must go through ``JITFunction.run``, see :meth:`__call__`)."""
+        if not self._compiled or _hooked():
+            return None
+        return self._compiled.get((torch.cuda.current_device(), key))
+
+    def run(self, ck, grid: tuple, *args) -> None:
+        """Launch ``ck`` (from :meth:`kept`) on the current stream. A pointer argument may be
+        given as its tensor or as the tensor's data pointer (an int): Triton's launcher
+        takes an int as it is and skips the tensor's ``data_ptr`` call and pointer check.
+        The caller has checked the tensors' device (a CPU pointer would fault the kernel)."""
+        ck.run(
+            grid[0],
+            grid[1] if len(grid) > 1 else 1,
+            grid[2] if len(grid) > 2 else 1,
+            torch._C._cuda_getCurrentRawStream(torch.cuda.current_device()),
+            ck.function,
+            ck.packed_metadata,
+            None,
+            None,
+            None,
+            *args,
+            *self._tail,
+        )
+
     def __call__(self, grid: tuple, key, *args) -> None:
-        if self._compiled:
-            device = torch.cuda.current_device()
-            ck = self._compiled.get((device, key))
-        else:
-            ck = None
-        if ck is not None and not _hooked():
-            ck.run(
-                grid[0],
-                grid[1] if len(grid) > 1 else 1,
-                grid[2] if len(grid) > 2 else 1,
-                torch._C._cuda_getCurrentRawStream(device),
-                ck.function,
-                ck.packed_metadata,
-                None,
-                None,
-                None,
-                *args,
-                *self._tail,
-            )
+        ck = self.kept(key)
+        if ck is not None:
+            self.run(ck, grid, *args)
             return
         compiled = self.kernel[grid](*args, **self.consts)
         if not hasattr(compiled, "packed_metadata") or not _load_knobs():

@@ -139,20 +139,36 @@ def _pack_plan(spec, hw: bool) -> _PackPlan:
 
 
 def _extra_args(group: tuple, unused: int, tensors: dict, rows: torch.Tensor) -> tuple:
-    """The kernels' ``extras`` argument: ``(ptr, stride, offset, nbytes, span)`` per extra,
-    padded to :data:`MAX_EXTRAS` with unused slots; and the launch key of its per-call part
-    (each extra's alignment and row stride: the rest is fixed by the plan)."""
+    """The kernels' ``extras`` argument: ``(ptr, stride, offset, nbytes, span)`` per extra
+    (a uint8 view of it and its row stride in bytes), padded to :data:`MAX_EXTRAS` with
+    unused slots; and the launch key of its per-call part (each extra's alignment and row
+    stride: the rest is fixed by the plan)."""
     args: list = []
     key: list = []
     for name, off, nbytes, span in group:
-        e = tensors[name]
-        if e.shape[1] and e.stride(1) != 1:
-            e = e.contiguous()
-        eb = e if e.dtype == torch.uint8 else e.view(torch.uint8)
+        eb = _unit_row(tensors[name]).view(torch.uint8)
         s0 = eb.stride(0)
         args.append((eb, s0, off, nbytes, span))
         key.append((eb.data_ptr() % 16 == 0, int_key(s0)))
     return (*args, *[(rows, 0, 0, 0, 0)] * unused), tuple(key)
+
+
+def _extra_ptrs(group: tuple, unused: int, tensors: dict, rows_ptr: int) -> tuple:
+    """:func:`_extra_args` with data pointers as ints (for :meth:`Launch.run`), computed
+    without a uint8 view of each extra; the same launch key."""
+    args: list = []
+    key: list = []
+    for name, off, nbytes, span in group:
+        e = _unit_row(tensors[name])
+        ptr, s0 = e.data_ptr(), e.stride(0) * e.element_size()
+        args.append((ptr, s0, off, nbytes, span))
+        key.append((ptr % 16 == 0, int_key(s0)))
+    return (*args, *[(rows_ptr, 0, 0, 0, 0)] * unused), tuple(key)
+
+
+def _unit_row(e: torch.Tensor) -> torch.Tensor:
+    """``e`` with unit stride along its row (a copy when it has not)."""
+    return e.contiguous() if e.shape[1] and e.stride(1) != 1 else e
 
 
 def _words_ok(x: torch.Tensor, strides: tuple | None = None) -> bool:
@@ -174,21 +190,28 @@ def _words(lay: _Layout, x: torch.Tensor) -> bool:
 
 
 def _launch_pack(plan: _PackPlan, grid: tuple, x, target, extras: dict, words: bool) -> None:
-    """One pack launch: the per-call arguments and their launch key (``_launch.py``)."""
-    ex, ex_key = _extra_args(plan.first, plan.unused, extras, target)
+    """One pack launch: the per-call arguments and their launch key (``_launch.py``). Once
+    the kernel for the key is kept, pointers go to it as ints (:meth:`Launch.run`)."""
+    xp, tp = x.data_ptr(), target.data_ptr()
+    ex, ex_key = _extra_ptrs(plan.first, plan.unused, extras, tp)
     sx = x.stride()
     st0 = target.stride(0)
     key = (
         x.dtype,
-        x.data_ptr() % 16 == 0,
-        target.data_ptr() % 16 == 0,
+        xp % 16 == 0,
+        tp % 16 == 0,
         int_key(sx[0]),
         int_key(sx[1]),
         int_key(st0),
         ex_key,
     )
     launch = plan.launch[words and plan.words and _words_ok(x, sx)]
-    launch(grid, key, x, *sx, target, st0, *plan.scalars, ex)
+    ck = launch.kept(key)
+    if ck is not None:
+        launch.run(ck, grid, xp, *sx, tp, st0, *plan.scalars, ex)
+    else:
+        ex = _extra_args(plan.first, plan.unused, extras, target)[0]
+        launch(grid, key, x, *sx, target, st0, *plan.scalars, ex)
 
 
 def pack(
