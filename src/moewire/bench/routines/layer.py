@@ -193,11 +193,28 @@ def _case_record(ctx, layer, label, kw, x, logits, counts, iters, warmup) -> dic
 
 #: Calls per timed batch of the back-to-back replay time.
 B2B_CALLS = 20
+#: Seconds of back-to-back calls before the replay times (at least one batch).
+WARM_S = 0.25
+
+
+def _warm_up(ctx: BenchContext, batch) -> None:
+    """Run ``batch`` for about :data:`WARM_S` seconds, the same number of times on every
+    rank (the batch holds collectives): a GPU that has idled takes its first calls slower
+    (its clocks ramp up), which a serving loop does not see."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    batch()
+    torch.cuda.synchronize()
+    once = time.perf_counter() - t0
+    for _ in range(int(ctx.max_over_ranks(math.ceil(WARM_S / max(once, 1e-6)))) - 1):
+        batch()
+    torch.cuda.synchronize()
 
 
 def _replay_time(ctx, layer, x, logits, counts, iters, warmup) -> tuple:
     """The layer captured at the largest count (``moewire.graphs``), checked bitwise against
-    the eager layer on the same padded batch, then timed two ways (us, slowest rank): per
+    the eager layer on the same padded batch, run back to back for :data:`WARM_S` seconds,
+    then timed two ways (us, slowest rank): per
     call of ``B2B_CALLS`` calls back to back (a serving loop whose host runs ahead of the
     GPU), then one call with the GPU idle before it (the host's call and launch latency
     included). ``(None, None)`` where it cannot be captured (named in the progress line)."""
@@ -217,9 +234,10 @@ def _replay_time(ctx, layer, x, logits, counts, iters, warmup) -> tuple:
         for _ in range(B2B_CALLS):
             g(x, logits, counts)
 
-    # back to back first: it also brings the GPU out of the state it idles in after the
-    # capture (one H100: single fp8 calls then took about 160 us more, and as little as
-    # back-to-back ones once the GPU had run for a while; BENCHMARKS.md, "fourth pass")
+    # warm first: right after the capture the GPU idles in a slower state (one H100: single
+    # fp8 calls took about 160 us more then, and as little as back-to-back ones once the
+    # GPU had run for a while; BENCHMARKS.md, "fourth pass")
+    _warm_up(ctx, batch)
     b2b = ctx.time(batch, max(3, iters // B2B_CALLS), 1) / B2B_CALLS
     t = ctx.time(lambda: g(x, logits, counts), iters, warmup)
     return ctx.max_over_ranks(t) * 1e6, ctx.max_over_ranks(b2b) * 1e6
