@@ -18,11 +18,11 @@ from __future__ import annotations
 import cProfile
 import os
 import pstats
-import statistics
 
 import torch
 import torch.distributed as dist
 import triton
+from replay_timeline import _event_us  # tools/, the script directory
 
 import moewire as mw
 from moewire.bench.routines.quantize import host_us
@@ -92,22 +92,6 @@ def probe(fmt: str, x: torch.Tensor) -> None:
     pstats.Stats(prof).sort_stats("tottime").print_stats(12)
 
 
-def _event_us(fn, iters: int = 500, warmup: int = 50) -> float:
-    """Median CUDA-event time of one call, as ``moewire bench dispatch`` times it."""
-    for _ in range(warmup):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(iters):
-        torch.cuda.synchronize()
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    return statistics.median(times)
-
-
 def probe_dispatch(fmt: str, x: torch.Tensor) -> None:
     """The allgather comm's dispatch with counts at world size 1 (rows of ``fmt`` with a
     router-logits extra), against the group's own all-gather of the same bytes."""
@@ -132,8 +116,9 @@ def probe_dispatch(fmt: str, x: torch.Tensor) -> None:
         "torch.empty": lambda: torch.empty_like(rows),
     }
     for name, fn in fns.items():
-        print(f"{fmt} {name}: host {host_us(fn, 1000, 100):.1f} us, "
-              f"events {_event_us(fn):.1f} us", flush=True)  # fmt: skip
+        host = host_us(fn, 1000, 100)  # warms it up too
+        print(f"{fmt} {name}: host {host:.1f} us, events {_event_us(fn, False, 500):.1f} us",
+              flush=True)  # fmt: skip
     import moewire.comm.allgather as ag
 
     real, ag.all_gather = ag.all_gather, lambda out, inp, group: None
