@@ -343,6 +343,23 @@ def test_handle_is_frozen_and_validated():
         CommHandle(num_tokens=2, send_counts=(2,), recv_counts=(2, 0), device=h.device)
 
 
+def test_trusted_handle_equals_a_checked_one():
+    """A backend's handle, built without ``__init__``'s checks, is the same object a checked
+    construction gives: every field, uncombined, frozen, and ``dataclasses.replace`` (what a
+    repeated combine passes) still checks."""
+    fields = dict(num_tokens=3, send_counts=(3, 3), recv_counts=(3, 0), device=torch.device("cpu"),
+                  max_count=3, padded_index=torch.arange(3))  # fmt: skip
+    fast, checked = AllGatherHandle._trusted(**fields), AllGatherHandle(**fields)
+    assert type(fast) is AllGatherHandle
+    assert vars(fast) == vars(checked) and not fast.combined and fast.num_recv == 3
+    with pytest.raises(AttributeError):
+        fast.num_tokens = 4  # type: ignore[misc]
+    again = replace(fast)
+    assert vars(again) == vars(checked) and again is not fast
+    with pytest.raises(ValueError, match="recv_counts"):
+        replace(fast, recv_counts=[3, 0])
+
+
 # --------------------------------------------------------------------------- tier b
 @pytest.mark.timeout(RUN_TIMEOUT_S + 60)
 @pytest.mark.parametrize("world_size", WORLD_SIZES)

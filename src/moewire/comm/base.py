@@ -95,7 +95,7 @@ class CommHandle:
         """A handle of values this library computed (a backend's dispatch): built without
         the checks of ``__init__`` (a few microseconds of host time per dispatch)."""
         handle = object.__new__(cls)
-        handle.__dict__.update(fields, combined=False)
+        handle.__dict__.update(fields)  # ``combined``: the class default, as __init__ leaves it
         return handle
 
     @property
