@@ -63,7 +63,8 @@ def probe(fmt: str, x: torch.Tensor) -> None:
         "WireSpec.pack": host_us(lambda: spec.pack(x, out=rows), 2000, 200),
         "_triton.pack": host_us(lambda: _triton.pack(spec, x, rows, {}), 2000, 200),
     }
-    ex, ex_key = _triton._extra_args(plan.first, plan.unused, {}, rows)
+    ex = _triton._extra_args(plan.first, plan.unused, {}, rows)
+    ex_key = _triton._extra_ptrs(plan.first, plan.unused, {}, rows.data_ptr())[1]
     sx = x.stride()
     key = (x.dtype, True, True, *(_triton.int_key(v) for v in (*sx, rows.stride(0))), ex_key)
     grid = (plan.lay.n_groups, 64) if plan.lay.chunk_fast else (64, plan.lay.n_groups)

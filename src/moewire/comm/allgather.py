@@ -47,12 +47,10 @@ class AllGatherHandle(CommHandle):
 _INDEX_CACHE_SIZE = 256
 
 
-def _padded_index(counts: tuple[int, ...], m: int, device: torch.device) -> torch.Tensor | None:
-    """int64 ``[N]``: where each received row sits in the padded ``[W*M]`` buffer; None when
-    every rank has ``M`` rows. Built on ``device`` from Python ints by device ops only (no
-    host-to-device copy, so it can be built inside a CUDA graph capture too)."""
-    if all(c == m for c in counts):
-        return None
+def _padded_index(counts: tuple[int, ...], m: int, device: torch.device) -> torch.Tensor:
+    """int64 ``[N]``: where each received row sits in the padded ``[W*M]`` buffer (uneven
+    counts; see :meth:`AllGatherComm._index`). Built on ``device`` from Python ints by device
+    ops only (no host-to-device copy, so it can be built inside a CUDA graph capture too)."""
     parts = [torch.arange(r * m, r * m + c, device=device) for r, c in enumerate(counts) if c]
     return torch.cat(parts)
 
@@ -74,10 +72,11 @@ class AllGatherComm(Comm):
     name = "allgather"
 
     @cached_property
-    def _index_cache(self) -> dict[tuple, torch.Tensor | None]:
+    def _index_cache(self) -> dict[tuple, torch.Tensor]:
         return {}
 
     def _index(self, counts: tuple[int, ...], m: int, device: torch.device) -> torch.Tensor | None:
+        """The padded index of ``counts`` (cached), None when every rank has ``M`` rows."""
         if counts.count(m) == len(counts):
             return None  # no padding (every rank padded to one T, as under CUDA graphs)
         key = (counts, device)

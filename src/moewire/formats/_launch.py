@@ -22,7 +22,7 @@ such as proton rely on them).
 A caller on a hot path may split the call: :meth:`Launch.kept` finds the compiled kernel
 for its key and :meth:`Launch.run` launches it with data pointers given as ints (what
 Triton's launcher does with a tensor, minus a driver query per pointer); only when
-:meth:`Launch.kept` finds none does it build the tensor arguments for :meth:`Launch.__call__`.
+:meth:`Launch.kept` finds none does it build the tensor arguments for :meth:`Launch.first`.
 """
 
 from __future__ import annotations
@@ -113,23 +113,28 @@ class Launch:
         return tuple(self.consts.get(p.name, p.default) for p in rest)
 
     def kept(self, key):
-        """The compiled kernel kept for ``key`` on the current device, or None: not yet
-        compiled here, the interpreter, or a Triton launch hook installed (then the call
-        must go through ``JITFunction.run``, see :meth:`__call__`)."""
+        """The compiled kernel kept for ``key`` on the current device with the device's
+        current stream, as :meth:`run` takes them; None where the call must go through
+        :meth:`first`: not yet compiled here, the interpreter, or a Triton launch hook
+        installed."""
         if not self._compiled or _hooked():
             return None
-        return self._compiled.get((torch.cuda.current_device(), key))
+        device = torch.cuda.current_device()
+        ck = self._compiled.get((device, key))
+        return None if ck is None else (ck, torch._C._cuda_getCurrentRawStream(device))
 
-    def run(self, ck, grid: tuple, *args) -> None:
-        """Launch ``ck`` (from :meth:`kept`) on the current stream. A pointer argument may be
-        given as its tensor or as the tensor's data pointer (an int): Triton's launcher
-        takes an int as it is and skips the tensor's ``data_ptr`` call and pointer check.
-        The caller has checked the tensors' device (a CPU pointer would fault the kernel)."""
+    def run(self, kept: tuple, grid: tuple, *args) -> None:
+        """Launch what :meth:`kept` found. A pointer argument may be given as its tensor or
+        as the tensor's data pointer (an int): Triton's launcher takes an int as it is and
+        skips the tensor's ``data_ptr`` call and pointer check. The caller has checked the
+        tensors' device (a CPU pointer would fault the kernel) and keeps them alive until
+        this returns (the launch is then enqueued)."""
+        ck, stream = kept
         ck.run(
             grid[0],
             grid[1] if len(grid) > 1 else 1,
             grid[2] if len(grid) > 2 else 1,
-            torch._C._cuda_getCurrentRawStream(torch.cuda.current_device()),
+            stream,
             ck.function,
             ck.packed_metadata,
             None,
@@ -139,11 +144,9 @@ class Launch:
             *self._tail,
         )
 
-    def __call__(self, grid: tuple, key, *args) -> None:
-        ck = self.kept(key)
-        if ck is not None:
-            self.run(ck, grid, *args)
-            return
+    def first(self, grid: tuple, key, *args) -> None:
+        """Launch through ``JITFunction.run`` (tensors as tensors), which compiles or finds
+        the kernel, and keep it for ``key`` where the light path can take it."""
         compiled = self.kernel[grid](*args, **self.consts)
         if not hasattr(compiled, "packed_metadata") or not _load_knobs():
             return  # the interpreter (or an older Triton): the JIT path every time
@@ -152,6 +155,13 @@ class Launch:
             if self._tail is None:
                 return
         self._compiled[torch.cuda.current_device(), key] = compiled
+
+    def __call__(self, grid: tuple, key, *args) -> None:
+        kept = self.kept(key)
+        if kept is not None:
+            self.run(kept, grid, *args)
+        else:
+            self.first(grid, key, *args)
 
 
 _LAUNCHES: dict = {}

@@ -141,29 +141,29 @@ def _pack_plan(spec, hw: bool) -> _PackPlan:
 def _extra_args(group: tuple, unused: int, tensors: dict, rows: torch.Tensor) -> tuple:
     """The kernels' ``extras`` argument: ``(ptr, stride, offset, nbytes, span)`` per extra
     (a uint8 view of it and its row stride in bytes), padded to :data:`MAX_EXTRAS` with
-    unused slots; and the launch key of its per-call part (each extra's alignment and row
-    stride: the rest is fixed by the plan)."""
-    args: list = []
-    key: list = []
+    unused slots (its launch key: :func:`_extra_ptrs`)."""
+    args = []
     for name, off, nbytes, span in group:
         eb = _unit_row(tensors[name]).view(torch.uint8)
-        s0 = eb.stride(0)
-        args.append((eb, s0, off, nbytes, span))
-        key.append((eb.data_ptr() % 16 == 0, int_key(s0)))
-    return (*args, *[(rows, 0, 0, 0, 0)] * unused), tuple(key)
+        args.append((eb, eb.stride(0), off, nbytes, span))
+    return (*args, *[(rows, 0, 0, 0, 0)] * unused)
 
 
 def _extra_ptrs(group: tuple, unused: int, tensors: dict, rows_ptr: int) -> tuple:
     """:func:`_extra_args` with data pointers as ints (for :meth:`Launch.run`), computed
-    without a uint8 view of each extra; the same launch key."""
+    without a uint8 view of each extra; the launch key of its per-call part (each extra's
+    alignment and row stride: the rest is fixed by the plan); and the extras as read, to be
+    kept alive until the launch (a strided extra is read from a contiguous copy)."""
     args: list = []
     key: list = []
+    held: list = []
     for name, off, nbytes, span in group:
         e = _unit_row(tensors[name])
         ptr, s0 = e.data_ptr(), e.stride(0) * e.element_size()
         args.append((ptr, s0, off, nbytes, span))
         key.append((ptr % 16 == 0, int_key(s0)))
-    return (*args, *[(rows_ptr, 0, 0, 0, 0)] * unused), tuple(key)
+        held.append(e)
+    return (*args, *[(rows_ptr, 0, 0, 0, 0)] * unused), tuple(key), held
 
 
 def _unit_row(e: torch.Tensor) -> torch.Tensor:
@@ -193,7 +193,7 @@ def _launch_pack(plan: _PackPlan, grid: tuple, x, target, extras: dict, words: b
     """One pack launch: the per-call arguments and their launch key (``_launch.py``). Once
     the kernel for the key is kept, pointers go to it as ints (:meth:`Launch.run`)."""
     xp, tp = x.data_ptr(), target.data_ptr()
-    ex, ex_key = _extra_ptrs(plan.first, plan.unused, extras, tp)
+    ex, ex_key, held = _extra_ptrs(plan.first, plan.unused, extras, tp)
     sx = x.stride()
     st0 = target.stride(0)
     key = (
@@ -206,12 +206,13 @@ def _launch_pack(plan: _PackPlan, grid: tuple, x, target, extras: dict, words: b
         ex_key,
     )
     launch = plan.launch[words and plan.words and _words_ok(x, sx)]
-    ck = launch.kept(key)
-    if ck is not None:
-        launch.run(ck, grid, xp, *sx, tp, st0, *plan.scalars, ex)
+    kept = launch.kept(key)
+    if kept is not None:
+        launch.run(kept, grid, xp, *sx, tp, st0, *plan.scalars, ex)
+        del held  # the launch is enqueued: the extras' copies may go
     else:
-        ex = _extra_args(plan.first, plan.unused, extras, target)[0]
-        launch(grid, key, x, *sx, target, st0, *plan.scalars, ex)
+        ex = _extra_args(plan.first, plan.unused, extras, target)
+        launch.first(grid, key, x, *sx, target, st0, *plan.scalars, ex)
 
 
 def pack(
@@ -265,7 +266,7 @@ def pack(
         extras_kernel[(t,)](
             target,
             target.stride(0),
-            _extra_args(group, MAX_EXTRAS - len(group), extras, target)[0],
+            _extra_args(group, MAX_EXTRAS - len(group), extras, target),
             NUM_EXTRAS=len(group),
             EBLOCK=lay.eblock,
             EITER=lay.eiter,
